@@ -1,0 +1,1 @@
+"""The HTTP edge: FastAPI app, request schema, SSE framing and error mapping."""

@@ -1,0 +1,88 @@
+"""Errors in SPEC.md's shape: `{"error": {"message", "type", "param", "code"}}`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+# pydantic error types that mean "a value out of range or inconsistent" (422); every
+# other validation failure is about JSON types or missing fields (400).
+_VALUE_ERROR_TYPES = frozenset({
+    "greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of",
+    "too_short", "too_long", "string_too_short", "string_too_long", "literal_error",
+    "enum", "value_error", "finite_number",
+})
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "insufficient_balance",
+    404: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_overloaded",
+}
+
+
+class APIError(Exception):
+    """An error the API answers with; raised anywhere below the routes."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, param=self.param, code=self.code)
+
+
+def error_body(
+    status: int, message: str, *, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+def _location(loc: tuple[int | str, ...]) -> str | None:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part in ("str", "list[str]", "function-after", "function-before") or "[" in part:
+            continue  # union-branch labels pydantic adds, not field names
+        else:
+            text += f".{part}" if text else part
+    return text or None
+
+
+def from_validation_error(exc: ValidationError) -> APIError:
+    """Map the first pydantic error to a 400 (type / missing) or 422 (value) APIError."""
+    errors = exc.errors(include_url=False)
+    value_errors = [e for e in errors if e["type"] in _VALUE_ERROR_TYPES]
+    first = value_errors[0] if value_errors else errors[0]
+    status = 422 if value_errors else 400
+    if first["type"] == "json_invalid":
+        return APIError(400, "the request body is not valid JSON", code="invalid_json")
+    if first["type"] in ("model_type", "model_attributes_type") and not first["loc"]:
+        return APIError(400, "the request body must be a JSON object", code="invalid_json")
+    param = _location(tuple(first["loc"]))
+    message = first["msg"]
+    if first["type"] == "missing":
+        message = f"missing required field '{param}'"
+    elif param:
+        message = f"invalid value for '{param}': {message}"
+    return APIError(status, message, param=param,
+                    code="invalid_value" if status == 422 else "invalid_type")

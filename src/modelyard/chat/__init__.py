@@ -1,0 +1,1 @@
+"""Prompt rendering with the model's own chat template."""

@@ -1,0 +1,55 @@
+"""The `modelyard` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from modelyard.config import ConfigError, load_config, with_overrides
+from modelyard.models import ModelSourceError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelyard",
+                                     description="A self-hosted OpenAI-compatible LLM API.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the chat completions API")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    serve.add_argument("--model", help="model source: pypi:NAME, a .gguf path, or "
+                       "hf:OWNER/REPO/FILE.gguf (default: the packaged Qwen2.5-Coder 0.5B)")
+    serve.add_argument("--model-id", help="the id clients use for the model")
+    serve.add_argument("--config", type=Path, help="a TOML config file")
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from modelyard.server import build_app
+
+    config = with_overrides(load_config(args.config), host=args.host, port=args.port,
+                            model=args.model, model_id=args.model_id)
+    logging.basicConfig(level=config.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = build_app(config, progress=sys.stderr.isatty() or True)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
+                access_log=False)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return serve(args)
+    except (ConfigError, ModelSourceError) as exc:
+        print(f"modelyard: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""One typed configuration: defaults, then a TOML file, then environment, then CLI flags.
+
+Every value is validated when the server starts, and a bad one raises `ConfigError`
+naming the key, so a typo never surfaces later as a stack trace.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+DEFAULT_MODEL_ID = "qwen2.5-coder-0.5b-instruct"
+DEFAULT_MODEL_SOURCE = "pypi:qwen2.5-coder-0.5b-instruct"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the built-in engine uses the machine."""
+
+    max_sequences: int = 8
+    """Sequences decoded together in one llama.cpp context (slots)."""
+    context_per_sequence: int = 4096
+    """Tokens of KV cache each sequence may use (prompt + completion)."""
+    step_token_budget: int = 512
+    """Tokens fed to one `llama_decode` call: decode tokens first, prefill chunks fill the rest."""
+    max_waiting: int = 256
+    """Requests allowed to wait for a slot; past this the server answers 503."""
+    threads: int = 0
+    """CPU threads for llama.cpp; 0 means one per core."""
+    gpu_layers: int = 0
+    """Layers offloaded to a GPU when llama.cpp was built for one."""
+    flash_attention: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One model the server answers for."""
+
+    id: str = DEFAULT_MODEL_ID
+    source: str = DEFAULT_MODEL_SOURCE
+    default_max_tokens: int | None = None
+    """Completion cap when a request names none; None means what the context leaves."""
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = field(default_factory=lambda: Path(platformdirs.user_data_dir("modelyard")))
+    log_level: str = "info"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+
+def _build(cls: type[Any], values: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)}")
+    kwargs: dict[str, Any] = {}
+    default = cls()
+    for name, value in values.items():
+        expected = type(getattr(default, name))
+        if name == "default_max_tokens":
+            expected = int if value is not None else type(None)
+        if expected is bool and not isinstance(value, bool):
+            raise ConfigError(f"{where}.{name} must be true or false, got {value!r}")
+        if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{where}.{name} must be an integer, got {value!r}")
+        if expected is str and not isinstance(value, str):
+            raise ConfigError(f"{where}.{name} must be a string, got {value!r}")
+        kwargs[name] = value
+    return replace(default, **kwargs)
+
+
+def _validate(config: Config) -> Config:
+    engine = config.engine
+    checks: list[tuple[bool, str]] = [
+        (1 <= engine.max_sequences <= 256, "engine.max_sequences must be between 1 and 256"),
+        (engine.context_per_sequence >= 64, "engine.context_per_sequence must be at least 64"),
+        (engine.step_token_budget >= engine.max_sequences,
+         "engine.step_token_budget must be at least engine.max_sequences"),
+        (engine.max_waiting >= 0, "engine.max_waiting must be >= 0"),
+        (engine.threads >= 0, "engine.threads must be >= 0"),
+        (engine.gpu_layers >= 0, "engine.gpu_layers must be >= 0"),
+        (0 < config.port < 65536 or config.port == 0, "port must be between 0 and 65535"),
+        (bool(config.model.id), "model.id must not be empty"),
+        (config.model.default_max_tokens is None or config.model.default_max_tokens >= 1,
+         "model.default_max_tokens must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    return config
+
+
+def load_config(path: Path | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Defaults, overlaid by the TOML file at `path`, overlaid by `MODELYARD_*` variables."""
+    env = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    top = {k: v for k, v in raw.items() if k not in ("model", "engine")}
+    if "data_dir" in top:
+        top["data_dir"] = Path(str(top["data_dir"])).expanduser()
+    config = Config()
+    for key in ("host", "log_level"):
+        if key in top and not isinstance(top[key], str):
+            raise ConfigError(f"{key} must be a string")
+    if "port" in top and (isinstance(top["port"], bool) or not isinstance(top["port"], int)):
+        raise ConfigError("port must be an integer")
+    unknown = sorted(set(top) - {"host", "port", "data_dir", "log_level"})
+    if unknown:
+        raise ConfigError(f"unknown key(s) in config: {', '.join(unknown)}")
+    config = replace(config, **top)
+    if "model" in raw:
+        config = replace(config, model=_build(ModelConfig, dict(raw["model"]), "model"))
+    if "engine" in raw:
+        config = replace(config, engine=_build(EngineConfig, dict(raw["engine"]), "engine"))
+    if env.get("MODELYARD_DATA_DIR"):
+        config = replace(config, data_dir=Path(env["MODELYARD_DATA_DIR"]).expanduser())
+    return _validate(config)
+
+
+def with_overrides(config: Config, **overrides: Any) -> Config:
+    """Apply command-line flags (None means not given) on top of a loaded config."""
+    top = {k: v for k, v in overrides.items() if v is not None and k in ("host", "port")}
+    config = replace(config, **top)
+    if overrides.get("model") is not None:
+        source = str(overrides["model"])
+        model = replace(config.model, source=source)
+        if overrides.get("model_id") is None and source != DEFAULT_MODEL_SOURCE:
+            model = replace(model, id=_id_from_source(source))
+        config = replace(config, model=model)
+    if overrides.get("model_id") is not None:
+        config = replace(config, model=replace(config.model, id=str(overrides["model_id"])))
+    return _validate(config)
+
+
+def _id_from_source(source: str) -> str:
+    name = source.removeprefix("pypi:").rsplit("/", 1)[-1]
+    return name[: -len(".gguf")] if name.endswith(".gguf") else name

@@ -1,0 +1,1 @@
+"""The built-in inference engine: a continuous-batching scheduler over llama.cpp."""

@@ -1,0 +1,67 @@
+"""Incremental detokenization that never splits a UTF-8 character, and stop-string search."""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Callable
+
+
+class IncrementalDetokenizer:
+    """Turns token ids into text a token at a time.
+
+    Byte-level tokenizers may cut a multi-byte character across tokens; the incremental
+    UTF-8 decoder holds such bytes back until the character is complete.
+    """
+
+    def __init__(self, token_bytes: Callable[[int], bytes]) -> None:
+        self._token_bytes = token_bytes
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token: int) -> str:
+        return self._decoder.decode(self._token_bytes(token))
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
+
+
+class StopStringMatcher:
+    """Finds stop strings in streamed text, even when they straddle token boundaries.
+
+    Text that could still turn out to be the start of a stop string is held back until
+    it is known not to be; the stop string itself is never released.
+    """
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._stops = tuple(s for s in stops if s)
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Add text; return (text safe to emit, whether a stop string was found)."""
+        if not self._stops:
+            return text, False
+        self._held += text
+        first = min(
+            (i for i in (self._held.find(stop) for stop in self._stops) if i >= 0), default=-1
+        )
+        if first >= 0:
+            released, self._held = self._held[:first], ""
+            return released, True
+        keep = self._longest_partial_suffix()
+        cut = len(self._held) - keep
+        released, self._held = self._held[:cut], self._held[cut:]
+        return released, False
+
+    def flush(self) -> str:
+        """At the end of generation, the held text was not a stop string after all."""
+        released, self._held = self._held, ""
+        return released
+
+    def _longest_partial_suffix(self) -> int:
+        """Length of the longest suffix of the held text that is a proper prefix of a stop."""
+        best = 0
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(self._held)), best, -1):
+                if self._held.endswith(stop[:n]):
+                    best = n
+                    break
+        return best

@@ -1,0 +1,222 @@
+"""The one module that calls llama.cpp: load a GGUF, tokenize, decode a batch, free KV cells.
+
+Everything else in the engine sees plain Python and numpy. The batch arrays are numpy
+buffers owned here and handed to `llama_decode` by pointer, so filling a batch is a few
+vectorised copies, not a Python loop per token.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+import numpy.typing as npt
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+class RunnerError(RuntimeError):
+    """llama.cpp refused to load the model or to decode a batch."""
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    model_path: Path
+    n_seq_max: int
+    n_ctx: int
+    """Total KV cells across all sequences."""
+    n_batch: int
+    """Most tokens one `decode` call may carry."""
+    threads: int = 0
+    gpu_layers: int = 0
+    flash_attention: bool = False
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    slot: int
+    start: int
+    tokens: Seq[int]
+    want_logits: bool
+
+
+def model_params(gpu_layers: int) -> llama_cpp.llama_model_params:
+    """Model load parameters.
+
+    `use_extra_bufts` is off on purpose: llama.cpp's weight repacking for extra CPU buffer
+    types (AMX and friends) segfaults inside `llama_decode` on AMX machines in this
+    llama.cpp release, and repacking buys nothing measurable for these small quantised
+    models. tests/engine/test_runner.py guards this.
+    """
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = gpu_layers
+    params.use_extra_bufts = False
+    return params
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            llama_cpp.llama_log_set(_silent_log, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+
+
+@llama_cpp.llama_log_callback
+def _silent_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    if level <= 2 and os.environ.get("MODELYARD_LLAMA_LOG"):  # 2 = error
+        print(text.decode("utf-8", "replace"), end="")
+
+
+class LlamaRunner:
+    def __init__(self, config: RunnerConfig) -> None:
+        _init_backend()
+        self.config = config
+        threads = config.threads or (os.cpu_count() or 1)
+        self._model = llama_cpp.llama_model_load_from_file(
+            str(config.model_path).encode(), model_params(config.gpu_layers)
+        )
+        if not self._model:
+            raise RunnerError(f"llama.cpp could not load the model at {config.model_path}")
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = config.n_ctx
+        params.n_batch = config.n_batch
+        params.n_ubatch = min(config.n_batch, 512)
+        params.n_seq_max = config.n_seq_max
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.kv_unified = True
+        params.flash_attn_type = 1 if config.flash_attention else 0
+        params.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(self._model, params)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise RunnerError("llama.cpp could not create a context (out of memory?)")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self._model))
+        self.eog_ids = frozenset(
+            t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t)
+        )
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        self._allocate_batch(config.n_batch, config.n_seq_max)
+        self._piece_cache: dict[int, bytes] = {}
+
+    # -- vocabulary ----------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buffer = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, capacity,
+                                     add_special, True)
+        if n < 0:
+            capacity = -n
+            buffer = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, capacity,
+                                         add_special, True)
+        return list(buffer[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for; special tokens (end of turn and such) give b''."""
+        cached = self._piece_cache.get(token)
+        if cached is None:
+            buffer = ctypes.create_string_buffer(64)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, 64, 0, False)
+            if n < 0:
+                buffer = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, -n, 0, False)
+            cached = buffer.raw[:n]
+            self._piece_cache[token] = cached
+        return cached
+
+    def token_text(self, token: int | None) -> str:
+        """A special token's text as templates write it (e.g. the BOS token), '' if none."""
+        if token is None or token < 0:
+            return ""
+        buffer = ctypes.create_string_buffer(128)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, 128, 0, True)
+        return buffer.raw[: max(n, 0)].decode("utf-8", "replace")
+
+    @property
+    def bos_id(self) -> int:
+        return int(llama_cpp.llama_vocab_bos(self._vocab))
+
+    @property
+    def eos_id(self) -> int:
+        return int(llama_cpp.llama_vocab_eos(self._vocab))
+
+    def chat_template(self) -> str | None:
+        template = llama_cpp.llama_model_chat_template(self._model, None)
+        return template.decode("utf-8") if template else None
+
+    # -- the KV cache and the batch --------------------------------------------------------
+
+    def clear_slot(self, slot: int) -> None:
+        llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
+
+    def _allocate_batch(self, n_batch: int, n_seq_max: int) -> None:
+        self._tokens = np.zeros(n_batch, dtype=np.int32)
+        self._positions = np.zeros(n_batch, dtype=np.int32)
+        self._n_seq_id = np.ones(n_batch, dtype=np.int32)
+        self._want_logits = np.zeros(n_batch, dtype=np.int8)
+        self._slot_ids = np.arange(n_seq_max, dtype=np.int32)
+        self._slot_id_pointers = np.zeros(n_batch, dtype=np.uint64)
+        self._slot_ids_address = self._slot_ids.ctypes.data
+        self._batch = llama_cpp.llama_batch()
+        self._batch.token = self._tokens.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token))
+        self._batch.embd = ctypes.POINTER(ctypes.c_float)()
+        self._batch.pos = self._positions.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos))
+        self._batch.n_seq_id = self._n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        self._batch.seq_id = ctypes.cast(
+            self._slot_id_pointers.ctypes.data,
+            ctypes.POINTER(ctypes.POINTER(llama_cpp.llama_seq_id)),
+        )
+        self._batch.logits = self._want_logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+
+    def decode(self, items: list[BatchItem]) -> npt.NDArray[np.float32]:
+        """Decode one batch; return one row of logits per item with `want_logits`, in order.
+
+        The returned array is a view of llama.cpp's buffer, valid until the next decode.
+        """
+        n = 0
+        for item in items:
+            count = len(item.tokens)
+            end = n + count
+            self._tokens[n:end] = item.tokens
+            self._positions[n:end] = np.arange(item.start, item.start + count, dtype=np.int32)
+            self._slot_id_pointers[n:end] = self._slot_ids_address + 4 * item.slot
+            self._want_logits[n:end] = 0
+            if item.want_logits:
+                self._want_logits[end - 1] = 1
+            n = end
+        if n == 0:
+            return np.empty((0, self.n_vocab), dtype=np.float32)
+        if n > self.config.n_batch:
+            raise RunnerError(f"batch of {n} tokens exceeds n_batch {self.config.n_batch}")
+        self._batch.n_tokens = n
+        status = llama_cpp.llama_decode(self._ctx, self._batch)
+        if status != 0:
+            raise RunnerError(f"llama_decode failed with status {status}")
+        n_outputs = int(self._want_logits[:n].sum())
+        if n_outputs == 0:
+            return np.empty((0, self.n_vocab), dtype=np.float32)
+        pointer = llama_cpp.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(pointer, shape=(n_outputs, self.n_vocab))
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            llama_cpp.llama_model_free(self._model)
+            self._model = None

@@ -1,0 +1,193 @@
+"""The continuous-batching scheduler: a pure state machine, no llama.cpp and no threads.
+
+Each engine step asks `schedule()` what to feed to one `llama_decode` call, runs it,
+and reports the sampled tokens back with `update_from_output()`. A step holds:
+
+1. the next token of every running sequence that is past its prompt (decode), then
+2. prefill chunks of running sequences still reading their prompt, then
+3. the start of the prompts of waiting sequences, admitted while a slot is free and
+   the KV cache can hold their whole reservation (prompt + max_tokens),
+
+all within `step_token_budget` tokens, so a long prompt is read a chunk per step and never
+stalls the sequences already decoding (chunked prefill).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from modelyard.engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its bound; the caller should retry later."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_sequences: int
+    step_token_budget: int
+    kv_capacity: int
+    """KV cells in the shared cache, across all sequences."""
+    context_per_sequence: int
+    max_waiting: int
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    seq: Sequence
+    start: int
+    """Position of the first token of `tokens` in the sequence."""
+    tokens: list[int]
+    sample: bool
+    """Whether this chunk reaches the end of the sequence, so its last logits are sampled."""
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    freed_slots: list[int] = field(default_factory=list)
+    """Slots whose KV cells must be cleared before this step's batch is decoded."""
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(chunk.tokens) for chunk in self.chunks)
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.chunks)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        if config.step_token_budget < config.max_sequences:
+            raise ValueError("step_token_budget must be at least max_sequences")
+        self.config = config
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._free_slots: list[int] = list(range(config.max_sequences - 1, -1, -1))
+        self._slots_to_clear: list[int] = []
+        self._kv_reserved = 0
+
+    # -- requests in and out -------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        if seq.kv_reservation > min(self.config.kv_capacity, self.config.context_per_sequence):
+            raise ValueError(
+                f"sequence needs {seq.kv_reservation} KV cells, more than one sequence may hold"
+            )
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFullError(f"{len(self.waiting)} requests are already waiting")
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Finish a request wherever it is (client gone); its KV cells are freed next step."""
+        for seq in self.waiting:
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                self._mark_finished(seq, FinishReason.ABORT)
+                return seq
+        for seq in self.running:
+            if seq.request_id == request_id:
+                self.finish(seq, FinishReason.ABORT)
+                return seq
+        return None
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """End a running sequence (a stop string found by the caller, or an abort)."""
+        if seq.status is SequenceStatus.FINISHED:
+            return
+        self.running.remove(seq)
+        self._kv_reserved -= seq.kv_reservation
+        if seq.slot is not None:
+            self._slots_to_clear.append(seq.slot)
+            self._free_slots.append(seq.slot)
+            seq.slot = None
+        self._mark_finished(seq, reason)
+
+    @staticmethod
+    def _mark_finished(seq: Sequence, reason: FinishReason) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    # -- the step -------------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting or self._slots_to_clear)
+
+    def schedule(self) -> SchedulerOutput:
+        output = SchedulerOutput(freed_slots=self._slots_to_clear)
+        self._slots_to_clear = []
+        budget = self.config.step_token_budget
+        for seq in self.running:
+            if not seq.is_prefilling:
+                output.chunks.append(ScheduledChunk(seq, seq.num_computed,
+                                                    seq.token_ids[seq.num_computed:], True))
+                budget -= len(output.chunks[-1].tokens)
+        for seq in self.running:
+            if budget <= 0:
+                break
+            if seq.is_prefilling:
+                budget -= self._add_prefill(output, seq, budget)
+        while budget > 0 and self.waiting and self._can_admit(self.waiting[0]):
+            seq = self.waiting.popleft()
+            seq.slot = self._free_slots.pop()
+            seq.status = SequenceStatus.RUNNING
+            self._kv_reserved += seq.kv_reservation
+            self.running.append(seq)
+            budget -= self._add_prefill(output, seq, budget)
+        return output
+
+    def _can_admit(self, seq: Sequence) -> bool:
+        return bool(self._free_slots) and (
+            self._kv_reserved + seq.kv_reservation <= self.config.kv_capacity
+        )
+
+    @staticmethod
+    def _add_prefill(output: SchedulerOutput, seq: Sequence, budget: int) -> int:
+        remaining = len(seq.token_ids) - seq.num_computed
+        n = min(budget, remaining)
+        end = seq.num_computed + n
+        output.chunks.append(
+            ScheduledChunk(seq, seq.num_computed, seq.token_ids[seq.num_computed:end],
+                           end == len(seq.token_ids))
+        )
+        return n
+
+    def update_from_output(
+        self, output: SchedulerOutput, sampled: dict[str, int]
+    ) -> list[Sequence]:
+        """Record what the step computed and sampled; return the sequences it finished.
+
+        `sampled` maps request id to the token drawn for every chunk with `sample` set.
+        """
+        finished: list[Sequence] = []
+        for chunk in output.chunks:
+            seq = chunk.seq
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            seq.num_computed = chunk.start + len(chunk.tokens)
+            if not chunk.sample:
+                continue
+            token = sampled[seq.request_id]
+            seq.token_ids.append(token)
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        if token in seq.eog_ids:
+            return FinishReason.STOP
+        if seq.num_output >= seq.params.max_tokens:
+            return FinishReason.LENGTH
+        if len(seq.token_ids) >= self.config.context_per_sequence:
+            return FinishReason.LENGTH
+        return None
+
+    @property
+    def kv_reserved(self) -> int:
+        return self._kv_reserved

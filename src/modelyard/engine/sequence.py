@@ -1,0 +1,74 @@
+"""The engine's request and sequence types: plain dataclasses, no llama.cpp, no HTTP."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"
+    """End of turn (an end-of-generation token) or a stop string."""
+    LENGTH = "length"
+    """max_tokens reached, or the sequence's context is full."""
+    ABORT = "abort"
+    """The client went away or the request was cancelled."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 16
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generation: its prompt, its output so far and where it stands in the KV cache.
+
+    `num_computed` counts tokens whose KV cells exist; the tokens from there to the end of
+    `token_ids` are what the next step must feed.
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    eog_ids: frozenset[int] = frozenset()
+    token_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    slot: int | None = None
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: FinishReason | None = None
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_ids)
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - len(self.prompt_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_ids):]
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed < self.num_prompt
+
+    @property
+    def kv_reservation(self) -> int:
+        """KV cells this sequence may come to hold: its prompt plus every token it may generate."""
+        return self.num_prompt + self.params.max_tokens

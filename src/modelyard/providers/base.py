@@ -1,0 +1,73 @@
+"""The Provider interface: what the HTTP layer asks of anything that answers a model.
+
+A provider receives a `ChatRequest` (plain data, already validated against SPEC.md) and
+answers with a stream of `ChatDelta`s. Everything that can be refused (context too long,
+queue full) is refused by `start_chat` before the first delta, so the HTTP layer can
+still answer with a status code instead of an error event inside a stream.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    request_id: str
+    messages: list[dict[str, Any]]
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    truncate_to_context: bool = True
+    """When prompt + max_tokens exceed the context: lower max_tokens (True) or refuse."""
+
+
+@dataclass(frozen=True)
+class ChatDelta:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None
+
+
+class ProviderError(Exception):
+    """A refusal in SPEC.md's terms (status 422, 503, ...), raised before any delta."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.retry_after = retry_after
+
+
+class StreamError(Exception):
+    """A failure after the first delta; ends the stream with an error event."""
+
+
+class Provider(ABC):
+    """Answers chat completions for one catalog model."""
+
+    model_id: str
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """Extra fields of this model's entry in /v1/models (context length, capabilities)."""
+
+    @abstractmethod
+    async def start_chat(self, request: ChatRequest) -> AsyncIterator[ChatDelta]:
+        """Validate and queue the request; return the stream of its deltas.
+
+        The last delta has a `finish_reason`. Leaving the iteration early (the client went
+        away) must free whatever the request holds.
+        """
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources at shutdown."""
