@@ -55,7 +55,7 @@ def model_params(gpu_layers: int) -> llama_cpp.llama_model_params:
     llama.cpp release, and repacking buys nothing measurable for these small quantised
     models. tests/engine/test_runner.py guards this.
     """
-    params = llama_cpp.llama_model_default_params()
+    params: llama_cpp.llama_model_params = llama_cpp.llama_model_default_params()
     params.n_gpu_layers = gpu_layers
     params.use_extra_bufts = False
     return params
@@ -70,10 +70,12 @@ def _init_backend() -> None:
             _backend_ready = True
 
 
-@llama_cpp.llama_log_callback
-def _silent_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+def _log_errors_only(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     if level <= 2 and os.environ.get("MODELYARD_LLAMA_LOG"):  # 2 = error
         print(text.decode("utf-8", "replace"), end="")
+
+
+_silent_log = llama_cpp.llama_log_callback(_log_errors_only)
 
 
 class LlamaRunner:
@@ -172,16 +174,16 @@ class LlamaRunner:
         self._slot_ids = np.arange(n_seq_max, dtype=np.int32)
         self._slot_id_pointers = np.zeros(n_batch, dtype=np.uint64)
         self._slot_ids_address = self._slot_ids.ctypes.data
-        self._batch = llama_cpp.llama_batch()
-        self._batch.token = self._tokens.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token))
-        self._batch.embd = ctypes.POINTER(ctypes.c_float)()
-        self._batch.pos = self._positions.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos))
-        self._batch.n_seq_id = self._n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        self._batch.seq_id = ctypes.cast(
-            self._slot_id_pointers.ctypes.data,
-            ctypes.POINTER(ctypes.POINTER(llama_cpp.llama_seq_id)),
+        self._batch = llama_cpp.llama_batch(
+            n_tokens=0,
+            token=self._tokens.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token)),
+            embd=ctypes.POINTER(ctypes.c_float)(),
+            pos=self._positions.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos)),
+            n_seq_id=self._n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            seq_id=ctypes.cast(self._slot_id_pointers.ctypes.data,
+                               ctypes.POINTER(ctypes.POINTER(llama_cpp.llama_seq_id))),
+            logits=self._want_logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
         )
-        self._batch.logits = self._want_logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
 
     def decode(self, items: list[BatchItem]) -> npt.NDArray[np.float32]:
         """Decode one batch; return one row of logits per item with `want_logits`, in order.

@@ -74,4 +74,4 @@ class Sampler:
     def _draw(self, probs: npt.NDArray[np.float64]) -> int:
         cumulative = np.cumsum(probs)
         index = int(np.searchsorted(cumulative, self._rng.random() * cumulative[-1], side="right"))
-        return min(index, probs.shape[0] - 1)
+        return min(index, int(probs.shape[0]) - 1)
