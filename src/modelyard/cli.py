@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from modelyard.chat.template import TemplateError
 from modelyard.config import ConfigError, load_config, with_overrides
 from modelyard.models import ModelSourceError
 
@@ -34,7 +35,7 @@ def serve(args: argparse.Namespace) -> int:
                             model=args.model, model_id=args.model_id)
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = build_app(config, progress=sys.stderr.isatty() or True)
+    app = build_app(config)
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
                 access_log=False)
     return 0
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve(args)
-    except (ConfigError, ModelSourceError) as exc:
+    except (ConfigError, ModelSourceError, TemplateError) as exc:
         print(f"modelyard: {exc}", file=sys.stderr)
         return 2
     return 1

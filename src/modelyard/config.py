@@ -119,6 +119,11 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
     top = {k: v for k, v in raw.items() if k not in ("model", "engine")}
+    for section in ("model", "engine"):
+        if section in raw and not isinstance(raw[section], dict):
+            raise ConfigError(f"{section} must be a table ([{section}]), got {raw[section]!r}")
+    if "data_dir" in top and not isinstance(top["data_dir"], str):
+        raise ConfigError("data_dir must be a string")
     if "data_dir" in top:
         top["data_dir"] = Path(str(top["data_dir"])).expanduser()
     config = Config()

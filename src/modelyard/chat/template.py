@@ -42,7 +42,10 @@ class ChatTemplate:
         environment.globals["raise_exception"] = _raise_exception
         environment.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         self.source = source or FALLBACK_TEMPLATE
-        self._template = environment.from_string(self.source)
+        try:
+            self._template = environment.from_string(self.source)
+        except jinja2.TemplateSyntaxError as exc:
+            raise TemplateError(f"the model's chat template does not parse: {exc}") from exc
         self._bos_token = bos_token
         self._eos_token = eos_token
 
@@ -59,7 +62,7 @@ class ChatTemplate:
             )
         except TemplateError:
             raise
-        except jinja2.TemplateError as exc:
+        except Exception as exc:  # a template is code from the model file: any failure is its
             raise TemplateError(f"the model's chat template failed: {exc}") from exc
 
 

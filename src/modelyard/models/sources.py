@@ -59,7 +59,14 @@ def _from_hub(spec: str, cache_dir: Path) -> Path:
     if isinstance(cached, str):
         return Path(cached)
     try:
-        return Path(huggingface_hub.hf_hub_download(repo_id, filename, cache_dir=str(cache_dir)))
+        # One HEAD request without retries first: when its own HEAD fails, hf_hub_download
+        # retries it with backoff (and a 60 s timeout per try), which offline takes minutes.
+        huggingface_hub.get_hf_file_metadata(
+            huggingface_hub.hf_hub_url(repo_id, filename), timeout=HF_TIMEOUT_SECONDS
+        )
+        return Path(huggingface_hub.hf_hub_download(
+            repo_id, filename, cache_dir=str(cache_dir), etag_timeout=HF_TIMEOUT_SECONDS
+        ))
     except Exception as exc:  # every hub failure (offline, 404, auth) becomes one clear error
         raise ModelSourceError(
             f"could not download hf:{spec} from the Hugging Face hub ({type(exc).__name__}: "

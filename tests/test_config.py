@@ -1,0 +1,219 @@
+"""Configuration: defaults, a TOML file, the environment, command-line overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from modelyard.config import (
+    DEFAULT_MODEL_ID,
+    DEFAULT_MODEL_SOURCE,
+    Config,
+    ConfigError,
+    EngineConfig,
+    load_config,
+    with_overrides,
+)
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "modelyard.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_without_a_file() -> None:
+    config = load_config(None, environ={})
+    assert config.host == "127.0.0.1"
+    assert config.port == 8000
+    assert config.engine == EngineConfig()
+    assert config.model.id == DEFAULT_MODEL_ID
+    assert config.model.source == DEFAULT_MODEL_SOURCE
+    assert config.models_dir == config.data_dir / "models"
+
+
+def test_values_from_a_toml_file(tmp_path: Path) -> None:
+    path = write_config(tmp_path, f"""
+host = "0.0.0.0"
+port = 9001
+data_dir = "{tmp_path / 'data'}"
+log_level = "debug"
+
+[model]
+id = "my-model"
+source = "/models/m.gguf"
+default_max_tokens = 256
+
+[engine]
+max_sequences = 4
+context_per_sequence = 1024
+step_token_budget = 128
+max_waiting = 10
+threads = 2
+flash_attention = true
+""")
+    config = load_config(path, environ={})
+    assert (config.host, config.port, config.log_level) == ("0.0.0.0", 9001, "debug")
+    assert config.data_dir == tmp_path / "data"
+    assert config.models_dir == tmp_path / "data" / "models"
+    assert (config.model.id, config.model.source) == ("my-model", "/models/m.gguf")
+    assert config.model.default_max_tokens == 256
+    assert config.engine == EngineConfig(max_sequences=4, context_per_sequence=1024,
+                                         step_token_budget=128, max_waiting=10, threads=2,
+                                         gpu_layers=0, flash_attention=True)
+
+
+def test_a_partial_section_keeps_the_other_defaults(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, "[engine]\nmax_sequences = 2\n"), environ={})
+    assert config.engine.max_sequences == 2
+    assert config.engine.context_per_sequence == EngineConfig().context_per_sequence
+
+
+def test_data_dir_expands_the_home_directory(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = load_config(write_config(tmp_path, 'data_dir = "~/my-data"\n'), environ={})
+    assert config.data_dir == tmp_path / "my-data"
+
+
+def test_env_data_dir_overrides_the_file(tmp_path: Path) -> None:
+    path = write_config(tmp_path, f'data_dir = "{tmp_path / "from-file"}"\n')
+    config = load_config(path, environ={"MODELYARD_DATA_DIR": str(tmp_path / "from-env")})
+    assert config.data_dir == tmp_path / "from-env"
+
+
+def test_env_data_dir_is_read_from_the_process_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MODELYARD_DATA_DIR", str(tmp_path / "env-data"))
+    assert load_config().data_dir == tmp_path / "env-data"
+
+
+def test_empty_env_data_dir_is_ignored(tmp_path: Path) -> None:
+    path = write_config(tmp_path, f'data_dir = "{tmp_path / "from-file"}"\n')
+    assert load_config(path, environ={"MODELYARD_DATA_DIR": ""}).data_dir == tmp_path / "from-file"
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        # unknown keys
+        ("colour = 'blue'\n", ["colour"]),
+        ("[engine]\nmax_sequence = 2\n", ["engine", "max_sequence"]),
+        ("[model]\nname = 'x'\n", ["model", "name"]),
+        # wrong types
+        ("port = '8000'\n", ["port"]),
+        ("port = true\n", ["port"]),
+        ("host = 1\n", ["host"]),
+        ("log_level = false\n", ["log_level"]),
+        ("data_dir = 5\n", ["data_dir"]),
+        ("engine = 5\n", ["engine"]),
+        ("model = 'x'\n", ["model"]),
+        ("[engine]\nmax_sequences = '2'\n", ["engine.max_sequences"]),
+        ("[engine]\nmax_sequences = 2.0\n", ["engine.max_sequences"]),
+        ("[engine]\nthreads = true\n", ["engine.threads"]),
+        ("[engine]\nflash_attention = 1\n", ["engine.flash_attention"]),
+        ("[model]\nid = 5\n", ["model.id"]),
+        ("[model]\ndefault_max_tokens = '100'\n", ["model.default_max_tokens"]),
+        ("[model]\ndefault_max_tokens = true\n", ["model.default_max_tokens"]),
+        # out of range
+        ("[engine]\nmax_sequences = 0\n", ["engine.max_sequences"]),
+        ("[engine]\nmax_sequences = 257\n", ["engine.max_sequences"]),
+        ("[engine]\ncontext_per_sequence = 63\n", ["engine.context_per_sequence"]),
+        ("[engine]\nmax_sequences = 8\nstep_token_budget = 7\n", ["engine.step_token_budget"]),
+        ("[engine]\nmax_waiting = -1\n", ["engine.max_waiting"]),
+        ("[engine]\nthreads = -1\n", ["engine.threads"]),
+        ("[engine]\ngpu_layers = -1\n", ["engine.gpu_layers"]),
+        ("port = 65536\n", ["port"]),
+        ("port = -1\n", ["port"]),
+        ("[model]\nid = ''\n", ["model.id"]),
+        ("[model]\ndefault_max_tokens = 0\n", ["model.default_max_tokens"]),
+    ],
+)
+def test_bad_values_raise_config_error_naming_the_key(
+    tmp_path: Path, text: str, names: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write_config(tmp_path, text), environ={})
+    for name in names:
+        assert name in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "port = 0\n",                                      # any free port
+        "port = 65535\n",
+        "[engine]\nmax_sequences = 256\nstep_token_budget = 256\n",
+        "[engine]\ncontext_per_sequence = 64\n",
+        "[engine]\nmax_waiting = 0\n",
+        "[model]\ndefault_max_tokens = 1\n",
+    ],
+)
+def test_boundary_values_are_accepted(tmp_path: Path, text: str) -> None:
+    assert isinstance(load_config(write_config(tmp_path, text), environ={}), Config)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml", environ={})
+
+
+def test_invalid_toml_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write_config(tmp_path, "port = \n"), environ={})
+
+
+# -- with_overrides ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "model_id"),
+    [
+        ("/models/My-Model.Q4_K_M.gguf", "My-Model.Q4_K_M"),
+        ("relative/dir/tiny.gguf", "tiny"),
+        ("hf:owner/repo/file-q8.gguf", "file-q8"),
+        ("pypi:some-model", "some-model"),
+    ],
+)
+def test_model_override_derives_the_model_id(source: str, model_id: str) -> None:
+    config = with_overrides(load_config(None, environ={}), model=source)
+    assert config.model.source == source
+    assert config.model.id == model_id
+
+
+def test_explicit_model_id_wins_over_the_derived_one() -> None:
+    config = with_overrides(load_config(None, environ={}), model="/m/x.gguf", model_id="chosen")
+    assert (config.model.source, config.model.id) == ("/m/x.gguf", "chosen")
+
+
+def test_default_source_keeps_the_default_id() -> None:
+    config = with_overrides(load_config(None, environ={}), model=DEFAULT_MODEL_SOURCE)
+    assert config.model.id == DEFAULT_MODEL_ID
+
+
+def test_default_source_keeps_a_configured_id(tmp_path: Path) -> None:
+    base = load_config(write_config(tmp_path, "[model]\nid = 'my-alias'\n"), environ={})
+    assert with_overrides(base, model=DEFAULT_MODEL_SOURCE).model.id == "my-alias"
+    assert with_overrides(base, model="/m/other.gguf").model.id == "other"
+
+
+def test_model_id_alone_renames_the_model() -> None:
+    config = with_overrides(load_config(None, environ={}), model_id="alias")
+    assert (config.model.source, config.model.id) == (DEFAULT_MODEL_SOURCE, "alias")
+
+
+def test_none_means_not_given() -> None:
+    base = load_config(None, environ={})
+    assert with_overrides(base, host=None, port=None, model=None, model_id=None) == base
+
+
+def test_host_and_port_overrides_are_validated() -> None:
+    base = load_config(None, environ={})
+    config = with_overrides(base, host="0.0.0.0", port=1234)
+    assert (config.host, config.port) == ("0.0.0.0", 1234)
+    with pytest.raises(ConfigError, match="port"):
+        with_overrides(base, port=70000)
+    with pytest.raises(ConfigError, match=r"model\.id"):
+        with_overrides(base, model_id="")
