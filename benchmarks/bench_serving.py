@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,11 +21,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import llama_cpp
 import numpy as np
+
+from modelyard.config import DEFAULT_MODEL_SOURCE, load_config
+from modelyard.models import resolve_model_source
 
 PROMPTS = [f"Write a short story about {topic}." for topic in (
     "a lighthouse keeper", "a lost robot", "a dragon who bakes bread", "a time-travelling cat",
@@ -164,11 +168,12 @@ async def stream_one(client: httpx.AsyncClient, base: str, model: str, prompt: s
                   int(usage.get("prompt_tokens", 0)))
 
 
-async def run_level(base: str, model: str, concurrency: int, n_requests: int,
+async def run_level(base: str, model: str, concurrency: int, prompts: list[str],
                     max_tokens: int) -> tuple[list[RequestResult], float]:
+    """Send `prompts` through `concurrency` clients; return their results and the wall time."""
     queue: asyncio.Queue[str] = asyncio.Queue()
-    for i in range(n_requests):
-        queue.put_nowait(PROMPTS[i % len(PROMPTS)])
+    for prompt in prompts:
+        queue.put_nowait(prompt)
     results: list[RequestResult] = []
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=limits) as client:
@@ -188,11 +193,11 @@ def bench_modelyard(args: argparse.Namespace, model_path: Path
     summaries: dict[int, Summary] = {}
     raw: dict[int, list[RequestResult]] = {}
     with modelyard_server(args, model_path) as (base, model):
-        asyncio.run(run_level(base, model, 1, 1, args.max_tokens))  # warm-up
+        asyncio.run(run_level(base, model, 1, PROMPTS[-1:], args.max_tokens))  # warm-up
         for level in args.concurrency:
             n_requests = args.requests_per_level or max(4, 2 * level)
-            results, wall = asyncio.run(run_level(base, model, level, n_requests,
-                                                  args.max_tokens))
+            prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n_requests)]
+            results, wall = asyncio.run(run_level(base, model, level, prompts, args.max_tokens))
             raw[level], summaries[level] = results, summarize(results, wall)
             print(f"  modelyard c={level}: {summaries[level].tokens_per_s:.1f} tok/s",
                   file=sys.stderr)
@@ -223,7 +228,8 @@ def patch_use_extra_bufts() -> None:
     llama_cpp.llama_model_default_params = patched
 
 
-def bench_high_level(args: argparse.Namespace, model_path: Path) -> Summary:
+def bench_high_level(args: argparse.Namespace, model_path: Path
+                     ) -> tuple[Summary, list[RequestResult]]:
     patch_use_extra_bufts()
     llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=args.context_per_sequence,
                           n_batch=args.step_token_budget, n_threads=args.threads,
@@ -237,12 +243,12 @@ def bench_high_level(args: argparse.Namespace, model_path: Path) -> Summary:
         t_first: float | None = None
         t_last, text, finish = 0.0, "", None
         t_send = time.perf_counter()
-        for chunk in stream:
-            choice = chunk["choices"][0]  # type: ignore[index]
-            if choice["delta"].get("content"):
+        for chunk in cast(Iterator[dict[str, Any]], stream):
+            choice = chunk["choices"][0]
+            if content := choice["delta"].get("content"):
                 t_last = time.perf_counter()
                 t_first = t_first or t_last
-                text += choice["delta"]["content"]
+                text += content
             finish = choice.get("finish_reason") or finish
         # The stream carries no usage; a length stop is exactly max_tokens.
         tokens = args.max_tokens if finish == "length" else len(
@@ -253,7 +259,7 @@ def bench_high_level(args: argparse.Namespace, model_path: Path) -> Summary:
         one(PROMPTS[-1])  # warm-up
         start = time.perf_counter()
         results = [one(PROMPTS[i % len(PROMPTS)]) for i in range(args.baseline_requests)]
-        return summarize(results, time.perf_counter() - start)
+        return summarize(results, time.perf_counter() - start), results
     finally:
         llm.close()
 
@@ -261,18 +267,20 @@ def bench_high_level(args: argparse.Namespace, model_path: Path) -> Summary:
 # -- baseline B: raw batched llama_decode (the ceiling) ----------------------------------------
 
 
-@llama_cpp.llama_log_callback
+@llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
 def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     pass
 
 
 def bench_ceiling(args: argparse.Namespace, model_path: Path, prompt_len: int) -> dict[int, float]:
-    """tokens/s of `steps` decode steps, one token per sequence, logits for every token."""
+    """tokens/s of raw batched llama_decode doing one wave's work: prefill, then decode steps."""
     llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p(0))
     llama_cpp.llama_backend_init()
     mparams = llama_cpp.llama_model_default_params()
     mparams.use_extra_bufts = False
     model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {model_path}")
     cparams = llama_cpp.llama_context_default_params()
     cparams.n_ctx = args.max_sequences * args.context_per_sequence  # as modelyard sizes it
     cparams.n_batch = args.step_token_budget
@@ -283,8 +291,9 @@ def bench_ceiling(args: argparse.Namespace, model_path: Path, prompt_len: int) -
     cparams.flash_attn_type = 0
     cparams.no_perf = True
     ctx = llama_cpp.llama_init_from_model(model, cparams)
-    if not model or not ctx:
-        raise RuntimeError("llama.cpp could not load the model or create a context")
+    if not ctx:
+        llama_cpp.llama_model_free(model)
+        raise RuntimeError("llama.cpp could not create a context")
     vocab = llama_cpp.llama_model_get_vocab(model)
     memory = llama_cpp.llama_get_memory(ctx)
     batch = llama_cpp.llama_batch_init(max(args.step_token_budget, prompt_len), 0, 1)
@@ -302,13 +311,18 @@ def bench_ceiling(args: argparse.Namespace, model_path: Path, prompt_len: int) -
     ceiling: dict[int, float] = {}
     try:
         for size in args.concurrency:
+            # The same work the server does for one wave of `size` requests: prefill the
+            # prompts together (in step-budget chunks), then decode until each has
+            # max_tokens tokens (the first comes from the prefill's logits).
             llama_cpp.llama_memory_clear(memory, True)
-            for seq in range(size):
-                decode([(t, p, seq, p == len(prompt) - 1) for p, t in enumerate(prompt)])
+            tokens = [(t, p, seq, p == len(prompt) - 1)
+                      for seq in range(size) for p, t in enumerate(prompt)]
             start = time.perf_counter()
-            for step in range(args.ceiling_steps):
+            for first in range(0, len(tokens), args.step_token_budget):
+                decode(tokens[first:first + args.step_token_budget])
+            for step in range(args.max_tokens - 1):
                 decode([(feed, len(prompt) + step, seq, True) for seq in range(size)])
-            ceiling[size] = size * args.ceiling_steps / (time.perf_counter() - start)
+            ceiling[size] = size * args.max_tokens / (time.perf_counter() - start)
             print(f"  ceiling B={size}: {ceiling[size]:.1f} tok/s", file=sys.stderr)
     finally:
         llama_cpp.llama_batch_free(batch)
@@ -334,7 +348,8 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return {"cpu": cpu, "cores": os.cpu_count(), "llama_cpp_python": llama_cpp.__version__}
+    return {"cpu": cpu, "cores": os.cpu_count(), "llama_cpp_python": llama_cpp.__version__,
+            "load_average_at_start": os.getloadavg()[0]}
 
 
 def verdicts(level: int, vs_high: float, vs_ceiling: float) -> str:
@@ -347,6 +362,7 @@ def verdicts(level: int, vs_high: float, vs_ceiling: float) -> str:
 
 
 def table(serving: dict[int, Summary], high: Summary, ceiling: dict[int, float]) -> str:
+    """One row per level; the ceiling does the same prefill + decode work as one wave."""
     lines = ["| conc | modelyard tok/s | TTFT p50/p99 ms | TPOT p50/p99 ms | high-level tok/s "
              "| my/HL | ceiling tok/s | my/ceil | targets |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -357,10 +373,9 @@ def table(serving: dict[int, Summary], high: Summary, ceiling: dict[int, float])
             f"| {s.tpot_p50_ms:.1f} / {s.tpot_p99_ms:.1f} | {high.tokens_per_s:.1f} "
             f"| {vs_high:.2f}x | {ceiling[level]:.1f} | {vs_ceiling:.2f}x "
             f"| {verdicts(level, vs_high, vs_ceiling)} |")
-    lines.append(f"\nhigh-level API (c=1): TTFT p50/p99 {high.ttft_p50_ms:.0f} / "
-                 f"{high.ttft_p99_ms:.0f} ms, TPOT p50/p99 {high.tpot_p50_ms:.1f} / "
-                 f"{high.tpot_p99_ms:.1f} ms")
-    return "\n".join(lines)
+    return "\n".join([*lines, f"\nhigh-level API (c=1): TTFT p50/p99 {high.ttft_p50_ms:.0f} / "
+                      f"{high.ttft_p99_ms:.0f} ms, TPOT p50/p99 {high.tpot_p50_ms:.1f} / "
+                      f"{high.tpot_p99_ms:.1f} ms"])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -376,8 +391,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step-token-budget", type=int, default=512)
     p.add_argument("--baseline-requests", type=int, default=8,
                    help="requests for the high-level API baseline")
-    p.add_argument("--ceiling-steps", type=int, default=0,
-                   help="timed decode steps per batch size (default: max-tokens)")
     p.add_argument("--model-path", type=Path)
     p.add_argument("--data-dir", type=Path)
     p.add_argument("--quick", action="store_true",
@@ -388,30 +401,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.baseline_requests = 4
     args.concurrency = [int(c) for c in str(args.concurrency).split(",")]
     args.max_sequences = args.max_sequences or max(args.concurrency)
-    args.ceiling_steps = args.ceiling_steps or args.max_tokens
-    if args.data_dir is None:
-        from modelyard.config import load_config
-        args.data_dir = load_config().data_dir  # honours MODELYARD_DATA_DIR
+    if args.max_sequences < max(args.concurrency):
+        p.error("--max-sequences must be at least the highest concurrency (the ceiling needs it)")
+    args.data_dir = args.data_dir or load_config().data_dir  # honours MODELYARD_DATA_DIR
     if args.model_path is None:
-        from modelyard.config import DEFAULT_MODEL_SOURCE
-        from modelyard.models import resolve_model_source
         args.model_path = resolve_model_source(DEFAULT_MODEL_SOURCE, args.data_dir / "models")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the server is still stopped
     info = {**machine(), "threads": args.threads, "model": str(args.model_path)}
-    print(f"machine: {info['cpu']}, {info['cores']} cores, {args.threads} threads, "
-          f"llama-cpp-python {info['llama_cpp_python']}", file=sys.stderr)
     serving, raw = bench_modelyard(args, args.model_path)
-    high = bench_high_level(args, args.model_path)
+    high, high_raw = bench_high_level(args, args.model_path)
     print(f"  high-level c=1: {high.tokens_per_s:.1f} tok/s", file=sys.stderr)
     prompt_tokens = [r.prompt_tokens for rs in raw.values() for r in rs]
     prompt_len = int(np.median(prompt_tokens)) if prompt_tokens else 32
     ceiling = bench_ceiling(args, args.model_path, min(prompt_len, args.step_token_budget))
     print(f"\nmachine: {info['cpu']} | cores {info['cores']} | threads {args.threads} | "
-          f"llama-cpp-python {info['llama_cpp_python']} | max_tokens {args.max_tokens}\n")
+          f"llama-cpp-python {info['llama_cpp_python']} | max_tokens {args.max_tokens} | "
+          f"load average at start {info['load_average_at_start']:.2f}\n")
     print(table(serving, high, ceiling))
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = RESULTS_DIR / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -420,9 +430,10 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info, "settings": settings,
         "modelyard": {str(k): asdict(v) for k, v in serving.items()},
         "modelyard_requests": {str(k): [asdict(r) for r in v] for k, v in raw.items()},
-        "high_level": asdict(high), "ceiling_tokens_per_s": {str(k): v for k, v in ceiling.items()},
+        "high_level": asdict(high), "high_level_requests": [asdict(r) for r in high_raw],
+        "ceiling_tokens_per_s": {str(k): v for k, v in ceiling.items()},
     }, indent=2), encoding="utf-8")
-    print(f"\nJSON: {out}")
+    print(f"\nJSON: {out}", flush=True)
     return 0
 
 

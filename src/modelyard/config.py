@@ -39,6 +39,8 @@ class EngineConfig:
     gpu_layers: int = 0
     """Layers offloaded to a GPU when llama.cpp was built for one."""
     flash_attention: bool = False
+    prefix_caching: bool = True
+    """Reuse the KV cells of a finished sequence's prompt prefix for a new request."""
 
 
 @dataclass(frozen=True)

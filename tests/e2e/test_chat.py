@@ -155,3 +155,18 @@ def test_models_lists_the_default_model(client: openai.OpenAI) -> None:
     entry = models.data[0].model_dump()
     assert entry["object"] == "model"
     assert entry["context_length"] == 2048
+
+
+def test_repeated_prompt_reuses_the_cached_prefix(client: openai.OpenAI) -> None:
+    system = {"role": "system", "content": "You are a terse assistant. " * 40}
+    messages = [system, {"role": "user", "content": "Name one prime number."}]
+    first = client.chat.completions.create(model=MODEL, messages=messages,  # type: ignore[arg-type]
+                                           temperature=0, max_tokens=12)
+    again = client.chat.completions.create(model=MODEL, messages=messages,  # type: ignore[arg-type]
+                                           temperature=0, max_tokens=12)
+    assert first.usage is not None and again.usage is not None
+    cached = again.usage.prompt_tokens_details.cached_tokens  # type: ignore[union-attr]
+    assert cached is not None
+    assert cached >= 200
+    assert cached == again.usage.prompt_tokens - 1
+    assert again.choices[0].message.content == first.choices[0].message.content

@@ -95,7 +95,8 @@ async def _collect(completion: Completion, deltas: AsyncIterator[ChatDelta]) -> 
     if last is None:
         raise APIError(500, "the model produced no output", code="server_error")
     return json_response(completion.body("".join(parts), last.finish_reason,
-                                         usage(last.prompt_tokens, last.completion_tokens)))
+                                         usage(last.prompt_tokens, last.completion_tokens,
+                                               last.cached_tokens)))
 
 
 async def _stream(completion: Completion, deltas: AsyncIterator[ChatDelta],
@@ -114,7 +115,8 @@ async def _stream(completion: Completion, deltas: AsyncIterator[ChatDelta],
         yield SSE_DONE
         return
     if include_usage and last is not None:
-        yield completion.usage_chunk(usage(last.prompt_tokens, last.completion_tokens))
+        yield completion.usage_chunk(usage(last.prompt_tokens, last.completion_tokens,
+                                                  last.cached_tokens))
     yield SSE_DONE
 
 

@@ -30,6 +30,7 @@ class EngineOutput:
     text: str
     num_prompt_tokens: int
     num_output_tokens: int
+    num_cached_tokens: int = 0
     finish_reason: FinishReason | None = None
     error: str | None = None
 
@@ -116,8 +117,8 @@ class Engine:
         with self._lock:
             output = self.scheduler.schedule()
             self._record_schedule(output)
-        for slot in output.freed_slots:
-            self.runner.clear_slot(slot)
+        for slot, keep in output.kv_truncations:
+            self.runner.truncate_slot(slot, keep)
         if not output.chunks:
             return
         items = [BatchItem(c.seq.slot if c.seq.slot is not None else -1, c.start, c.tokens,
@@ -160,6 +161,7 @@ class Engine:
             self.metrics.generated_tokens.inc()
             if request.first_token_at is None:
                 request.first_token_at = now
+                self.metrics.cached_prompt_tokens.inc(seq.num_cached)
                 self.metrics.time_to_first_token.observe(now - request.arrival)
             token = sampled[seq.request_id]
             text = "" if token in seq.eog_ids else request.detokenizer.add(token)
@@ -174,7 +176,8 @@ class Engine:
                 del self._requests[seq.request_id]
             elif not text:
                 continue
-            result = EngineOutput(text, seq.num_prompt, seq.num_output, seq.finish_reason)
+            result = EngineOutput(text, seq.num_prompt, seq.num_output, seq.num_cached,
+                                  seq.finish_reason)
             deliveries.setdefault(request.loop, []).append((request, result))
         for loop, batch in deliveries.items():
             loop.call_soon_threadsafe(_deliver, batch)

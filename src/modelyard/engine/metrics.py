@@ -28,6 +28,9 @@ class EngineMetrics:
                                         "Tokens sampled (completion tokens).", registry=r)
         self.prompt_tokens = Counter("modelyard_prompt_tokens", "Prompt tokens prefilled.",
                                      registry=r)
+        self.cached_prompt_tokens = Counter(
+            "modelyard_cached_prompt_tokens", "Prompt tokens whose KV cells were reused.",
+            registry=r)
         self.time_to_first_token = Histogram(
             "modelyard_time_to_first_token_seconds",
             "From a request's arrival to its first sampled token.",

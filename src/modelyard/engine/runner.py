@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import threading
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -71,8 +72,10 @@ def _init_backend() -> None:
 
 
 def _log_errors_only(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    if level <= 2 and os.environ.get("MODELYARD_LLAMA_LOG"):  # 2 = error
-        print(text.decode("utf-8", "replace"), end="")
+    # ggml levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line.
+    threshold = 1 if os.environ.get("MODELYARD_LLAMA_LOG") else 4
+    if level >= threshold and level != 5 or (level == 5 and threshold == 1):
+        sys.stderr.write(text.decode("utf-8", "replace"))
 
 
 _silent_log = llama_cpp.llama_log_callback(_log_errors_only)
@@ -164,7 +167,11 @@ class LlamaRunner:
     # -- the KV cache and the batch --------------------------------------------------------
 
     def clear_slot(self, slot: int) -> None:
-        llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
+        self.truncate_slot(slot, 0)
+
+    def truncate_slot(self, slot: int, keep: int) -> None:
+        """Drop the slot's KV cells at positions >= keep (0 clears the slot)."""
+        llama_cpp.llama_memory_seq_rm(self._memory, slot, keep if keep > 0 else -1, -1)
 
     def _allocate_batch(self, n_batch: int, n_seq_max: int) -> None:
         self._tokens = np.zeros(n_batch, dtype=np.int32)

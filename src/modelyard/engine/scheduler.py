@@ -10,11 +10,17 @@ and reports the sampled tokens back with `update_from_output()`. A step holds:
 
 all within `step_token_budget` tokens, so a long prompt is read a chunk per step and never
 stalls the sequences already decoding (chunked prefill).
+
+A slot keeps the KV cells of the sequence that last held it. A new sequence goes to the
+free slot whose cells share the longest prefix with its prompt and starts reading after
+that prefix (a repeated system prompt is read once); with no shared prefix it takes the
+slot freed longest ago, so recently used prefixes live longest.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 from modelyard.engine.sequence import FinishReason, Sequence, SequenceStatus
@@ -32,6 +38,7 @@ class SchedulerConfig:
     """KV cells in the shared cache, across all sequences."""
     context_per_sequence: int
     max_waiting: int
+    prefix_caching: bool = True
 
 
 @dataclass(frozen=True)
@@ -47,8 +54,8 @@ class ScheduledChunk:
 @dataclass
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
-    freed_slots: list[int] = field(default_factory=list)
-    """Slots whose KV cells must be cleared before this step's batch is decoded."""
+    kv_truncations: list[tuple[int, int]] = field(default_factory=list)
+    """(slot, keep): drop the slot's KV cells from position `keep` on, before the batch runs."""
 
     @property
     def num_tokens(self) -> int:
@@ -66,8 +73,11 @@ class Scheduler:
         self.config = config
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self._free_slots: list[int] = list(range(config.max_sequences - 1, -1, -1))
-        self._slots_to_clear: list[int] = []
+        self._free_slots: list[int] = list(range(config.max_sequences))
+        """Free slots, the one freed longest ago first."""
+        self._slot_cache: dict[int, list[int]] = {}
+        """Tokens whose KV cells a free slot still holds, from position 0."""
+        self._truncations: list[tuple[int, int]] = []
         self._kv_reserved = 0
 
     # -- requests in and out -------------------------------------------------------------
@@ -102,7 +112,10 @@ class Scheduler:
         self.running.remove(seq)
         self._kv_reserved -= seq.kv_reservation
         if seq.slot is not None:
-            self._slots_to_clear.append(seq.slot)
+            if self.config.prefix_caching:
+                self._slot_cache[seq.slot] = seq.token_ids[: seq.num_computed]
+            else:
+                self._truncations.append((seq.slot, 0))
             self._free_slots.append(seq.slot)
             seq.slot = None
         self._mark_finished(seq, reason)
@@ -115,11 +128,10 @@ class Scheduler:
     # -- the step -------------------------------------------------------------------------
 
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting or self._slots_to_clear)
+        return bool(self.running or self.waiting or self._truncations)
 
     def schedule(self) -> SchedulerOutput:
-        output = SchedulerOutput(freed_slots=self._slots_to_clear)
-        self._slots_to_clear = []
+        output = SchedulerOutput()
         budget = self.config.step_token_budget
         for seq in self.running:
             if not seq.is_prefilling:
@@ -133,17 +145,35 @@ class Scheduler:
                 budget -= self._add_prefill(output, seq, budget)
         while budget > 0 and self.waiting and self._can_admit(self.waiting[0]):
             seq = self.waiting.popleft()
-            seq.slot = self._free_slots.pop()
+            self._assign_slot(seq)
             seq.status = SequenceStatus.RUNNING
             self._kv_reserved += seq.kv_reservation
             self.running.append(seq)
             budget -= self._add_prefill(output, seq, budget)
+        # Truncations from finished sequences and from this step's admissions both run
+        # before this step's batch.
+        output.kv_truncations, self._truncations = self._truncations, []
         return output
 
     def _can_admit(self, seq: Sequence) -> bool:
         return bool(self._free_slots) and (
             self._kv_reserved + seq.kv_reservation <= self.config.kv_capacity
         )
+
+    def _assign_slot(self, seq: Sequence) -> None:
+        best_slot, best = self._free_slots[0], 0
+        for slot in self._free_slots:
+            shared = _common_prefix(self._slot_cache.get(slot, ()), seq.prompt_ids)
+            if shared > best:
+                best_slot, best = slot, shared
+        # Always read at least the last prompt token: its logits give the first sample.
+        reused = min(best, seq.num_prompt - 1)
+        self._free_slots.remove(best_slot)
+        cached = self._slot_cache.pop(best_slot, [])
+        if len(cached) > reused:
+            self._truncations.append((best_slot, reused))
+        seq.slot = best_slot
+        seq.num_computed = seq.num_cached = reused
 
     @staticmethod
     def _add_prefill(output: SchedulerOutput, seq: Sequence, budget: int) -> int:
@@ -191,3 +221,11 @@ class Scheduler:
     @property
     def kv_reserved(self) -> int:
         return self._kv_reserved
+
+
+def _common_prefix(a: Seq[int], b: Seq[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

@@ -44,6 +44,8 @@ class Sequence:
     eog_ids: frozenset[int] = frozenset()
     token_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
+    num_cached: int = 0
+    """Prompt tokens whose KV cells were reused from an earlier sequence."""
     slot: int | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None

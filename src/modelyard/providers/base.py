@@ -33,6 +33,7 @@ class ChatDelta:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None = None
+    cached_tokens: int = 0
 
 
 class ProviderError(Exception):

@@ -49,6 +49,7 @@ class LocalProvider(Provider):
             kv_capacity=n_ctx,
             context_per_sequence=engine_config.context_per_sequence,
             max_waiting=engine_config.max_waiting,
+            prefix_caching=engine_config.prefix_caching,
         ), metrics)
         self.engine.start()
 
@@ -119,7 +120,7 @@ class LocalProvider(Provider):
                     raise StreamError(output.error)
                 reason = output.finish_reason.value if output.finish_reason else None
                 yield ChatDelta(output.text, output.num_prompt_tokens,
-                                output.num_output_tokens, reason)
+                                output.num_output_tokens, reason, output.num_cached_tokens)
                 if reason is not None:
                     finished = True
                     return
