@@ -103,7 +103,8 @@ def modelyard_server(args: argparse.Namespace, model_path: Path) -> Iterator[tup
         f"context_per_sequence = {args.context_per_sequence}\n"
         f"step_token_budget = {args.step_token_budget}\n"
         f"max_waiting = {max(256, 2 * max(args.concurrency))}\n"
-        f"threads = {args.threads}\n", encoding="utf-8")
+        f"threads = {args.threads}\n"
+        f"flash_attention = {'true' if args.flash_attention else 'false'}\n", encoding="utf-8")
     port = free_port()
     log = (workdir / "server.log").open("wb")
     command = [sys.executable, "-m", "modelyard.cli", "serve", "--host", "127.0.0.1",
@@ -233,7 +234,8 @@ def bench_high_level(args: argparse.Namespace, model_path: Path
     patch_use_extra_bufts()
     llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=args.context_per_sequence,
                           n_batch=args.step_token_budget, n_threads=args.threads,
-                          n_threads_batch=args.threads, verbose=False)
+                          n_threads_batch=args.threads, flash_attn=args.flash_attention,
+                          verbose=False)
     assert llm.model_params.use_extra_bufts is False, "use_extra_bufts patch did not apply"
 
     def one(prompt: str) -> RequestResult:
@@ -288,7 +290,7 @@ def bench_ceiling(args: argparse.Namespace, model_path: Path, prompt_len: int) -
     cparams.n_seq_max = args.max_sequences
     cparams.n_threads = cparams.n_threads_batch = args.threads
     cparams.kv_unified = True
-    cparams.flash_attn_type = 0
+    cparams.flash_attn_type = 1 if args.flash_attention else 0
     cparams.no_perf = True
     ctx = llama_cpp.llama_init_from_model(model, cparams)
     if not ctx:
@@ -385,6 +387,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests-per-level", type=int, default=0,
                    help="requests per level (default max(4, 2*concurrency))")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--no-flash-attention", dest="flash_attention", action="store_false",
+                   help="turn flash attention off in all three (default on, as the server)")
     p.add_argument("--max-sequences", type=int, default=0,
                    help="engine.max_sequences (default: the highest concurrency)")
     p.add_argument("--context-per-sequence", type=int, default=4096)

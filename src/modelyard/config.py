@@ -38,7 +38,8 @@ class EngineConfig:
     """CPU threads for llama.cpp; 0 means one per core."""
     gpu_layers: int = 0
     """Layers offloaded to a GPU when llama.cpp was built for one."""
-    flash_attention: bool = False
+    flash_attention: bool = True
+    """Flash attention in llama.cpp; on the CPU it is faster at every batch size we measured."""
     prefix_caching: bool = True
     """Reuse the KV cells of a finished sequence's prompt prefix for a new request."""
 

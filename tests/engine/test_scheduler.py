@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable
 
@@ -18,6 +19,8 @@ from modelyard.engine.sequence import FinishReason, SamplingParams, Sequence, Se
 EOG = 2
 PLAIN = 7  # a token that ends nothing
 
+_prompt_bases = itertools.count(1)
+
 
 def make_scheduler(
     *,
@@ -26,6 +29,7 @@ def make_scheduler(
     kv_capacity: int = 256,
     context_per_sequence: int = 64,
     max_waiting: int = 8,
+    prefix_caching: bool = True,
 ) -> Scheduler:
     return Scheduler(SchedulerConfig(
         max_sequences=max_sequences,
@@ -33,21 +37,36 @@ def make_scheduler(
         kv_capacity=kv_capacity,
         context_per_sequence=context_per_sequence,
         max_waiting=max_waiting,
+        prefix_caching=prefix_caching,
     ))
 
 
-def make_seq(request_id: str, prompt_len: int, max_tokens: int = 4) -> Sequence:
-    prompt = [100 + i for i in range(prompt_len)]
+def make_seq(request_id: str, prompt_len: int = 0, max_tokens: int = 4, *,
+             prompt: list[int] | None = None) -> Sequence:
+    """A sequence; without `prompt`, its prompt shares no token with any other sequence's."""
+    if prompt is None:
+        base = 1000 * next(_prompt_bases)
+        prompt = [base + i for i in range(prompt_len)]
     return Sequence(request_id, prompt, SamplingParams(max_tokens=max_tokens),
                     eog_ids=frozenset({EOG}))
+
+
+def toks(text: str) -> list[int]:
+    """A readable prompt: one token per character (never EOG or PLAIN)."""
+    return [ord(ch) for ch in text]
 
 
 def run_step(
     scheduler: Scheduler,
     token_for: Callable[[Sequence], int] = lambda seq: PLAIN,
+    *,
+    kv: KVModel | None = None,
 ) -> tuple[SchedulerOutput, list[Sequence]]:
-    """One engine step: schedule, 'decode', sample a token for every chunk that asks."""
+    """One engine step: schedule, 'decode' (into `kv` when given), sample for every chunk
+    that asks."""
     output = scheduler.schedule()
+    if kv is not None:
+        kv.apply(output)
     sampled = {c.seq.request_id: token_for(c.seq) for c in output.chunks if c.sample}
     finished = scheduler.update_from_output(output, sampled)
     return output, finished
@@ -55,6 +74,54 @@ def run_step(
 
 def chunk_ids(output: SchedulerOutput) -> list[str]:
     return [c.seq.request_id for c in output.chunks]
+
+
+class KVModel:
+    """The runner's KV cache as the scheduler must see it: per slot, the tokens of its cells.
+
+    `apply` does what the engine does with one step's output: the truncations, then the
+    batch, which writes every chunk's tokens at their positions. It checks that every chunk
+    continues its slot exactly, over cells that hold the sequence's own tokens.
+    """
+
+    def __init__(self, kv_capacity: int | None = None) -> None:
+        self.slots: dict[int, list[int]] = {}
+        self.kv_capacity = kv_capacity
+
+    def apply(self, output: SchedulerOutput) -> None:
+        for slot, keep in output.kv_truncations:
+            assert keep >= 0
+            del self.slots.setdefault(slot, [])[keep:]
+        for chunk in output.chunks:
+            assert chunk.seq.slot is not None
+            cells = self.slots.setdefault(chunk.seq.slot, [])
+            assert chunk.start == len(cells), "a chunk must continue its slot's cells"
+            assert cells == chunk.seq.token_ids[:chunk.start], "stale cells in the slot"
+            cells.extend(chunk.tokens)
+        if self.kv_capacity is not None:
+            assert self.num_cells <= self.kv_capacity
+
+    @property
+    def num_cells(self) -> int:
+        return sum(len(cells) for cells in self.slots.values())
+
+
+def warm(scheduler: Scheduler, prompts: list[str]) -> KVModel:
+    """Run a one-token sequence per prompt, side by side: slot i then caches prompts[i]."""
+    seqs = [make_seq(f"warm{i}", prompt=toks(p), max_tokens=1) for i, p in enumerate(prompts)]
+    for seq in seqs:
+        scheduler.add(seq)
+    kv = KVModel()
+    slots: dict[str, int | None] = {}
+    finished: list[Sequence] = []
+    while len(finished) < len(seqs):
+        output = scheduler.schedule()
+        kv.apply(output)
+        slots.update((c.seq.request_id, c.seq.slot) for c in output.chunks if c.start == 0)
+        finished += scheduler.update_from_output(output, {s.request_id: PLAIN for s in seqs})
+    assert [slots[s.request_id] for s in seqs] == list(range(len(prompts)))
+    assert scheduler._slot_cache == {i: toks(p) for i, p in enumerate(prompts)}
+    return kv
 
 
 # -- construction and add() -------------------------------------------------------------------
@@ -307,8 +374,10 @@ def test_context_per_sequence_guard_ends_a_sequence_whose_context_is_full() -> N
     assert scheduler._stop_reason(seq, PLAIN) is FinishReason.LENGTH
 
 
-def test_finish_by_caller_frees_the_slot_once() -> None:
-    scheduler = make_scheduler(max_sequences=1)
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_finish_by_caller_frees_the_slot_once(prefix_caching: bool) -> None:
+    scheduler = make_scheduler(max_sequences=1, prefix_caching=prefix_caching)
     seq = make_seq("a", 2, max_tokens=10)
     scheduler.add(seq)
     run_step(scheduler)
@@ -318,39 +387,59 @@ def test_finish_by_caller_frees_the_slot_once() -> None:
     scheduler.finish(seq, FinishReason.STOP)   # a stop string found by the engine
     scheduler.finish(seq, FinishReason.ABORT)  # a second call changes nothing
     assert seq.finish_reason is FinishReason.STOP
-    assert scheduler.schedule().freed_slots == [slot]
-    assert scheduler.schedule().freed_slots == []
+    assert seq.slot is None
+    assert scheduler._free_slots == [slot]
+    assert scheduler.kv_reserved == 0
+    if prefix_caching:
+        # The cells stay for a later prompt; the sampled token has none yet.
+        assert scheduler._slot_cache == {slot: seq.prompt_ids}
+        assert scheduler.schedule().kv_truncations == []
+    else:
+        assert scheduler._slot_cache == {}
+        assert scheduler.schedule().kv_truncations == [(slot, 0)]
+    assert scheduler.schedule().kv_truncations == []
 
 
 # -- freeing and reusing slots ----------------------------------------------------------------
 
 
-def test_finished_slot_is_freed_exactly_once_and_reused() -> None:
-    scheduler = make_scheduler(max_sequences=1, step_token_budget=8)
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_finished_slot_is_cleared_exactly_once_before_reuse(prefix_caching: bool) -> None:
+    scheduler = make_scheduler(max_sequences=1, step_token_budget=8,
+                               prefix_caching=prefix_caching)
+    kv = KVModel()
     a = make_seq("a", 3, max_tokens=1)
-    b = make_seq("b", 3, max_tokens=1)
+    b = make_seq("b", 3, max_tokens=1)   # shares nothing with "a"
     scheduler.add(a)
     scheduler.add(b)
 
-    output, finished = run_step(scheduler)
+    output, finished = run_step(scheduler, kv=kv)
     assert finished == [a]
-    assert output.freed_slots == []
-    assert scheduler.has_work()  # "b" waits, and the slot still has to be cleared
+    assert output.kv_truncations == []
+    assert scheduler.has_work()  # "b" waits
 
-    output, finished = run_step(scheduler)
-    assert output.freed_slots == [0]       # cleared before this step's batch ...
-    assert chunk_ids(output) == ["b"]      # ... which already reuses the slot
+    output, finished = run_step(scheduler, kv=kv)
+    assert output.kv_truncations == [(0, 0)]   # cleared before this step's batch ...
+    assert chunk_ids(output) == ["b"]          # ... which already reuses the slot
+    assert b.num_cached == 0
     assert finished == [b]
 
-    output, _ = run_step(scheduler)
-    assert output.freed_slots == [0]       # "b"'s turn to be cleared, once
-    assert output.chunks == []
-    assert not scheduler.has_work()
-    assert scheduler.schedule().freed_slots == []
+    if prefix_caching:
+        assert not scheduler.has_work()        # "b"'s cells stay cached
+        assert kv.slots == {0: b.prompt_ids}
+    else:
+        assert scheduler.has_work()            # "b"'s turn to be cleared, once
+        output, _ = run_step(scheduler, kv=kv)
+        assert output.kv_truncations == [(0, 0)]
+        assert output.chunks == []
+        assert kv.slots == {0: []}
+        assert not scheduler.has_work()
+    assert scheduler.schedule().kv_truncations == []
 
 
-def test_has_work_until_the_last_slot_is_cleared() -> None:
-    scheduler = make_scheduler()
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_has_work_until_the_last_slot_is_cleared(prefix_caching: bool) -> None:
+    scheduler = make_scheduler(prefix_caching=prefix_caching)
     assert not scheduler.has_work()
     seq = make_seq("a", 2, max_tokens=1)
     scheduler.add(seq)
@@ -359,8 +448,12 @@ def test_has_work_until_the_last_slot_is_cleared() -> None:
     slot = seq.slot
     assert slot is not None
     assert scheduler.update_from_output(output, {"a": PLAIN}) == [seq]
-    assert scheduler.has_work()            # the slot is not cleared yet
-    assert scheduler.schedule().freed_slots == [slot]
+    if prefix_caching:
+        assert not scheduler.has_work()        # nothing to clear: the cells stay cached
+        assert scheduler.schedule().kv_truncations == []
+    else:
+        assert scheduler.has_work()            # the slot is not cleared yet
+        assert scheduler.schedule().kv_truncations == [(slot, 0)]
     assert not scheduler.has_work()
 
 
@@ -379,19 +472,23 @@ def test_abort_a_waiting_sequence() -> None:
 
     assert waiting.status is SequenceStatus.FINISHED
     assert waiting.finish_reason is FinishReason.ABORT
+    assert waiting.slot is None
     assert not scheduler.waiting
     assert scheduler.kv_reserved == kv_before
     output, _ = run_step(scheduler)
-    assert output.freed_slots == []        # it never held a slot
+    assert output.kv_truncations == []     # it never held a slot
     assert chunk_ids(output) == ["running"]
+    assert scheduler._slot_cache == {}
 
 
-def test_abort_a_running_sequence_frees_its_slot_and_kv() -> None:
-    scheduler = make_scheduler(max_sequences=2)
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_abort_a_running_sequence_frees_its_slot_and_kv(prefix_caching: bool) -> None:
+    scheduler = make_scheduler(max_sequences=2, prefix_caching=prefix_caching)
+    kv = KVModel()
     a, b = make_seq("a", 2, 8), make_seq("b", 2, 8)
     scheduler.add(a)
     scheduler.add(b)
-    run_step(scheduler)
+    run_step(scheduler, kv=kv)
     slot = a.slot
     assert slot is not None
 
@@ -402,11 +499,18 @@ def test_abort_a_running_sequence_frees_its_slot_and_kv() -> None:
     assert a.slot is None
     assert scheduler.running == [b]
     assert scheduler.kv_reserved == b.kv_reservation
-    output, _ = run_step(scheduler)
-    assert output.freed_slots == [slot]
+    assert scheduler._free_slots == [slot]
+    output, _ = run_step(scheduler, kv=kv)
+    assert output.kv_truncations == ([] if prefix_caching else [(slot, 0)])
     assert chunk_ids(output) == ["b"]
     assert scheduler.abort("a") is None    # already gone
-    assert run_step(scheduler)[0].freed_slots == []
+    assert run_step(scheduler, kv=kv)[0].kv_truncations == []
+
+    c = make_seq("c", 2, 8)                # shares nothing with "a": gets a clean slot
+    scheduler.add(c)
+    output, _ = run_step(scheduler, kv=kv)
+    assert c.slot == slot
+    assert output.kv_truncations == ([(slot, 0)] if prefix_caching else [])
 
 
 def test_abort_unknown_request_returns_none() -> None:
@@ -416,13 +520,16 @@ def test_abort_unknown_request_returns_none() -> None:
     assert len(scheduler.waiting) == 1
 
 
-def test_abort_while_a_step_is_in_flight_ignores_its_results() -> None:
-    scheduler = make_scheduler(max_sequences=2)
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_abort_while_a_step_is_in_flight_ignores_its_results(prefix_caching: bool) -> None:
+    scheduler = make_scheduler(max_sequences=2, prefix_caching=prefix_caching)
+    kv = KVModel()
     a, b = make_seq("a", 2, 8), make_seq("b", 2, 8)
     scheduler.add(a)
     scheduler.add(b)
     output = scheduler.schedule()
-    scheduler.abort("a")                   # the client left while llama_decode ran
+    kv.apply(output)                       # llama_decode writes the cells ...
+    scheduler.abort("a")                   # ... while the client leaves
 
     finished = scheduler.update_from_output(output, {"b": PLAIN})  # no token for "a"
 
@@ -430,26 +537,339 @@ def test_abort_while_a_step_is_in_flight_ignores_its_results() -> None:
     assert a.output_ids == []
     assert a.num_computed == 0
     assert b.output_ids == [PLAIN]
-    assert scheduler.schedule().freed_slots == [0]
+    # The cells the aborted chunk wrote are never taken for "a"'s, and are cleared.
+    again = make_seq("again", prompt=[*a.prompt_ids, 11])
+    scheduler.add(again)
+    output, _ = run_step(scheduler, kv=kv)
+    assert output.kv_truncations == [(0, 0)]
+    assert again.slot == 0
+    assert again.num_cached == 0
+
+
+@pytest.mark.parametrize(("prefix_caching", "keep", "reused"), [(True, 4, 4), (False, 0, 0)])
+def test_cells_of_a_chunk_in_flight_at_abort_are_dropped_before_reuse(
+    prefix_caching: bool, keep: int, reused: int
+) -> None:
+    scheduler = make_scheduler(max_sequences=1, step_token_budget=4,
+                               prefix_caching=prefix_caching)
+    kv = KVModel()
+    prompt = toks("abcdefgh")
+    a = make_seq("a", prompt=prompt, max_tokens=4)
+    scheduler.add(a)
+    run_step(scheduler, kv=kv)             # cells 0..3: computed
+    output = scheduler.schedule()
+    kv.apply(output)                       # cells 4..7: written by the step in flight ...
+    scheduler.abort("a")                   # ... that the abort makes the scheduler ignore
+    assert scheduler.update_from_output(output, {"a": -1}) == []
+    assert a.num_computed == 4
+
+    b = make_seq("b", prompt=prompt + toks("xy"))
+    scheduler.add(b)
+    output, _ = run_step(scheduler, kv=kv)
+    assert output.kv_truncations == [(0, keep)]
+    assert b.num_cached == reused
+    assert output.chunks[0].start == reused
+    assert kv.slots[0] == b.token_ids[:b.num_computed]
+
+
+# -- prefix caching -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("max_sequences", "cached", "prompt", "slot", "reused", "truncations"),
+    [
+        # the longest shared prefix wins; the slot's cells past it are dropped
+        (3, ["abcx", "abcdefg", "zzz"], "abcdeq", 1, 5, [(1, 5)]),
+        (2, ["xyz", "abc"], "abd", 1, 2, [(1, 2)]),
+        # the slot holds exactly the shared prefix: nothing to drop
+        (3, ["abcd", "ab", "a"], "abcdef", 0, 4, []),
+        (3, ["ab", "abcd", "abc"], "abcdef", 1, 4, []),
+        (1, ["abc"], "abcd", 0, 3, []),
+        # the whole prompt is cached: its last token is read again for its logits
+        (1, ["abcd"], "abcd", 0, 3, [(0, 3)]),
+        (1, ["abcdef"], "abcd", 0, 3, [(0, 3)]),
+        (1, ["a"], "a", 0, 0, [(0, 0)]),
+        # a tie goes to the slot freed longest ago
+        (2, ["abq", "abr"], "abc", 0, 2, [(0, 2)]),
+        # nothing shared: the slot freed longest ago, cleared if it holds cells
+        (2, ["xyz", "uvw"], "abc", 0, 0, [(0, 0)]),
+        (3, ["xyz", "uvw"], "abc", 2, 0, []),
+    ],
+)
+def test_admission_reuses_the_longest_cached_prefix(
+    max_sequences: int, cached: list[str], prompt: str, slot: int, reused: int,
+    truncations: list[tuple[int, int]],
+) -> None:
+    scheduler = make_scheduler(max_sequences=max_sequences, step_token_budget=32)
+    kv = warm(scheduler, cached)
+    seq = make_seq("new", prompt=toks(prompt), max_tokens=2)
+    scheduler.add(seq)
+
+    output, _ = run_step(scheduler, kv=kv)
+
+    assert output.kv_truncations == truncations   # in the step that reads the prompt
+    assert seq.slot == slot
+    assert seq.num_cached == reused
+    [chunk] = output.chunks
+    assert (chunk.start, chunk.tokens, chunk.sample) == (reused, toks(prompt)[reused:], True)
+    assert seq.num_computed == len(prompt)
+    assert all(kv.slots[s] == toks(p) for s, p in enumerate(cached) if s != slot)
+
+    output, finished = run_step(scheduler, kv=kv)  # truncated once, never again
+    assert finished == [seq]
+    assert output.kv_truncations == []
+    assert seq.num_cached == reused
+    assert scheduler._slot_cache[slot] == [*toks(prompt), PLAIN]
+    assert not scheduler.has_work()
+
+
+@pytest.mark.parametrize(
+    ("finish_order", "slots"),
+    [(["a", "b"], [0, 1]), (["b", "a"], [1, 0])],
+)
+def test_with_nothing_shared_the_slot_freed_longest_ago_is_taken(
+    finish_order: list[str], slots: list[int]
+) -> None:
+    scheduler = make_scheduler(max_sequences=2, step_token_budget=16)
+    seqs = {rid: make_seq(rid, 3, 10) for rid in "ab"}
+    for seq in seqs.values():
+        scheduler.add(seq)
+    run_step(scheduler)
+    assert [seqs["a"].slot, seqs["b"].slot] == [0, 1]
+    for rid in finish_order:
+        scheduler.finish(seqs[rid], FinishReason.STOP)
+
+    c, d = make_seq("c", 3), make_seq("d", 3)
+    scheduler.add(c)
+    scheduler.add(d)
+    output = scheduler.schedule()
+
+    assert [c.slot, d.slot] == slots
+    assert output.kv_truncations == [(slots[0], 0), (slots[1], 0)]
+    assert c.num_cached == d.num_cached == 0
+
+
+@pytest.mark.parametrize(
+    ("cached", "prompt", "shapes"),
+    [
+        ("abcdefghij", "abcdefXYZWVU", [(6, 4, False), (10, 2, True)]),
+        ("abcdefghij", "abcdefghijXY", [(10, 2, True)]),
+        ("abcdefghij", "abcdefghij", [(9, 1, True)]),
+        ("abcdefghij", "Xbcdefghij", [(0, 4, False), (4, 4, False), (8, 2, True)]),
+    ],
+)
+def test_a_reused_prefix_shortens_the_prefill(
+    cached: str, prompt: str, shapes: list[tuple[int, int, bool]]
+) -> None:
+    scheduler = make_scheduler(max_sequences=1, step_token_budget=4)
+    kv = warm(scheduler, [cached])
+    seq = make_seq("new", prompt=toks(prompt))
+    scheduler.add(seq)
+
+    seen = []
+    while seq.num_output == 0:
+        output, _ = run_step(scheduler, kv=kv)
+        [chunk] = output.chunks
+        seen.append((chunk.start, len(chunk.tokens), chunk.sample))
+    assert seen == shapes
+    assert seq.num_cached == shapes[0][0]
+
+
+def test_a_follow_up_prompt_reuses_the_previous_answer() -> None:
+    scheduler = make_scheduler(max_sequences=1, step_token_budget=16)
+    kv = KVModel()
+    first = make_seq("first", prompt=toks("hello"), max_tokens=3)
+    scheduler.add(first)
+    answer = iter([11, 12, 13])
+    while first.finish_reason is None:
+        run_step(scheduler, lambda _seq: next(answer), kv=kv)
+    assert first.output_ids == [11, 12, 13]
+    assert scheduler._slot_cache == {0: [*toks("hello"), 11, 12]}   # 13 was never decoded
+
+    second = make_seq("second", prompt=[*toks("hello"), 11, 12, 13, *toks("more")])
+    scheduler.add(second)
+    output, _ = run_step(scheduler, kv=kv)
+
+    assert output.kv_truncations == []
+    assert second.num_cached == 7
+    [chunk] = output.chunks
+    assert (chunk.start, chunk.tokens) == (7, [13, *toks("more")])
+
+
+@pytest.mark.parametrize(
+    ("steps_before_abort", "reused"),
+    [
+        (0, 0),    # still waiting: it never held a slot
+        (1, 4),    # one prefill chunk computed
+        (2, 8),
+        (3, 12),   # the whole prompt, and its first token sampled (no cell yet)
+        (4, 13),   # that token decoded too
+    ],
+)
+def test_an_aborted_sequences_computed_cells_are_reused(
+    steps_before_abort: int, reused: int
+) -> None:
+    scheduler = make_scheduler(max_sequences=1, step_token_budget=4)
+    kv = KVModel()
+    prompt = toks("abcdefghijkl")
+    a = make_seq("a", prompt=prompt, max_tokens=4)
+    scheduler.add(a)
+    for _ in range(steps_before_abort):
+        run_step(scheduler, kv=kv)
+    assert scheduler.abort("a") is a
+    assert a.num_computed == reused
+
+    b = make_seq("b", prompt=[*prompt, PLAIN, PLAIN, PLAIN, *toks("xy")])
+    scheduler.add(b)
+    output, _ = run_step(scheduler, kv=kv)
+
+    assert output.kv_truncations == []     # the slot holds exactly the computed cells
+    assert b.num_cached == reused
+    assert output.chunks[0].start == reused
+
+
+@pytest.mark.parametrize(
+    ("prefix_caching", "at_finish", "at_admission", "reused"),
+    [
+        (True, [], [(0, 5)], 5),
+        (False, [(0, 0)], [], 0),
+    ],
+)
+def test_prefix_caching_can_be_turned_off(
+    prefix_caching: bool, at_finish: list[tuple[int, int]],
+    at_admission: list[tuple[int, int]], reused: int,
+) -> None:
+    scheduler = make_scheduler(max_sequences=1, step_token_budget=16,
+                               prefix_caching=prefix_caching)
+    kv = KVModel()
+    a = make_seq("a", prompt=toks("abcdef"), max_tokens=1)
+    scheduler.add(a)
+    assert run_step(scheduler, kv=kv)[1] == [a]
+    assert scheduler.has_work() is not prefix_caching
+    output, _ = run_step(scheduler, kv=kv)
+    assert output.kv_truncations == at_finish
+    assert not scheduler.has_work()
+
+    b = make_seq("b", prompt=toks("abcdef"), max_tokens=1)   # the very same prompt
+    scheduler.add(b)
+    output, _ = run_step(scheduler, kv=kv)
+    assert output.kv_truncations == at_admission
+    assert b.num_cached == reused
+    assert output.chunks[0].start == reused
+
+
+def test_without_prefix_caching_the_slot_is_cleared_in_the_admitting_step() -> None:
+    scheduler = make_scheduler(max_sequences=1, step_token_budget=16, prefix_caching=False)
+    kv = KVModel()
+    a = make_seq("a", prompt=toks("abcdef"), max_tokens=1)
+    b = make_seq("b", prompt=toks("abcdef"), max_tokens=1)
+    scheduler.add(a)
+    scheduler.add(b)
+    assert run_step(scheduler, kv=kv)[1] == [a]
+
+    output, _ = run_step(scheduler, kv=kv)
+
+    assert output.kv_truncations == [(0, 0)]
+    assert chunk_ids(output) == ["b"]
+    assert b.num_cached == 0
+    assert output.chunks[0].start == 0
+
+
+@pytest.mark.parametrize(
+    ("cached", "prompt_len", "max_tokens", "truncations"),
+    [
+        # kv_capacity 20; 5 cells cached per warmed slot; the new sequence takes a slot
+        # never used
+        (["abcde"], 5, 10, []),                         # 5 + 15 fits exactly
+        (["abcde"], 5, 11, [(0, 0)]),                   # 5 + 16 does not: slot 0 is cleared
+        (["abcde", "fghij"], 5, 5, []),                 # 10 + 10 fits
+        (["abcde", "fghij"], 5, 6, [(0, 0)]),           # freed longest ago goes first ...
+        (["abcde", "fghij"], 5, 11, [(0, 0), (1, 0)]),  # ... then the next, as needed
+    ],
+)
+def test_cached_cells_give_way_when_the_kv_cache_needs_room(
+    cached: list[str], prompt_len: int, max_tokens: int, truncations: list[tuple[int, int]]
+) -> None:
+    scheduler = make_scheduler(max_sequences=3, step_token_budget=16, kv_capacity=20,
+                               context_per_sequence=20)
+    kv = warm(scheduler, cached)
+    kv.kv_capacity = 20
+    seq = make_seq("new", prompt_len, max_tokens)
+    scheduler.add(seq)
+
+    output, _ = run_step(scheduler, kv=kv)
+
+    assert seq.slot == len(cached)
+    assert output.kv_truncations == truncations
+    assert kv.num_cells + max_tokens - 1 <= 20     # room for every token it may still add
+    assert set(scheduler._slot_cache) == {s for s in range(len(cached))
+                                          if (s, 0) not in truncations}
+
+
+def test_a_prefix_in_the_admitted_slot_needs_no_extra_room() -> None:
+    scheduler = make_scheduler(max_sequences=2, step_token_budget=32, kv_capacity=20,
+                               context_per_sequence=20)
+    kv = warm(scheduler, ["abcdefghij"])
+    kv.kv_capacity = 20
+    seq = make_seq("new", prompt=toks("abcdefghijklmno"), max_tokens=5)  # 20 cells
+    scheduler.add(seq)
+
+    output, _ = run_step(scheduler, kv=kv)
+
+    assert (seq.slot, seq.num_cached) == (0, 10)
+    assert output.kv_truncations == []
 
 
 # -- invariants over random workloads ---------------------------------------------------------
 
 
+@pytest.mark.parametrize("prefix_caching", [True, False])
 @pytest.mark.parametrize("seed", range(20))
-def test_random_workload_keeps_the_invariants(seed: int) -> None:
+def test_random_workload_keeps_the_invariants(seed: int, prefix_caching: bool) -> None:
     rng = random.Random(seed)
     config = SchedulerConfig(max_sequences=3, step_token_budget=rng.choice([3, 5, 16]),
                              kv_capacity=rng.choice([30, 60, 200]), context_per_sequence=30,
-                             max_waiting=4)
+                             max_waiting=4, prefix_caching=prefix_caching)
     scheduler = Scheduler(config)
-    cleared: list[int] = []
+    kv = KVModel(config.kv_capacity)
+    # Prompts share prefixes: a few system prompts, and follow-ups of earlier conversations.
+    systems = [[rng.randint(10, 60) for _ in range(rng.randint(3, 12))] for _ in range(3)]
+    history: list[list[int]] = [[]]
+
+    def random_prompt() -> list[int]:
+        start = rng.choice([[], rng.choice(systems), rng.choice(history)])
+        prompt = start[:rng.randint(0, len(start))]
+        prompt += [rng.randint(10, 60) for _ in range(rng.randint(0, 8))]
+        return prompt[:20] or [rng.randint(10, 60)]
+
+    cleared = 0
     admitted: set[str] = set()
     finished_ids: list[str] = []
     next_id = 0
+
+    def check_step(output: SchedulerOutput) -> None:
+        nonlocal cleared
+        kv.apply(output)   # every chunk continues its slot, over its own tokens only
+        cleared += len(output.kv_truncations)
+        if not prefix_caching:
+            assert all(keep == 0 for _, keep in output.kv_truncations)
+        for chunk in output.chunks:
+            seq = chunk.seq
+            if seq.request_id not in admitted:
+                admitted.add(seq.request_id)
+                assert chunk.start == seq.num_cached
+                assert 0 <= seq.num_cached < seq.num_prompt
+                assert seq.num_cached == 0 or prefix_caching
+
+    def check_free_slots() -> None:
+        for slot in scheduler._free_slots:
+            cache = scheduler._slot_cache.get(slot, [])
+            assert kv.slots.get(slot, [])[:len(cache)] == cache
+
     for _ in range(150):
         if rng.random() < 0.3:
-            seq = make_seq(f"r{next_id}", rng.randint(1, 20), rng.randint(1, 10))
+            seq = make_seq(f"r{next_id}", prompt=random_prompt(),
+                           max_tokens=rng.randint(1, 10))
             next_id += 1
             try:
                 scheduler.add(seq)
@@ -459,16 +879,17 @@ def test_random_workload_keeps_the_invariants(seed: int) -> None:
             victim = scheduler.abort(f"r{rng.randrange(next_id)}")
             if victim is not None:
                 finished_ids.append(victim.request_id)
+                history.append(victim.token_ids)
 
         decoding = [s for s in scheduler.running if not s.is_prefilling]
         output = scheduler.schedule()
-        cleared.extend(output.freed_slots)
-        admitted.update(c.seq.request_id for c in output.chunks)
+        check_step(output)
 
         assert output.num_tokens <= config.step_token_budget
         assert [c.seq for c in output.chunks[:len(decoding)]] == decoding
         slots = [s.slot for s in scheduler.running]
         assert None not in slots and len(set(slots)) == len(slots)
+        assert not set(slots) & set(scheduler._free_slots)
         assert scheduler.kv_reserved == sum(s.kv_reservation for s in scheduler.running)
         assert scheduler.kv_reserved <= config.kv_capacity
         for chunk in output.chunks:
@@ -478,22 +899,35 @@ def test_random_workload_keeps_the_invariants(seed: int) -> None:
             assert chunk.tokens == chunk.seq.token_ids[chunk.start:end]
             assert chunk.sample == (end == len(chunk.seq.token_ids))
 
+        if rng.random() < 0.05 and next_id:   # the client leaves while the step runs
+            victim = scheduler.abort(f"r{rng.randrange(next_id)}")
+            if victim is not None:
+                finished_ids.append(victim.request_id)
+                history.append(victim.token_ids)
+
         tokens = {c.seq.request_id: rng.choice([PLAIN, PLAIN, PLAIN, EOG])
                   for c in output.chunks if c.sample}
         for seq in scheduler.update_from_output(output, tokens):
             finished_ids.append(seq.request_id)
+            history.append(seq.token_ids)
             assert len(seq.token_ids) <= config.context_per_sequence
             assert seq.num_output <= seq.params.max_tokens
+        check_free_slots()
 
     while scheduler.running or scheduler.waiting:  # drain
-        output, finished = run_step(scheduler)
-        cleared.extend(output.freed_slots)
-        admitted.update(c.seq.request_id for c in output.chunks)
-        finished_ids.extend(s.request_id for s in finished)
-    cleared.extend(scheduler.schedule().freed_slots)
+        output = scheduler.schedule()
+        check_step(output)
+        tokens = {c.seq.request_id: PLAIN for c in output.chunks if c.sample}
+        finished_ids.extend(s.request_id for s in scheduler.update_from_output(output, tokens))
+        check_free_slots()
+    check_step(scheduler.schedule())
 
     assert len(finished_ids) == len(set(finished_ids))
-    # Every sequence that got a slot gave it back exactly once, and every slot is free again.
-    assert len(cleared) == len(admitted) >= 1
+    assert admitted <= set(finished_ids)
+    assert len(admitted) >= 1
     assert sorted(scheduler._free_slots) == list(range(config.max_sequences))
     assert not scheduler.has_work()
+    if not prefix_caching:
+        # Every sequence that got a slot had it cleared exactly once.
+        assert cleared == len(admitted)
+        assert all(cells == [] for cells in kv.slots.values())

@@ -117,12 +117,13 @@ class Engine:
         with self._lock:
             output = self.scheduler.schedule()
             self._record_schedule(output)
+            # Slots are read under the lock: an abort may free them once it is released.
+            items = [BatchItem(c.seq.slot, c.start, c.tokens, c.sample)
+                     for c in output.chunks if c.seq.slot is not None]
         for slot, keep in output.kv_truncations:
             self.runner.truncate_slot(slot, keep)
-        if not output.chunks:
+        if not items:
             return
-        items = [BatchItem(c.seq.slot if c.seq.slot is not None else -1, c.start, c.tokens,
-                           c.sample) for c in output.chunks]
         logits = self.runner.decode(items)
         sampled: dict[str, int] = {}
         row = 0

@@ -37,7 +37,7 @@ class RunnerConfig:
     """Most tokens one `decode` call may carry."""
     threads: int = 0
     gpu_layers: int = 0
-    flash_attention: bool = False
+    flash_attention: bool = True
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,8 @@ def _init_backend() -> None:
 
 def _log_errors_only(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     # ggml levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line.
-    threshold = 1 if os.environ.get("MODELYARD_LLAMA_LOG") else 4
-    if level >= threshold and level != 5 or (level == 5 and threshold == 1):
+    verbose = bool(os.environ.get("MODELYARD_LLAMA_LOG"))
+    if verbose or level == 4:
         sys.stderr.write(text.decode("utf-8", "replace"))
 
 

@@ -14,7 +14,8 @@ stalls the sequences already decoding (chunked prefill).
 A slot keeps the KV cells of the sequence that last held it. A new sequence goes to the
 free slot whose cells share the longest prefix with its prompt and starts reading after
 that prefix (a repeated system prompt is read once); with no shared prefix it takes the
-slot freed longest ago, so recently used prefixes live longest.
+slot freed longest ago, so recently used prefixes live longest. Cached cells give way,
+oldest first, when an admission needs their room in the KV cache.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ class Scheduler:
         """Free slots, the one freed longest ago first."""
         self._slot_cache: dict[int, list[int]] = {}
         """Tokens whose KV cells a free slot still holds, from position 0."""
+        self._slot_cells: dict[int, int] = {}
+        """KV cells a slot may hold, at most: more than its sequence computed when it was
+        aborted while a step ran, since that step's chunk wrote cells the scheduler ignores."""
         self._truncations: list[tuple[int, int]] = []
         self._kv_reserved = 0
 
@@ -93,7 +97,7 @@ class Scheduler:
         self.waiting.append(seq)
 
     def abort(self, request_id: str) -> Sequence | None:
-        """Finish a request wherever it is (client gone); its KV cells are freed next step."""
+        """Finish a request wherever it is (client gone); its slot is free for the next step."""
         for seq in self.waiting:
             if seq.request_id == request_id:
                 self.waiting.remove(seq)
@@ -116,6 +120,7 @@ class Scheduler:
                 self._slot_cache[seq.slot] = seq.token_ids[: seq.num_computed]
             else:
                 self._truncations.append((seq.slot, 0))
+                self._slot_cells[seq.slot] = 0
             self._free_slots.append(seq.slot)
             seq.slot = None
         self._mark_finished(seq, reason)
@@ -150,6 +155,9 @@ class Scheduler:
             self._kv_reserved += seq.kv_reservation
             self.running.append(seq)
             budget -= self._add_prefill(output, seq, budget)
+        for chunk in output.chunks:
+            if chunk.seq.slot is not None:
+                self._slot_cells[chunk.seq.slot] = chunk.start + len(chunk.tokens)
         # Truncations from finished sequences and from this step's admissions both run
         # before this step's batch.
         output.kv_truncations, self._truncations = self._truncations, []
@@ -169,11 +177,28 @@ class Scheduler:
         # Always read at least the last prompt token: its logits give the first sample.
         reused = min(best, seq.num_prompt - 1)
         self._free_slots.remove(best_slot)
-        cached = self._slot_cache.pop(best_slot, [])
-        if len(cached) > reused:
+        self._slot_cache.pop(best_slot, None)
+        if self._slot_cells.get(best_slot, 0) > reused:
             self._truncations.append((best_slot, reused))
+        self._slot_cells[best_slot] = reused
+        self._make_room(seq.kv_reservation)
         seq.slot = best_slot
         seq.num_computed = seq.num_cached = reused
+
+    def _make_room(self, reservation: int) -> None:
+        """Clear free slots' cached cells, the slot freed longest ago first, until the KV
+        cache holds them next to every reservation, the one being admitted included."""
+        excess = (self._kv_reserved + reservation - self.config.kv_capacity
+                  + sum(self._slot_cells.get(slot, 0) for slot in self._free_slots))
+        for slot in self._free_slots:
+            if excess <= 0:
+                break
+            cells = self._slot_cells.get(slot, 0)
+            if cells:
+                self._truncations.append((slot, 0))
+                self._slot_cells[slot] = 0
+                self._slot_cache.pop(slot, None)
+                excess -= cells
 
     @staticmethod
     def _add_prefill(output: SchedulerOutput, seq: Sequence, budget: int) -> int:
