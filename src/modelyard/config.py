@@ -26,8 +26,9 @@ class ConfigError(ValueError):
 class EngineConfig:
     """How the built-in engine uses the machine."""
 
-    max_sequences: int = 8
-    """Sequences decoded together in one llama.cpp context (slots)."""
+    max_sequences: int = 16
+    """Sequences decoded together in one llama.cpp context (slots). 16 gave the most
+    tokens/s in benchmarks/bench_serving.py on 2 cores; fewer gives lower per-token latency."""
     context_per_sequence: int = 4096
     """Tokens of KV cache each sequence may use (prompt + completion)."""
     step_token_budget: int = 512
