@@ -931,3 +931,16 @@ def test_random_workload_keeps_the_invariants(seed: int, prefix_caching: bool) -
         # Every sequence that got a slot had it cleared exactly once.
         assert cleared == len(admitted)
         assert all(cells == [] for cells in kv.slots.values())
+
+
+def test_forgetting_cached_cells_stops_reuse() -> None:
+    """After the engine clears the whole KV cache (a failed step), nothing is reused."""
+    scheduler = make_scheduler(max_sequences=2, step_token_budget=64)
+    warm(scheduler, ["system prompt A", "system prompt B"])
+    scheduler.forget_cached_cells()
+    seq = make_seq("after", prompt=toks("system prompt A, again"))
+    scheduler.add(seq)
+    output = scheduler.schedule()
+    assert output.kv_truncations == []
+    assert seq.num_cached == 0
+    assert output.chunks[0].start == 0

@@ -189,6 +189,9 @@ class Engine:
             self._requests.clear()
             for request in requests:
                 self.scheduler.abort(request.seq.request_id)
+            # A failed decode may leave cells half written: start from an empty cache.
+            self.scheduler.forget_cached_cells()
+            self.runner.clear_all()
         for request in requests:
             output = EngineOutput("", request.seq.num_prompt, request.seq.num_output,
                                   error=message)

@@ -166,6 +166,9 @@ class LlamaRunner:
 
     # -- the KV cache and the batch --------------------------------------------------------
 
+    def clear_all(self) -> None:
+        llama_cpp.llama_memory_clear(self._memory, True)
+
     def clear_slot(self, slot: int) -> None:
         self.truncate_slot(slot, 0)
 

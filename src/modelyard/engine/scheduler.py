@@ -125,6 +125,12 @@ class Scheduler:
             seq.slot = None
         self._mark_finished(seq, reason)
 
+    def forget_cached_cells(self) -> None:
+        """The KV cache was cleared outside the scheduler: no free slot holds cells now."""
+        self._slot_cache.clear()
+        self._slot_cells = {seq.slot: 0 for seq in self.running if seq.slot is not None}
+        self._truncations.clear()
+
     @staticmethod
     def _mark_finished(seq: Sequence, reason: FinishReason) -> None:
         seq.status = SequenceStatus.FINISHED
