@@ -11,7 +11,8 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from modelyard.api.auth import BearerKeyMiddleware
+from modelyard.api.auth import AuthMiddleware
+from modelyard.api.chat import router as chat_router
 from modelyard.api.errors import APIError, error_body
 from modelyard.api.routes import json_response, router
 from modelyard.api.state import AppState
@@ -23,14 +24,17 @@ def create_app(state: AppState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        await state.drain()
         for provider in state.providers.values():
             await provider.close()
+        await state.gate.close()
 
     app = FastAPI(title="modelyard", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.modelyard = state
+    app.include_router(chat_router)
     app.include_router(router)
 
-    app.add_middleware(BearerKeyMiddleware)
+    app.add_middleware(AuthMiddleware, gate=state.gate)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> Response:

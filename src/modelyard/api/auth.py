@@ -1,7 +1,7 @@
-"""Bearer-key authentication as a plain ASGI middleware (no buffering of streamed bodies).
+"""Authentication as a plain ASGI middleware (no buffering of streamed bodies).
 
-For now any non-empty Bearer key is accepted and a request without one is refused; the
-key backend that checks keys against accounts plugs in here.
+It asks the app's `Gate` who the caller is and puts the answer in the request state
+(`request.state.caller`); a refusal is answered here in SPEC.md's error shape.
 """
 
 from __future__ import annotations
@@ -10,30 +10,35 @@ import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from modelyard.api.errors import error_body
+from modelyard.platform.gate import Gate, PlatformError
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})
 
 
-class BearerKeyMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+class AuthMiddleware:
+    def __init__(self, app: ASGIApp, gate: Gate) -> None:
         self.app = app
+        self.gate = gate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        header = b""
+        header: str | None = None
         for name, value in scope["headers"]:
             if name == b"authorization":
-                header = value
+                header = value.decode("latin-1")
                 break
-        if header[:7].lower() == b"bearer " and header[7:].strip():
-            await self.app(scope, receive, send)
+        try:
+            caller = await self.gate.authenticate(header)
+        except PlatformError as exc:
+            body = orjson.dumps(error_body(exc.status, exc.message, code=exc.code))
+            headers = [(b"content-type", b"application/json"),
+                       (b"content-length", str(len(body)).encode()),
+                       (b"www-authenticate", b"Bearer")]
+            headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+            await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
             return
-        body = orjson.dumps(error_body(401, "missing API key: send 'Authorization: Bearer <key>'",
-                                       code="invalid_api_key"))
-        await send({"type": "http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()),
-                                (b"www-authenticate", b"Bearer")]})
-        await send({"type": "http.response.body", "body": body})
+        scope.setdefault("state", {})["caller"] = caller
+        await self.app(scope, receive, send)

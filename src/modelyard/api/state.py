@@ -1,12 +1,16 @@
-"""What the routes share: the providers by model id and the metrics registry."""
+"""What the routes share: the providers by model id, the platform gate, the metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from modelyard.platform.gate import Gate, OpenGate
 from modelyard.providers.base import Provider
 
 
@@ -14,5 +18,17 @@ from modelyard.providers.base import Provider
 class AppState:
     providers: dict[str, Provider]
     registry: CollectorRegistry
+    gate: Gate = field(default_factory=OpenGate)
     system_fingerprint: str = "fp_modelyard"
     started: int = field(default_factory=lambda: int(time.time()))
+    _background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def run_in_background(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        """Run work that must finish even if the request's own task is cancelled."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)

@@ -1,8 +1,10 @@
 """The Provider interface: what the HTTP layer asks of anything that answers a model.
 
-A provider receives a `ChatRequest` (plain data, already validated against SPEC.md) and
-answers with a stream of `ChatDelta`s. Everything that can be refused (context too long,
-queue full) is refused by `start_chat` before the first delta, so the HTTP layer can
+A provider receives a `ChatRequest` (plain data, already validated against SPEC.md).
+`prepare_chat` renders and counts the prompt and settles max_tokens (refusing a prompt
+that does not fit), so the platform can reserve the request's maximum cost before
+anything runs; `start_chat` then queues it and answers with a stream of `ChatDelta`s.
+Everything that can be refused is refused before the first delta, so the HTTP layer can
 still answer with a status code instead of an error event inside a stream.
 """
 
@@ -36,6 +38,16 @@ class ChatDelta:
     cached_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class PreparedChat:
+    request: ChatRequest
+    prompt_tokens: int
+    max_tokens: int
+    """The completion cap after defaults and context limits."""
+    work: Any = None
+    """What the provider itself needs to run it (token ids, sampling parameters)."""
+
+
 class ProviderError(Exception):
     """A refusal in SPEC.md's terms (status 422, 503, ...), raised before any delta."""
 
@@ -63,8 +75,12 @@ class Provider(ABC):
         """Extra fields of this model's entry in /v1/models (context length, capabilities)."""
 
     @abstractmethod
-    async def start_chat(self, request: ChatRequest) -> AsyncIterator[ChatDelta]:
-        """Validate and queue the request; return the stream of its deltas.
+    async def prepare_chat(self, request: ChatRequest) -> PreparedChat:
+        """Render and count the prompt, fix max_tokens; raise ProviderError if it cannot run."""
+
+    @abstractmethod
+    async def start_chat(self, prepared: PreparedChat) -> AsyncIterator[ChatDelta]:
+        """Queue the request; return the stream of its deltas.
 
         The last delta has a `finish_reason`. Leaving the iteration early (the client went
         away) must free whatever the request holds.

@@ -14,7 +14,14 @@ from modelyard.engine.metrics import EngineMetrics
 from modelyard.engine.runner import LlamaRunner, RunnerConfig
 from modelyard.engine.scheduler import QueueFullError, SchedulerConfig
 from modelyard.engine.sequence import SamplingParams
-from modelyard.providers.base import ChatDelta, ChatRequest, Provider, ProviderError, StreamError
+from modelyard.providers.base import (
+    ChatDelta,
+    ChatRequest,
+    PreparedChat,
+    Provider,
+    ProviderError,
+    StreamError,
+)
 
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_P = 1.0
@@ -99,9 +106,14 @@ class LocalProvider(Provider):
             seed=request.seed,
         )
 
-    async def start_chat(self, request: ChatRequest) -> AsyncIterator[ChatDelta]:
+    async def prepare_chat(self, request: ChatRequest) -> PreparedChat:
         prompt_ids = self.tokenize_prompt(request.messages)
         params = self.sampling_params(request, len(prompt_ids))
+        return PreparedChat(request, len(prompt_ids), params.max_tokens, (prompt_ids, params))
+
+    async def start_chat(self, prepared: PreparedChat) -> AsyncIterator[ChatDelta]:
+        prompt_ids, params = prepared.work
+        request = prepared.request
         try:
             queue = self.engine.submit(request.request_id, prompt_ids, params)
         except QueueFullError as exc:

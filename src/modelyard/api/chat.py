@@ -1,0 +1,170 @@
+"""POST /v1/chat/completions: validate, authorize, admit, run, stream, settle.
+
+Every admitted request is settled exactly once, however it ends: a full answer, an error,
+or a client that went away (billed for the tokens it was sent). Settlement runs as a
+background task, so a cancelled request task cannot skip it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+
+from modelyard.api.errors import APIError, error_body, from_validation_error
+from modelyard.api.responses import SSE_DONE, Completion, sse, usage
+from modelyard.api.routes import json_response
+from modelyard.api.schema import ChatCompletionRequest, check_supported
+from modelyard.api.state import AppState
+from modelyard.platform.gate import Admission, Caller, Outcome, PlatformError, Usage
+from modelyard.providers.base import ChatDelta, ChatRequest, ProviderError, StreamError
+
+router = APIRouter()
+
+
+def _parse(body: bytes) -> ChatCompletionRequest:
+    try:
+        payload = ChatCompletionRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+    check_supported(payload)
+    return payload
+
+
+def _to_chat_request(payload: ChatCompletionRequest, request_id: str) -> ChatRequest:
+    return ChatRequest(
+        request_id=request_id,
+        messages=[m.to_template_dict() for m in payload.messages],
+        max_tokens=payload.requested_max_tokens,
+        temperature=payload.temperature,
+        top_p=payload.top_p,
+        stop=payload.stop_strings,
+        seed=payload.seed,
+        truncate_to_context=payload.context_length_exceeded_behavior == "truncate",
+    )
+
+
+@dataclass
+class _Bill:
+    """What a request has used so far, for its settlement."""
+
+    state: AppState
+    admission: Admission
+    user: str | None
+    started: float
+    first_token_at: float | None = None
+    last: ChatDelta | None = None
+    settled: bool = False
+
+    def sent(self, delta: ChatDelta) -> None:
+        if self.first_token_at is None and delta.completion_tokens:
+            self.first_token_at = time.monotonic()
+        self.last = delta
+
+    def settle(self, status: int, *, client_disconnected: bool = False) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        last = self.last
+        used = Usage(last.prompt_tokens, last.cached_tokens, last.completion_tokens) if last \
+            else Usage()
+        ttft = self.first_token_at - self.started if self.first_token_at else None
+        outcome = Outcome(used, status, time.monotonic() - self.started, ttft, self.user,
+                          client_disconnected=client_disconnected)
+        self.state.run_in_background(self.state.gate.settle(self.admission, outcome))
+
+
+def _as_api_error(exc: ProviderError | PlatformError) -> APIError:
+    headers = dict(exc.headers) if isinstance(exc, PlatformError) else {}
+    if isinstance(exc, ProviderError) and exc.retry_after:
+        headers["Retry-After"] = str(exc.retry_after)
+    return APIError(exc.status, exc.message, param=exc.param, code=exc.code, headers=headers)
+
+
+@router.post("/v1/chat/completions")
+@router.post("/api/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    state: AppState = request.app.state.modelyard
+    caller: Caller = request.state.caller
+    payload = _parse(await request.body())
+    provider = state.providers.get(payload.model)
+    if provider is None or not state.gate.may_use(caller, payload.model):
+        raise APIError(404, f"the model '{payload.model}' does not exist or you do not have "
+                       f"access to it", param="model", code="model_not_found")
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    started = time.monotonic()
+    try:
+        prepared = await provider.prepare_chat(_to_chat_request(payload, request_id))
+        admission = await state.gate.admit(caller, payload.model, prepared.prompt_tokens,
+                                           prepared.max_tokens)
+    except (ProviderError, PlatformError) as exc:
+        raise _as_api_error(exc) from None
+    bill = _Bill(state, admission, payload.user, started)
+    try:
+        deltas = await provider.start_chat(prepared)
+    except ProviderError as exc:
+        bill.settle(exc.status)
+        error = _as_api_error(exc)
+        error.headers.update(admission.headers)
+        raise error from None
+    completion = Completion(request_id, int(time.time()), payload.model,
+                            state.system_fingerprint)
+    if payload.stream:
+        include_usage = bool(payload.stream_options and payload.stream_options.include_usage)
+        return StreamingResponse(_stream(completion, deltas, include_usage, bill),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", **admission.headers})
+    return await _collect(completion, deltas, bill)
+
+
+async def _collect(completion: Completion, deltas: AsyncIterator[ChatDelta],
+                   bill: _Bill) -> Response:
+    parts: list[str] = []
+    try:
+        async for delta in deltas:
+            parts.append(delta.text)
+            bill.sent(delta)
+        bill.settle(200)
+    except StreamError as exc:
+        bill.settle(500)
+        raise APIError(500, str(exc), code="server_error") from None
+    finally:
+        bill.settle(200, client_disconnected=True)  # cancelled: the client went away
+    last = bill.last
+    if last is None:
+        raise APIError(500, "the model produced no output", code="server_error")
+    return json_response(
+        completion.body("".join(parts), last.finish_reason,
+                        usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)),
+        headers=bill.admission.headers)
+
+
+async def _stream(completion: Completion, deltas: AsyncIterator[ChatDelta],
+                  include_usage: bool, bill: _Bill) -> AsyncIterator[bytes]:
+    try:
+        yield completion.chunk({"role": "assistant", "content": ""})
+        try:
+            async for delta in deltas:
+                if delta.text:
+                    yield completion.chunk({"content": delta.text})
+                if delta.finish_reason is not None:
+                    yield completion.chunk({}, delta.finish_reason)
+                bill.sent(delta)  # reached only once the chunk was handed to the client
+        except StreamError as exc:
+            bill.settle(500)
+            yield sse(error_body(500, str(exc), code="server_error"))
+            yield SSE_DONE
+            return
+        last = bill.last
+        bill.settle(200)
+        if include_usage and last is not None:
+            yield completion.usage_chunk(usage(last.prompt_tokens, last.completion_tokens,
+                                               last.cached_tokens))
+        yield SSE_DONE
+    finally:
+        bill.settle(200, client_disconnected=True)  # the client went away mid-stream

@@ -1,0 +1,1 @@
+"""The platform around the models: who may call, what it costs them, and how fast."""

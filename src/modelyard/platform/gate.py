@@ -1,0 +1,110 @@
+"""The Gate interface: the platform's checkpoints on a request's path.
+
+The HTTP layer asks the gate, in order: who is calling (`authenticate`), may they use this
+model (`may_use`), may this request run now and at what maximum cost (`admit`: rate limits,
+then a balance reservation), and, after the response or its failure, what it really cost
+(`settle`). `OpenGate` is the embedded default with no keys or money; the accounts-backed
+gate plugs in behind the same interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+
+class PlatformError(Exception):
+    """A refusal in SPEC.md's terms: 401, 402, 404, 429 (with headers)."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None,
+                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request: the key and its account (None for the open gate)."""
+
+    key_id: str | None = None
+    account_id: str | None = None
+    is_admin: bool = False
+    allowed_models: frozenset[str] | None = None
+    """None: every model."""
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A request allowed to run: its reservation and the headers to send back."""
+
+    caller: Caller
+    model: str
+    reservation_id: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a request ended, for the bill and the usage record."""
+
+    usage: Usage
+    status: int
+    """HTTP status of the response (200 also for a stream whose client went away)."""
+    latency_s: float
+    ttft_s: float | None = None
+    user: str | None = None
+    estimated: bool = False
+    """Usage counted by modelyard instead of reported by the model's server."""
+    client_disconnected: bool = False
+
+
+class Gate(ABC):
+    @abstractmethod
+    async def authenticate(self, authorization: str | None) -> Caller:
+        """Resolve the Authorization header to a caller, or raise PlatformError(401)."""
+
+    def may_use(self, caller: Caller, model: str) -> bool:
+        return caller.allowed_models is None or model in caller.allowed_models
+
+    @abstractmethod
+    async def admit(self, caller: Caller, model: str, prompt_tokens: int,
+                    max_tokens: int) -> Admission:
+        """Apply rate limits (429) and reserve the maximum cost (402), or raise."""
+
+    @abstractmethod
+    async def settle(self, admission: Admission, outcome: Outcome) -> None:
+        """Charge the real cost, release the rest of the reservation, record the usage."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections at shutdown."""
+
+
+class OpenGate(Gate):
+    """No accounts: any non-empty Bearer key is accepted and nothing is charged."""
+
+    async def authenticate(self, authorization: str | None) -> Caller:
+        if authorization is None or not authorization[:7].lower() == "bearer " or not (
+            authorization[7:].strip()
+        ):
+            raise PlatformError(401, "missing API key: send 'Authorization: Bearer <key>'",
+                                code="invalid_api_key")
+        return Caller()
+
+    async def admit(self, caller: Caller, model: str, prompt_tokens: int,
+                    max_tokens: int) -> Admission:
+        return Admission(caller, model)
+
+    async def settle(self, admission: Admission, outcome: Outcome) -> None:
+        return None
