@@ -46,6 +46,21 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request that leaves a sampling field out gets; the request overrides each
+    field on its own. The built-in values are OpenAI's (the providers in SPEC.md often use,
+    e.g., temperature 0.7, top_p 0.7, top_k 50: set them per model)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """One model the server answers for."""
 
@@ -53,6 +68,8 @@ class ModelConfig:
     source: str = DEFAULT_MODEL_SOURCE
     default_max_tokens: int | None = None
     """Completion cap when a request names none; None means what the context leaves."""
+    defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+    """[model.defaults] in the config file."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +94,11 @@ def _build(cls: type[Any], values: dict[str, Any], where: str) -> Any:
     kwargs: dict[str, Any] = {}
     default = cls()
     for name, value in values.items():
+        if name == "defaults":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.defaults must be a table")
+            kwargs[name] = _build(SamplingDefaults, value, f"{where}.defaults")
+            continue
         expected = type(getattr(default, name))
         if name == "default_max_tokens":
             expected = int if value is not None else type(None)
@@ -84,6 +106,10 @@ def _build(cls: type[Any], values: dict[str, Any], where: str) -> Any:
             raise ConfigError(f"{where}.{name} must be true or false, got {value!r}")
         if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
             raise ConfigError(f"{where}.{name} must be an integer, got {value!r}")
+        if expected is float and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ConfigError(f"{where}.{name} must be a number, got {value!r}")
+        if expected is float:
+            value = float(value)
         if expected is str and not isinstance(value, str):
             raise ConfigError(f"{where}.{name} must be a string, got {value!r}")
         kwargs[name] = value
@@ -104,6 +130,16 @@ def _validate(config: Config) -> Config:
         (bool(config.model.id), "model.id must not be empty"),
         (config.model.default_max_tokens is None or config.model.default_max_tokens >= 1,
          "model.default_max_tokens must be >= 1"),
+    ]
+    d = config.model.defaults
+    checks += [
+        (0 <= d.temperature <= 2, "model.defaults.temperature must be between 0 and 2"),
+        (0 < d.top_p <= 1, "model.defaults.top_p must be in (0, 1]"),
+        (d.top_k >= -1, "model.defaults.top_k must be >= -1"),
+        (0 <= d.min_p <= 1, "model.defaults.min_p must be between 0 and 1"),
+        (-2 <= d.frequency_penalty <= 2, "model.defaults.frequency_penalty must be in [-2, 2]"),
+        (-2 <= d.presence_penalty <= 2, "model.defaults.presence_penalty must be in [-2, 2]"),
+        (0 < d.repetition_penalty <= 2, "model.defaults.repetition_penalty must be in (0, 2]"),
     ]
     for ok, message in checks:
         if not ok:

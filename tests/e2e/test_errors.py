@@ -57,8 +57,9 @@ def test_out_of_range_values_are_422(client: openai.OpenAI, field: str, value: o
 
 def test_unimplemented_parameter_is_422_naming_it(client: openai.OpenAI) -> None:
     with pytest.raises(openai.UnprocessableEntityError) as caught:
-        client.chat.completions.create(model=MODEL, messages=HELLO, extra_body={"top_k": 5})
-    assert _error(caught.value)["param"] == "top_k"
+        client.chat.completions.create(model=MODEL, messages=HELLO,
+                                       extra_body={"enable_thinking": True})
+    assert _error(caught.value)["param"] == "enable_thinking"
 
 
 def test_unknown_model_is_404(client: openai.OpenAI) -> None:

@@ -7,6 +7,7 @@ background task, so a cancelled request task cannot skip it.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from modelyard.api.errors import APIError, error_body, from_validation_error
-from modelyard.api.responses import SSE_DONE, Completion, sse, usage
+from modelyard.api.responses import SSE_DONE, ChoiceResult, Completion, sse, usage
 from modelyard.api.routes import json_response
 from modelyard.api.schema import ChatCompletionRequest, check_supported
 from modelyard.api.state import AppState
@@ -43,8 +44,18 @@ def _to_chat_request(payload: ChatCompletionRequest, request_id: str) -> ChatReq
         max_tokens=payload.requested_max_tokens,
         temperature=payload.temperature,
         top_p=payload.top_p,
+        top_k=payload.top_k,
+        min_p=payload.min_p,
+        frequency_penalty=payload.frequency_penalty,
+        presence_penalty=payload.presence_penalty,
+        repetition_penalty=payload.repetition_penalty,
+        logit_bias={int(k): v for k, v in (payload.logit_bias or {}).items()},
         stop=payload.stop_strings,
+        include_stop_str_in_output=payload.include_stop_str_in_output,
         seed=payload.seed,
+        n=payload.n,
+        logprobs=payload.logprobs,
+        top_logprobs=payload.top_logprobs or 0,
         truncate_to_context=payload.context_length_exceeded_behavior == "truncate",
     )
 
@@ -64,6 +75,8 @@ class _Bill:
     def sent(self, delta: ChatDelta) -> None:
         if self.first_token_at is None and delta.completion_tokens:
             self.first_token_at = time.monotonic()
+        if self.last is not None and self.last.cached_tokens > delta.cached_tokens:
+            delta = dataclasses.replace(delta, cached_tokens=self.last.cached_tokens)
         self.last = delta
 
     def settle(self, status: int, *, client_disconnected: bool = False) -> None:
@@ -116,18 +129,23 @@ async def chat_completions(request: Request) -> Response:
                             state.system_fingerprint)
     if payload.stream:
         include_usage = bool(payload.stream_options and payload.stream_options.include_usage)
-        return StreamingResponse(_stream(completion, deltas, include_usage, bill),
+        return StreamingResponse(_stream(completion, deltas, payload.n, include_usage, bill),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", **admission.headers})
-    return await _collect(completion, deltas, bill)
+    return await _collect(completion, deltas, payload.n, payload.logprobs, bill)
 
 
-async def _collect(completion: Completion, deltas: AsyncIterator[ChatDelta],
-                   bill: _Bill) -> Response:
-    parts: list[str] = []
+async def _collect(completion: Completion, deltas: AsyncIterator[ChatDelta], n: int,
+                   logprobs: bool, bill: _Bill) -> Response:
+    choices = [ChoiceResult(i, logprobs=[] if logprobs else None) for i in range(n)]
     try:
         async for delta in deltas:
-            parts.append(delta.text)
+            choice = choices[delta.index]
+            choice.parts.append(delta.text)
+            if delta.finish_reason is not None:
+                choice.finish_reason = delta.finish_reason
+            if choice.logprobs is not None and delta.logprobs:
+                choice.logprobs.extend(delta.logprobs)
             bill.sent(delta)
         bill.settle(200)
     except StreamError as exc:
@@ -135,25 +153,28 @@ async def _collect(completion: Completion, deltas: AsyncIterator[ChatDelta],
         raise APIError(500, str(exc), code="server_error") from None
     finally:
         bill.settle(200, client_disconnected=True)  # cancelled: the client went away
+        await _close(deltas)
     last = bill.last
     if last is None:
         raise APIError(500, "the model produced no output", code="server_error")
     return json_response(
-        completion.body("".join(parts), last.finish_reason,
-                        usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)),
+        completion.body(choices, usage(last.prompt_tokens, last.completion_tokens,
+                                       last.cached_tokens)),
         headers=bill.admission.headers)
 
 
-async def _stream(completion: Completion, deltas: AsyncIterator[ChatDelta],
+async def _stream(completion: Completion, deltas: AsyncIterator[ChatDelta], n: int,
                   include_usage: bool, bill: _Bill) -> AsyncIterator[bytes]:
     try:
-        yield completion.chunk({"role": "assistant", "content": ""})
+        for index in range(n):
+            yield completion.chunk({"role": "assistant", "content": ""}, index=index)
         try:
             async for delta in deltas:
-                if delta.text:
-                    yield completion.chunk({"content": delta.text})
+                if delta.text or delta.logprobs:
+                    yield completion.chunk({"content": delta.text}, index=delta.index,
+                                           logprobs=delta.logprobs)
                 if delta.finish_reason is not None:
-                    yield completion.chunk({}, delta.finish_reason)
+                    yield completion.chunk({}, delta.finish_reason, index=delta.index)
                 bill.sent(delta)  # reached only once the chunk was handed to the client
         except StreamError as exc:
             bill.settle(500)
@@ -168,3 +189,12 @@ async def _stream(completion: Completion, deltas: AsyncIterator[ChatDelta],
         yield SSE_DONE
     finally:
         bill.settle(200, client_disconnected=True)  # the client went away mid-stream
+        await _close(deltas)
+
+
+async def _close(deltas: AsyncIterator[ChatDelta]) -> None:
+    """Close the provider's stream now (not when it is garbage collected), so a request
+    whose client went away stops generating at once."""
+    aclose = getattr(deltas, "aclose", None)
+    if aclose is not None:
+        await aclose()

@@ -85,20 +85,21 @@ class ChatCompletionRequest(_Strict):
     context_length_exceeded_behavior: Literal["truncate", "error"] = "truncate"
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=2)] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    include_stop_str_in_output: bool = False
     seed: int | None = None
+    n: Annotated[int, Field(ge=1, le=128)] = 1
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     user: str | None = None
 
     # Defined by SPEC.md, implemented in later releases: accepted only at their no-op values.
-    n: Annotated[int, Field(ge=1, le=128)] = 1
-    top_k: int | None = None
-    min_p: float | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    repetition_penalty: float | None = None
-    logit_bias: dict[str, Any] | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
@@ -107,13 +108,19 @@ class ChatCompletionRequest(_Strict):
     thinking_budget: int | None = None
     reasoning_effort: str | None = None
     separate_reasoning: bool | None = None
-    include_stop_str_in_output: bool | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
         if self.stream_options is not None and not self.stream:
             raise APIError(422, "stream_options is only allowed with stream: true",
                            param="stream_options", code="invalid_value")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(422, "top_logprobs needs logprobs: true", param="top_logprobs",
+                           code="invalid_value")
+        for key in self.logit_bias or {}:
+            if not key.isdigit():
+                raise APIError(422, f"logit_bias keys are token ids, got '{key}'",
+                               param="logit_bias", code="invalid_value")
         for index, message in enumerate(self.messages):
             if isinstance(message.content, list) and any(
                 isinstance(part, ImagePart) for part in message.content
@@ -127,14 +134,11 @@ class ChatCompletionRequest(_Strict):
     def unsupported_parameter(self) -> str | None:
         """The first SPEC.md parameter given a value this release does not implement."""
         no_op_values: dict[str, tuple[Any, ...]] = {
-            "n": (1,), "top_k": (None, 0, -1), "min_p": (None, 0, 0.0),
-            "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
-            "repetition_penalty": (None, 1, 1.0), "logit_bias": (None, {}),
-            "logprobs": (None, False), "top_logprobs": (None,), "tools": (None, []),
+            "tools": (None, []),
             "tool_choice": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
             "response_format": (None, {"type": "text"}), "enable_thinking": (None,),
             "thinking_budget": (None,), "reasoning_effort": (None,),
-            "separate_reasoning": (None,), "include_stop_str_in_output": (None, False),
+            "separate_reasoning": (None,),
         }
         for name, allowed in no_op_values.items():
             if getattr(self, name) not in allowed:

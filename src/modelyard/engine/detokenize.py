@@ -34,6 +34,8 @@ class StopStringMatcher:
     def __init__(self, stops: tuple[str, ...]) -> None:
         self._stops = tuple(s for s in stops if s)
         self._held = ""
+        self.matched: str | None = None
+        """The stop string found, once one is."""
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Add text; return (text safe to emit, whether a stop string was found)."""
@@ -44,6 +46,8 @@ class StopStringMatcher:
             (i for i in (self._held.find(stop) for stop in self._stops) if i >= 0), default=-1
         )
         if first >= 0:
+            self.matched = min((stop for stop in self._stops if self._held.find(stop) == first),
+                               key=len)
             released, self._held = self._held[:first], ""
             return released, True
         keep = self._longest_partial_suffix()

@@ -2,7 +2,8 @@
 
 The event loop submits requests and reads their outputs through asyncio queues; the
 engine thread owns the scheduler and the runner. `llama_decode` releases the GIL, so
-HTTP work goes on while a step runs.
+HTTP work goes on while a step runs. A request with `n` choices is `n` sequences that
+share the request's queue; the scheduler makes them read their prompt once.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from modelyard.engine.detokenize import IncrementalDetokenizer, StopStringMatcher
 from modelyard.engine.metrics import EngineMetrics
 from modelyard.engine.runner import BatchItem, LlamaRunner
-from modelyard.engine.sampling import Sampler
+from modelyard.engine.sampling import Sample, Sampler, TokenLogprob
 from modelyard.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from modelyard.engine.sequence import FinishReason, SamplingParams, Sequence
 
@@ -25,26 +28,38 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EngineOutput:
-    """New text of one request since its last output, and its end when it has ended."""
+    """New text of one choice since its last output, and its end when it has ended."""
 
+    index: int
     text: str
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int = 0
     finish_reason: FinishReason | None = None
     error: str | None = None
+    logprobs: tuple[tuple[int, TokenLogprob], ...] = ()
+    """(token id, its logprobs) for the tokens behind this output's text."""
 
 
 @dataclass(eq=False)
 class _Request:
-    seq: Sequence
-    sampler: Sampler
-    detokenizer: IncrementalDetokenizer
-    stops: StopStringMatcher
+    request_id: str
+    sequence_ids: list[str]
     queue: asyncio.Queue[EngineOutput]
     loop: asyncio.AbstractEventLoop
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+
+
+@dataclass(eq=False)
+class _Choice:
+    index: int
+    seq: Sequence
+    sampler: Sampler
+    detokenizer: IncrementalDetokenizer
+    stops: StopStringMatcher
+    request: _Request
+    pending_logprobs: list[tuple[int, TokenLogprob]] = field(default_factory=list)
 
 
 class Engine:
@@ -53,6 +68,7 @@ class Engine:
         self.runner = runner
         self.scheduler = Scheduler(config)
         self.metrics = metrics or EngineMetrics()
+        self._choices: dict[str, _Choice] = {}
         self._requests: dict[str, _Request] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -69,30 +85,41 @@ class Engine:
 
     # -- the event-loop side ---------------------------------------------------------------
 
-    def submit(self, request_id: str, prompt_ids: list[int],
-               params: SamplingParams) -> asyncio.Queue[EngineOutput]:
-        """Queue a request; raises `QueueFullError` at once when the waiting queue is full."""
-        loop = asyncio.get_running_loop()
-        seq = Sequence(request_id, prompt_ids, params, eog_ids=self.runner.eog_ids)
-        request = _Request(seq, Sampler(params), IncrementalDetokenizer(self.runner.token_bytes),
-                           StopStringMatcher(params.stop), asyncio.Queue(), loop)
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+               n: int = 1) -> asyncio.Queue[EngineOutput]:
+        """Queue a request with `n` choices; raises `QueueFullError` at once when full."""
+        ids = [request_id] if n == 1 else [f"{request_id}:{i}" for i in range(n)]
+        request = _Request(request_id, ids, asyncio.Queue(), asyncio.get_running_loop())
+        if params.seed is not None and n > 1:  # independent but reproducible streams
+            rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(params.seed).spawn(n)]
+        else:
+            rngs = [np.random.default_rng(params.seed) for _ in range(n)]
+        choices = [
+            _Choice(index, Sequence(seq_id, prompt_ids, params, eog_ids=self.runner.eog_ids),
+                    Sampler(params, prompt_ids, rng),
+                    IncrementalDetokenizer(self.runner.token_bytes),
+                    StopStringMatcher(params.stop), request)
+            for index, (seq_id, rng) in enumerate(zip(ids, rngs, strict=True))
+        ]
         with self._lock:
             try:
-                self.scheduler.add(seq)
+                self.scheduler.add_group([choice.seq for choice in choices])
             except Exception:
                 self.metrics.rejected.inc()
                 raise
             self._requests[request_id] = request
+            for choice in choices:
+                self._choices[choice.seq.request_id] = choice
             self.metrics.queue_depth.set(len(self.scheduler.waiting))
         self._wake.set()
         return request.queue
 
     def abort(self, request_id: str) -> None:
         with self._lock:
-            seq = self.scheduler.abort(request_id)
-            self._requests.pop(request_id, None)
-            if seq is not None:
-                self.metrics.finished.labels(FinishReason.ABORT.value).inc()
+            request = self._requests.pop(request_id, None)
+            for seq_id in request.sequence_ids if request else ():
+                if self._choices.pop(seq_id, None) is not None and self.scheduler.abort(seq_id):
+                    self.metrics.finished.labels(FinishReason.ABORT.value).inc()
         self._wake.set()
 
     # -- the engine thread -----------------------------------------------------------------
@@ -122,23 +149,25 @@ class Engine:
                      for c in output.chunks if c.seq.slot is not None]
         for slot, keep in output.kv_truncations:
             self.runner.truncate_slot(slot, keep)
+        for source, slot, n in output.kv_copies:
+            self.runner.copy_prefix(source, slot, n)
         if not items:
             return
         logits = self.runner.decode(items)
-        sampled: dict[str, int] = {}
+        samples: dict[str, Sample] = {}
         row = 0
         with self._lock:
             for chunk in output.chunks:
                 if not chunk.sample:
                     continue
-                request = self._requests.get(chunk.seq.request_id)
-                if request is not None:
-                    sampled[chunk.seq.request_id] = request.sampler.sample(logits[row])
-                else:  # aborted while the step ran; its token is never used
-                    sampled[chunk.seq.request_id] = -1
+                choice = self._choices.get(chunk.seq.request_id)
+                # An aborted choice's token is never used.
+                samples[chunk.seq.request_id] = (choice.sampler.sample(logits[row])
+                                                 if choice is not None else Sample(-1))
                 row += 1
-            self.scheduler.update_from_output(output, sampled)
-            self._postprocess(output, sampled)
+            self.scheduler.update_from_output(
+                output, {seq_id: sample.token for seq_id, sample in samples.items()})
+            self._postprocess(output, samples)
             self.metrics.queue_depth.set(len(self.scheduler.waiting))
             self.metrics.running.set(len(self.scheduler.running))
             self.metrics.kv_reserved.set(self.scheduler.kv_reserved)
@@ -151,51 +180,67 @@ class Engine:
             self.metrics.prompt_tokens.inc(
                 sum(len(c.tokens) for c in output.chunks if c.seq.is_prefilling))
 
-    def _postprocess(self, output: SchedulerOutput, sampled: dict[str, int]) -> None:
+    def _postprocess(self, output: SchedulerOutput, samples: dict[str, Sample]) -> None:
         deliveries: dict[asyncio.AbstractEventLoop, list[tuple[_Request, EngineOutput]]] = {}
         now = time.monotonic()
         for chunk in output.chunks:
             seq = chunk.seq
-            request = self._requests.get(seq.request_id)
-            if request is None or not chunk.sample:
+            choice = self._choices.get(seq.request_id)
+            if choice is None or not chunk.sample:
                 continue
             self.metrics.generated_tokens.inc()
-            if request.first_token_at is None:
-                request.first_token_at = now
+            request = choice.request
+            if seq.num_output == 1:
                 self.metrics.cached_prompt_tokens.inc(seq.num_cached)
-                self.metrics.time_to_first_token.observe(now - request.arrival)
-            token = sampled[seq.request_id]
-            text = "" if token in seq.eog_ids else request.detokenizer.add(token)
-            text, stopped = request.stops.feed(text)
-            if stopped and seq.finish_reason is None:
-                self.scheduler.finish(seq, FinishReason.STOP)
-            if seq.finish_reason is not None:
-                if not stopped:
-                    text += request.stops.feed(request.detokenizer.flush())[0]
-                    text += request.stops.flush()
-                self.metrics.finished.labels(seq.finish_reason.value).inc()
-                del self._requests[seq.request_id]
-            elif not text:
-                continue
-            result = EngineOutput(text, seq.num_prompt, seq.num_output, seq.num_cached,
-                                  seq.finish_reason)
-            deliveries.setdefault(request.loop, []).append((request, result))
+                if request.first_token_at is None:
+                    request.first_token_at = now
+                    self.metrics.time_to_first_token.observe(now - request.arrival)
+            result = self._advance(choice, samples[seq.request_id])
+            if result is not None:
+                deliveries.setdefault(request.loop, []).append((request, result))
         for loop, batch in deliveries.items():
             loop.call_soon_threadsafe(_deliver, batch)
 
+    def _advance(self, choice: _Choice, sample: Sample) -> EngineOutput | None:
+        """Detokenize a choice's new token and check its stop strings; the output to send."""
+        seq = choice.seq
+        if sample.logprob is not None:
+            choice.pending_logprobs.append((sample.token, sample.logprob))
+        text = "" if sample.token in seq.eog_ids else choice.detokenizer.add(sample.token)
+        text, stopped = choice.stops.feed(text)
+        if stopped and seq.finish_reason is None:
+            self.scheduler.finish(seq, FinishReason.STOP)
+        if stopped and seq.params.include_stop_str_in_output:
+            text += choice.stops.matched or ""
+        if seq.finish_reason is not None:
+            if not stopped:
+                text += choice.stops.feed(choice.detokenizer.flush())[0]
+                text += choice.stops.flush()
+            self.metrics.finished.labels(seq.finish_reason.value).inc()
+            del self._choices[seq.request_id]
+            if all(seq_id not in self._choices for seq_id in choice.request.sequence_ids):
+                self._requests.pop(choice.request.request_id, None)
+        elif not text:
+            return None
+        logprobs, choice.pending_logprobs = tuple(choice.pending_logprobs), []
+        return EngineOutput(choice.index, text, seq.num_prompt, seq.num_output, seq.num_cached,
+                            seq.finish_reason, logprobs=logprobs)
+
     def _fail_all(self, message: str) -> None:
         with self._lock:
-            requests = list(self._requests.values())
+            choices = list(self._choices.values())
+            self._choices.clear()
             self._requests.clear()
-            for request in requests:
-                self.scheduler.abort(request.seq.request_id)
+            for choice in choices:
+                self.scheduler.abort(choice.seq.request_id)
             # A failed decode may leave cells half written: start from an empty cache.
             self.scheduler.forget_cached_cells()
             self.runner.clear_all()
-        for request in requests:
-            output = EngineOutput("", request.seq.num_prompt, request.seq.num_output,
+        for choice in choices:
+            seq = choice.seq
+            output = EngineOutput(choice.index, "", seq.num_prompt, seq.num_output,
                                   error=message)
-            request.loop.call_soon_threadsafe(request.queue.put_nowait, output)
+            choice.request.loop.call_soon_threadsafe(choice.request.queue.put_nowait, output)
 
 
 def _deliver(batch: list[tuple[_Request, EngineOutput]]) -> None:

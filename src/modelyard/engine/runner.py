@@ -172,6 +172,10 @@ class LlamaRunner:
     def clear_slot(self, slot: int) -> None:
         self.truncate_slot(slot, 0)
 
+    def copy_prefix(self, source: int, slot: int, n: int) -> None:
+        """Give `slot` the source slot's cells for positions [0, n) (shared, not copied)."""
+        llama_cpp.llama_memory_seq_cp(self._memory, source, slot, 0, n)
+
     def truncate_slot(self, slot: int, keep: int) -> None:
         """Drop the slot's KV cells at positions >= keep (0 clears the slot)."""
         llama_cpp.llama_memory_seq_rm(self._memory, slot, keep if keep > 0 else -1, -1)

@@ -11,20 +11,33 @@ and reports the sampled tokens back with `update_from_output()`. A step holds:
 all within `step_token_budget` tokens, so a long prompt is read a chunk per step and never
 stalls the sequences already decoding (chunked prefill).
 
-A slot keeps the KV cells of the sequence that last held it. A new sequence goes to the
-free slot whose cells share the longest prefix with its prompt and starts reading after
-that prefix (a repeated system prompt is read once); with no shared prefix it takes the
-slot freed longest ago, so recently used prefixes live longest. Cached cells give way,
-oldest first, when an admission needs their room in the KV cache.
+Prefix caching: a slot keeps the KV cells of the sequence that last held it. A new
+sequence starts reading its prompt after the longest prefix it shares with either a free
+slot's cells (it then takes that slot) or a running sequence's computed prompt (its slot
+then gets those cells copied, which in llama.cpp's unified cache shares them); a repeated
+system prompt is read once. A sequence whose prompt shares at least `SHARE_MIN_TOKENS`
+more with a prompt still being read waits for that reading to finish instead of doing it
+twice; this is also how the `n` choices of one request read their prompt once. With no
+shared prefix a sequence takes the slot freed longest ago, so recently used prefixes live
+longest. Cached cells give way, oldest first, when an admission needs their room.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
+import numpy as np
+import numpy.typing as npt
+
 from modelyard.engine.sequence import FinishReason, Sequence, SequenceStatus
+
+SHARE_MIN_TOKENS = 32
+"""Prompt tokens worth waiting for another sequence to compute instead of reading them."""
+WAITING_SCAN = 64
+"""Waiting sequences looked at per step when earlier ones wait for a shared prefix."""
+
+Tokens = npt.NDArray[np.int32]
 
 
 class QueueFullError(RuntimeError):
@@ -57,6 +70,9 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     kv_truncations: list[tuple[int, int]] = field(default_factory=list)
     """(slot, keep): drop the slot's KV cells from position `keep` on, before the batch runs."""
+    kv_copies: list[tuple[int, int, int]] = field(default_factory=list)
+    """(source slot, slot, n): give the slot the source's cells for positions [0, n), after
+    the truncations and before the batch runs."""
 
     @property
     def num_tokens(self) -> int:
@@ -76,25 +92,32 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._free_slots: list[int] = list(range(config.max_sequences))
         """Free slots, the one freed longest ago first."""
-        self._slot_cache: dict[int, list[int]] = {}
+        self._slot_cache: dict[int, Tokens] = {}
         """Tokens whose KV cells a free slot still holds, from position 0."""
         self._slot_cells: dict[int, int] = {}
         """KV cells a slot may hold, at most: more than its sequence computed when it was
         aborted while a step ran, since that step's chunk wrote cells the scheduler ignores."""
         self._truncations: list[tuple[int, int]] = []
+        self._copies: list[tuple[int, int, int]] = []
         self._kv_reserved = 0
 
     # -- requests in and out -------------------------------------------------------------
 
     def add(self, seq: Sequence) -> None:
-        if seq.kv_reservation > min(self.config.kv_capacity, self.config.context_per_sequence):
-            raise ValueError(
-                f"sequence needs {seq.kv_reservation} KV cells, more than one sequence may hold"
-            )
-        if len(self.waiting) >= self.config.max_waiting:
-            raise QueueFullError(f"{len(self.waiting)} requests are already waiting")
-        seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        self.add_group([seq])
+
+    def add_group(self, seqs: list[Sequence]) -> None:
+        """Queue sequences together (the choices of one request): all of them or none."""
+        for seq in seqs:
+            if seq.kv_reservation > min(self.config.kv_capacity,
+                                        self.config.context_per_sequence):
+                raise ValueError(f"sequence needs {seq.kv_reservation} KV cells, more than "
+                                 f"one sequence may hold")
+        if len(self.waiting) + len(seqs) > self.config.max_waiting:
+            raise QueueFullError(f"{len(self.waiting)} sequences are already waiting")
+        for seq in seqs:
+            seq.status = SequenceStatus.WAITING
+            self.waiting.append(seq)
 
     def abort(self, request_id: str) -> Sequence | None:
         """Finish a request wherever it is (client gone); its slot is free for the next step."""
@@ -117,7 +140,8 @@ class Scheduler:
         self._kv_reserved -= seq.kv_reservation
         if seq.slot is not None:
             if self.config.prefix_caching:
-                self._slot_cache[seq.slot] = seq.token_ids[: seq.num_computed]
+                self._slot_cache[seq.slot] = np.asarray(seq.token_ids[: seq.num_computed],
+                                                        dtype=np.int32)
             else:
                 self._truncations.append((seq.slot, 0))
                 self._slot_cells[seq.slot] = 0
@@ -130,6 +154,7 @@ class Scheduler:
         self._slot_cache.clear()
         self._slot_cells = {seq.slot: 0 for seq in self.running if seq.slot is not None}
         self._truncations.clear()
+        self._copies.clear()
 
     @staticmethod
     def _mark_finished(seq: Sequence, reason: FinishReason) -> None:
@@ -139,7 +164,7 @@ class Scheduler:
     # -- the step -------------------------------------------------------------------------
 
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting or self._truncations)
+        return bool(self.running or self.waiting or self._truncations or self._copies)
 
     def schedule(self) -> SchedulerOutput:
         output = SchedulerOutput()
@@ -154,9 +179,14 @@ class Scheduler:
                 break
             if seq.is_prefilling:
                 budget -= self._add_prefill(output, seq, budget)
-        while budget > 0 and self.waiting and self._can_admit(self.waiting[0]):
-            seq = self.waiting.popleft()
-            self._assign_slot(seq)
+        for seq in list(self.waiting)[:WAITING_SCAN]:
+            if budget <= 0 or not self._can_admit(seq):
+                break
+            reused, source = self._best_prefix(seq)
+            if self._should_wait(seq, reused):
+                continue
+            self.waiting.remove(seq)
+            self._assign_slot(seq, reused, source)
             seq.status = SequenceStatus.RUNNING
             self._kv_reserved += seq.kv_reservation
             self.running.append(seq)
@@ -167,6 +197,7 @@ class Scheduler:
         # Truncations from finished sequences and from this step's admissions both run
         # before this step's batch.
         output.kv_truncations, self._truncations = self._truncations, []
+        output.kv_copies, self._copies = self._copies, []
         return output
 
     def _can_admit(self, seq: Sequence) -> bool:
@@ -174,21 +205,52 @@ class Scheduler:
             self._kv_reserved + seq.kv_reservation <= self.config.kv_capacity
         )
 
-    def _assign_slot(self, seq: Sequence) -> None:
-        best_slot, best = self._free_slots[0], 0
+    def _best_prefix(self, seq: Sequence) -> tuple[int, tuple[str, int]]:
+        """The longest prefix of the prompt whose cells exist, capped at prompt - 1 (the
+        last prompt token is always read: its logits give the first sample), and where:
+        ("free", slot) for a free slot's cells, ("running", slot) for a running sequence's."""
+        best, source = 0, ("free", self._free_slots[0])
+        if not self.config.prefix_caching:
+            return 0, source
         for slot in self._free_slots:
-            shared = _common_prefix(self._slot_cache.get(slot, ()), seq.prompt_ids)
+            cached = self._slot_cache.get(slot)
+            shared = _common_prefix(cached, seq.prompt_array) if cached is not None else 0
             if shared > best:
-                best_slot, best = slot, shared
-        # Always read at least the last prompt token: its logits give the first sample.
-        reused = min(best, seq.num_prompt - 1)
-        self._free_slots.remove(best_slot)
-        self._slot_cache.pop(best_slot, None)
-        if self._slot_cells.get(best_slot, 0) > reused:
-            self._truncations.append((best_slot, reused))
-        self._slot_cells[best_slot] = reused
+                best, source = shared, ("free", slot)
+        for other in self.running:
+            if other.slot is not None and other.num_computed > best:
+                computed = other.prompt_array[: min(other.num_computed, other.num_prompt)]
+                shared = _common_prefix(computed, seq.prompt_array)
+                if shared > best:
+                    best, source = shared, ("running", other.slot)
+        return min(best, seq.num_prompt - 1), source
+
+    def _should_wait(self, seq: Sequence, reused: int) -> bool:
+        """Whether a running sequence is still reading a prompt prefix this one shares."""
+        if not self.config.prefix_caching:
+            return False
+        for other in self.running:
+            if other.is_prefilling:
+                pending = min(_common_prefix(other.prompt_array, seq.prompt_array),
+                              seq.num_prompt - 1)
+                if pending - reused >= SHARE_MIN_TOKENS:
+                    return True
+        return False
+
+    def _assign_slot(self, seq: Sequence, reused: int, source: tuple[str, int]) -> None:
+        kind, source_slot = source
+        slot = source_slot if kind == "free" else self._free_slots[0]
+        self._free_slots.remove(slot)
+        self._slot_cache.pop(slot, None)
+        if kind == "running" and reused > 0:
+            if self._slot_cells.get(slot, 0) > 0:
+                self._truncations.append((slot, 0))
+            self._copies.append((source_slot, slot, reused))
+        elif self._slot_cells.get(slot, 0) > reused:
+            self._truncations.append((slot, reused))
+        self._slot_cells[slot] = reused
         self._make_room(seq.kv_reservation)
-        seq.slot = best_slot
+        seq.slot = slot
         seq.num_computed = seq.num_cached = reused
 
     def _make_room(self, reservation: int) -> None:
@@ -254,9 +316,9 @@ class Scheduler:
         return self._kv_reserved
 
 
-def _common_prefix(a: Seq[int], b: Seq[int]) -> int:
+def _common_prefix(a: Tokens, b: Tokens) -> int:
     n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    if n == 0 or a[0] != b[0]:
+        return 0
+    mismatches = np.flatnonzero(a[:n] != b[:n])
+    return int(mismatches[0]) if len(mismatches) else n

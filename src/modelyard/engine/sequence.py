@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import numpy.typing as npt
 
 
 class FinishReason(enum.StrEnum):
@@ -17,11 +21,23 @@ class FinishReason(enum.StrEnum):
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How one sequence is sampled and when it stops (see sampling.py for the order)."""
+
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
+    """0 (or -1 at the API) is off."""
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
     max_tokens: int = 16
     stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
     seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 class SequenceStatus(enum.Enum):
@@ -53,6 +69,10 @@ class Sequence:
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_ids)
+
+    @cached_property
+    def prompt_array(self) -> npt.NDArray[np.int32]:
+        return np.asarray(self.prompt_ids, dtype=np.int32)
 
     @property
     def num_prompt(self) -> int:

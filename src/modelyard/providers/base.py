@@ -12,30 +12,58 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
 @dataclass(frozen=True)
 class ChatRequest:
+    """One validated request; None means "not given" (the model's default applies)."""
+
     request_id: str
     messages: list[dict[str, Any]]
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
     stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
     seed: int | None = None
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int = 0
     truncate_to_context: bool = True
     """When prompt + max_tokens exceed the context: lower max_tokens (True) or refuse."""
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """One generated token in OpenAI's logprobs shape: its text, bytes and log-probability,
+    and the most likely alternatives (text, bytes, logprob), best first."""
+
+    token: str
+    bytes: list[int]
+    logprob: float
+    top: tuple[tuple[str, list[int], float], ...] = ()
+
+
+@dataclass(frozen=True)
 class ChatDelta:
+    """New text of one choice. Token counts are the request's totals so far (the prompt
+    counted once, completion tokens summed over every choice)."""
+
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None = None
     cached_tokens: int = 0
+    index: int = 0
+    logprobs: tuple[TokenLogprobs, ...] | None = None
 
 
 @dataclass(frozen=True)

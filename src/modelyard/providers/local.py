@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from modelyard.chat.template import ChatTemplate, TemplateError
-from modelyard.config import Config
-from modelyard.engine.engine import Engine
+from modelyard.config import Config, SamplingDefaults
+from modelyard.engine.engine import Engine, EngineOutput
 from modelyard.engine.metrics import EngineMetrics
 from modelyard.engine.runner import LlamaRunner, RunnerConfig
 from modelyard.engine.scheduler import QueueFullError, SchedulerConfig
@@ -21,16 +21,22 @@ from modelyard.providers.base import (
     Provider,
     ProviderError,
     StreamError,
+    TokenLogprobs,
 )
 
-DEFAULT_TEMPERATURE = 1.0
-DEFAULT_TOP_P = 1.0
 RETRY_AFTER_SECONDS = 2
+
+T = TypeVar("T")
+
+
+def _given(value: T | None, default: T) -> T:
+    return default if value is None else value
 
 
 class LocalProvider(Provider):
     def __init__(self, config: Config, model_path: Path,
                  metrics: EngineMetrics | None = None) -> None:
+        self.defaults: SamplingDefaults = config.model.defaults
         engine_config = config.engine
         self.model_id = config.model.id
         self.default_max_tokens = config.model.default_max_tokens
@@ -97,13 +103,27 @@ class LocalProvider(Provider):
                     f"the context of {self.context_per_sequence} tokens",
                     param="max_tokens", code="context_length_exceeded")
             max_tokens = room
+        for token in request.logit_bias:
+            if not 0 <= token < self.runner.n_vocab:
+                raise ProviderError(422, f"logit_bias names token id {token}, outside this "
+                                    f"model's vocabulary of {self.runner.n_vocab} tokens",
+                                    param="logit_bias", code="invalid_value")
+        d = self.defaults
         return SamplingParams(
-            temperature=DEFAULT_TEMPERATURE if request.temperature is None
-            else request.temperature,
-            top_p=DEFAULT_TOP_P if request.top_p is None else request.top_p,
+            temperature=_given(request.temperature, d.temperature),
+            top_p=_given(request.top_p, d.top_p),
+            top_k=max(0, _given(request.top_k, d.top_k)),
+            min_p=_given(request.min_p, d.min_p),
+            frequency_penalty=_given(request.frequency_penalty, d.frequency_penalty),
+            presence_penalty=_given(request.presence_penalty, d.presence_penalty),
+            repetition_penalty=_given(request.repetition_penalty, d.repetition_penalty),
+            logit_bias=dict(request.logit_bias),
             max_tokens=max_tokens,
             stop=request.stop,
+            include_stop_str_in_output=request.include_stop_str_in_output,
             seed=request.seed,
+            logprobs=request.logprobs,
+            top_logprobs=request.top_logprobs,
         )
 
     async def prepare_chat(self, request: ChatRequest) -> PreparedChat:
@@ -115,30 +135,45 @@ class LocalProvider(Provider):
         prompt_ids, params = prepared.work
         request = prepared.request
         try:
-            queue = self.engine.submit(request.request_id, prompt_ids, params)
+            queue = self.engine.submit(request.request_id, prompt_ids, params, request.n)
         except QueueFullError as exc:
             raise ProviderError(503, "the server is overloaded; retry shortly",
                                 code="server_overloaded",
                                 retry_after=RETRY_AFTER_SECONDS) from exc
-        return self._stream(request.request_id, queue)
+        return self._stream(request.request_id, request.n, queue)
 
-    async def _stream(self, request_id: str, queue: asyncio.Queue[Any]) -> AsyncIterator[ChatDelta]:
-        finished = False
+    async def _stream(self, request_id: str, n: int,
+                      queue: asyncio.Queue[EngineOutput]) -> AsyncIterator[ChatDelta]:
+        finished = 0
+        completion = [0] * n
         try:
-            while True:
+            while finished < n:
                 output = await queue.get()
                 if output.error is not None:
-                    finished = True
+                    finished = n
                     raise StreamError(output.error)
+                completion[output.index] = output.num_output_tokens
                 reason = output.finish_reason.value if output.finish_reason else None
-                yield ChatDelta(output.text, output.num_prompt_tokens,
-                                output.num_output_tokens, reason, output.num_cached_tokens)
-                if reason is not None:
-                    finished = True
-                    return
+                finished += reason is not None
+                yield ChatDelta(
+                    output.text, output.num_prompt_tokens, sum(completion), reason,
+                    output.num_cached_tokens if output.index == 0 else 0, output.index,
+                    self._logprobs(output) if output.logprobs else None)
         finally:
-            if not finished:
+            if finished < n:
                 self.engine.abort(request_id)
+
+    def _logprobs(self, output: EngineOutput) -> tuple[TokenLogprobs, ...]:
+        entries = []
+        for token, logprob in output.logprobs:
+            text, raw = self._token_text(token)
+            top = tuple((*self._token_text(alt), value) for alt, value in logprob.top)
+            entries.append(TokenLogprobs(text, raw, logprob.logprob, top))
+        return tuple(entries)
+
+    def _token_text(self, token: int) -> tuple[str, list[int]]:
+        raw = self.runner.token_bytes(token)
+        return raw.decode("utf-8", errors="replace"), list(raw)
 
     async def close(self) -> None:
         await asyncio.to_thread(self.engine.stop)
