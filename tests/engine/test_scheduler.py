@@ -6,10 +6,14 @@ import itertools
 import random
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 
 from modelyard.engine.scheduler import (
+    SHARE_MIN_TOKENS,
+    WAITING_SCAN,
     QueueFullError,
+    ScheduledChunk,
     Scheduler,
     SchedulerConfig,
     SchedulerOutput,
@@ -45,10 +49,15 @@ def make_seq(request_id: str, prompt_len: int = 0, max_tokens: int = 4, *,
              prompt: list[int] | None = None) -> Sequence:
     """A sequence; without `prompt`, its prompt shares no token with any other sequence's."""
     if prompt is None:
-        base = 1000 * next(_prompt_bases)
-        prompt = [base + i for i in range(prompt_len)]
+        prompt = fresh(prompt_len)
     return Sequence(request_id, prompt, SamplingParams(max_tokens=max_tokens),
                     eog_ids=frozenset({EOG}))
+
+
+def fresh(n: int) -> list[int]:
+    """`n` tokens that no other call returns (at most 1000 of them)."""
+    base = 1000 * next(_prompt_bases)
+    return [base + i for i in range(n)]
 
 
 def toks(text: str) -> list[int]:
@@ -76,12 +85,21 @@ def chunk_ids(output: SchedulerOutput) -> list[str]:
     return [c.seq.request_id for c in output.chunks]
 
 
+def slot_cache(scheduler: Scheduler) -> dict[int, list[int]]:
+    """The free slots' cached tokens, as lists (the scheduler keeps int32 arrays)."""
+    for tokens in scheduler._slot_cache.values():
+        assert isinstance(tokens, np.ndarray) and tokens.dtype == np.int32
+    return {slot: tokens.tolist() for slot, tokens in scheduler._slot_cache.items()}
+
+
 class KVModel:
     """The runner's KV cache as the scheduler must see it: per slot, the tokens of its cells.
 
     `apply` does what the engine does with one step's output: the truncations, then the
-    batch, which writes every chunk's tokens at their positions. It checks that every chunk
-    continues its slot exactly, over cells that hold the sequence's own tokens.
+    copies (the destination gets the source's first n cells), then the batch, which writes
+    every chunk's tokens at their positions. It checks that a copy lands in an empty slot
+    and copies cells that exist, and that every chunk continues its slot exactly, over
+    cells that hold the sequence's own tokens.
     """
 
     def __init__(self, kv_capacity: int | None = None) -> None:
@@ -92,6 +110,11 @@ class KVModel:
         for slot, keep in output.kv_truncations:
             assert keep >= 0
             del self.slots.setdefault(slot, [])[keep:]
+        for src, dst, n in output.kv_copies:
+            assert src != dst
+            assert 0 < n <= len(self.slots.get(src, [])), "a copy of cells that do not exist"
+            assert self.slots.get(dst, []) == [], "a copy into a slot that still holds cells"
+            self.slots[dst] = self.slots[src][:n]
         for chunk in output.chunks:
             assert chunk.seq.slot is not None
             cells = self.slots.setdefault(chunk.seq.slot, [])
@@ -120,7 +143,7 @@ def warm(scheduler: Scheduler, prompts: list[str]) -> KVModel:
         slots.update((c.seq.request_id, c.seq.slot) for c in output.chunks if c.start == 0)
         finished += scheduler.update_from_output(output, {s.request_id: PLAIN for s in seqs})
     assert [slots[s.request_id] for s in seqs] == list(range(len(prompts)))
-    assert scheduler._slot_cache == {i: toks(p) for i, p in enumerate(prompts)}
+    assert slot_cache(scheduler) == {i: toks(p) for i, p in enumerate(prompts)}
     return kv
 
 
@@ -392,10 +415,10 @@ def test_finish_by_caller_frees_the_slot_once(prefix_caching: bool) -> None:
     assert scheduler.kv_reserved == 0
     if prefix_caching:
         # The cells stay for a later prompt; the sampled token has none yet.
-        assert scheduler._slot_cache == {slot: seq.prompt_ids}
+        assert slot_cache(scheduler) == {slot: seq.prompt_ids}
         assert scheduler.schedule().kv_truncations == []
     else:
-        assert scheduler._slot_cache == {}
+        assert slot_cache(scheduler) == {}
         assert scheduler.schedule().kv_truncations == [(slot, 0)]
     assert scheduler.schedule().kv_truncations == []
 
@@ -478,7 +501,7 @@ def test_abort_a_waiting_sequence() -> None:
     output, _ = run_step(scheduler)
     assert output.kv_truncations == []     # it never held a slot
     assert chunk_ids(output) == ["running"]
-    assert scheduler._slot_cache == {}
+    assert slot_cache(scheduler) == {}
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False])
@@ -619,7 +642,7 @@ def test_admission_reuses_the_longest_cached_prefix(
     assert finished == [seq]
     assert output.kv_truncations == []
     assert seq.num_cached == reused
-    assert scheduler._slot_cache[slot] == [*toks(prompt), PLAIN]
+    assert slot_cache(scheduler)[slot] == [*toks(prompt), PLAIN]
     assert not scheduler.has_work()
 
 
@@ -684,7 +707,7 @@ def test_a_follow_up_prompt_reuses_the_previous_answer() -> None:
     while first.finish_reason is None:
         run_step(scheduler, lambda _seq: next(answer), kv=kv)
     assert first.output_ids == [11, 12, 13]
-    assert scheduler._slot_cache == {0: [*toks("hello"), 11, 12]}   # 13 was never decoded
+    assert slot_cache(scheduler) == {0: [*toks("hello"), 11, 12]}   # 13 was never decoded
 
     second = make_seq("second", prompt=[*toks("hello"), 11, 12, 13, *toks("more")])
     scheduler.add(second)
@@ -820,35 +843,389 @@ def test_a_prefix_in_the_admitted_slot_needs_no_extra_room() -> None:
     assert output.kv_truncations == []
 
 
+# -- reuse from running sequences ---------------------------------------------------------------
+
+
+def prompt_tokens_read(chunk: ScheduledChunk) -> int:
+    return max(0, min(chunk.start + len(chunk.tokens), chunk.seq.num_prompt) - chunk.start)
+
+
+SOURCE = "abcdefghijklmnopqrst"   # 20 tokens
+
+
+@pytest.mark.parametrize(
+    ("source_steps", "prompt", "copies", "reused"),
+    [
+        # the source has read 16 of its 20 prompt tokens: only those 16 are copied
+        (1, SOURCE + "XY", [(0, 1, 16)], 16),
+        (1, SOURCE[:10] + "XY", [(0, 1, 10)], 10),
+        (1, SOURCE[:16], [(0, 1, 15)], 15),       # capped at the new prompt - 1
+        # the source has read its whole prompt (and sampled one token)
+        (2, SOURCE + "XY", [(0, 1, 20)], 20),
+        (2, SOURCE, [(0, 1, 19)], 19),            # the last prompt token is read again
+        (2, SOURCE[:1], [], 0),                   # a one-token prompt reuses nothing
+        # the source is decoding: its cells past the prompt are never copied
+        (3, SOURCE + "\x07Z", [(0, 1, 20)], 20),  # \x07 == PLAIN, the source's output
+        # nothing shared
+        (2, "XYZ", [], 0),
+    ],
+)
+def test_admission_copies_the_computed_prompt_of_a_running_sequence(
+    source_steps: int, prompt: str, copies: list[tuple[int, int, int]], reused: int
+) -> None:
+    scheduler = make_scheduler(max_sequences=2, step_token_budget=16)
+    kv = KVModel()
+    source = make_seq("source", prompt=toks(SOURCE), max_tokens=10)
+    scheduler.add(source)
+    for _ in range(source_steps):
+        run_step(scheduler, kv=kv)
+    computed = source.num_computed
+    assert source.slot == 0 and computed == {1: 16, 2: 20, 3: 21}[source_steps]
+
+    seq = make_seq("new", prompt=toks(prompt), max_tokens=2)
+    scheduler.add(seq)
+    output, _ = run_step(scheduler, kv=kv)
+
+    assert output.kv_copies == copies
+    assert output.kv_truncations == []       # slot 1 was never used: nothing to clear
+    for _src, _dst, n in output.kv_copies:
+        assert n <= min(computed, source.num_prompt)
+    assert (seq.slot, seq.num_cached) == (1, reused)
+    new_chunk = next(c for c in output.chunks if c.seq is seq)
+    assert (new_chunk.start, new_chunk.tokens) == (reused, toks(prompt)[reused:])
+    assert kv.slots[1] == seq.token_ids[:seq.num_computed]
+    assert kv.slots[0] == source.token_ids[:source.num_computed]   # the source is untouched
+
+
+@pytest.mark.parametrize(
+    ("running", "cached", "prompt", "slot", "copies", "truncations", "reused"),
+    [
+        # as long as the running sequence's prefix: the free slot's cells are taken
+        ("abcdefghXY", "abcdefghZW", "abcdefghQQ", 1, [], [(1, 8)], 8),
+        ("abcdefghij", "abcdefghij", "abcdefghijQ", 1, [], [], 10),
+        # longer: the free slot's cells are taken
+        ("abcdefghXY", "abcdefghijZW", "abcdefghijQQ", 1, [], [(1, 10)], 10),
+        # shorter: the running sequence's cells are copied into the slot freed longest ago
+        ("abcdefghijXY", "abcdefghZW", "abcdefghijQQ", 2, [(0, 2, 10)], [], 10),
+    ],
+)
+def test_a_free_slots_cells_are_preferred_when_at_least_as_long(
+    running: str, cached: str, prompt: str, slot: int,
+    copies: list[tuple[int, int, int]], truncations: list[tuple[int, int]], reused: int,
+) -> None:
+    scheduler = make_scheduler(max_sequences=3, step_token_budget=32)
+    kv = KVModel()
+    keeps_running = make_seq("running", prompt=toks(running), max_tokens=10)
+    leaves_cells = make_seq("cached", prompt=toks(cached), max_tokens=1)
+    scheduler.add_group([keeps_running, leaves_cells])
+    assert run_step(scheduler, kv=kv)[1] == [leaves_cells]
+    assert (keeps_running.slot, scheduler._free_slots) == (0, [2, 1])
+    assert slot_cache(scheduler) == {1: toks(cached)}
+
+    seq = make_seq("new", prompt=toks(prompt), max_tokens=2)
+    scheduler.add(seq)
+    output, _ = run_step(scheduler, kv=kv)
+
+    assert (seq.slot, seq.num_cached) == (slot, reused)
+    assert output.kv_copies == copies
+    assert output.kv_truncations == truncations
+    assert kv.slots[slot] == seq.token_ids[:seq.num_computed]
+
+
+@pytest.mark.parametrize(
+    "cached",
+    [
+        "XYZW",         # unrelated cells
+        "abcXYZ",       # cells sharing a shorter prefix than the running sequence's ...
+        "abcdefghij",   # ... however long: they all go, not just their tail
+    ],
+)
+def test_a_copy_goes_into_a_slot_cleared_first(cached: str) -> None:
+    scheduler = make_scheduler(max_sequences=2, step_token_budget=32)
+    kv = KVModel()
+    source = make_seq("source", prompt=toks("abcdefghijklmn"), max_tokens=10)
+    leaves_cells = make_seq("cached", prompt=toks(cached), max_tokens=1)
+    scheduler.add_group([source, leaves_cells])
+    run_step(scheduler, kv=kv)
+    assert (source.slot, scheduler._free_slots) == (0, [1])
+    assert kv.slots[1] == toks(cached)
+
+    # The running source shares 14 tokens with the prompt, more than slot 1's cells do.
+    seq = make_seq("new", prompt=toks("abcdefghijklmnopq"), max_tokens=2)
+    scheduler.add(seq)
+    output, _ = run_step(scheduler, kv=kv)
+
+    assert output.kv_truncations == [(1, 0)]   # the whole slot, before the copy
+    assert output.kv_copies == [(0, 1, 14)]
+    assert (seq.slot, seq.num_cached) == (1, 14)
+    assert kv.slots[1] == seq.token_ids[:seq.num_computed]
+
+    _, finished = run_step(scheduler, kv=kv)
+    assert finished == [seq]
+    output, _ = run_step(scheduler, kv=kv)     # cleared once, copied once
+    assert output.kv_truncations == []
+    assert output.kv_copies == []
+
+
+# -- waiting for a shared prefix another sequence is reading -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("budget", "tail", "admit_step", "copied"),
+    [
+        # the first reads 50 a step; the second waits until it has read all 200
+        (50, 0, 5, 199),    # the same prompt (the n choices of a request): 1 token to read
+        (50, 5, 5, 200),    # its own 5 tokens after the shared 200
+        # 64 a step: the first's last chunk (192..200) leaves room, and what is still to
+        # read (8 tokens) is less than SHARE_MIN_TOKENS: admitted alongside, copying 192
+        (64, 0, 4, 192),
+        (64, 5, 4, 192),
+    ],
+)
+def test_a_sequence_waits_for_the_prompt_prefix_another_is_reading(
+    budget: int, tail: int, admit_step: int, copied: int
+) -> None:
+    scheduler = make_scheduler(max_sequences=2, step_token_budget=budget, kv_capacity=1024,
+                               context_per_sequence=256)
+    kv = KVModel()
+    shared = fresh(200)
+    first = make_seq("first", prompt=shared, max_tokens=8)
+    second = make_seq("second", prompt=shared + fresh(tail), max_tokens=8)
+    scheduler.add_group([first, second])
+    read = {"first": 0, "second": 0}
+
+    for step in range(1, admit_step):
+        output, _ = run_step(scheduler, kv=kv)
+        read["first"] += prompt_tokens_read(output.chunks[0])
+        assert chunk_ids(output) == ["first"], f"step {step}"
+        assert output.kv_copies == []
+        assert list(scheduler.waiting) == [second]
+        assert second.status is SequenceStatus.WAITING and second.slot is None
+
+    output, _ = run_step(scheduler, kv=kv)
+    assert chunk_ids(output) == ["first", "second"]
+    assert output.kv_copies == [(0, 1, copied)]
+    assert output.kv_truncations == []
+    assert (second.slot, second.num_cached) == (1, copied)
+    chunk = output.chunks[1]
+    assert (chunk.start, chunk.tokens, chunk.sample) == (copied, second.prompt_ids[copied:], True)
+    assert second.num_output == 1
+    for chunk in output.chunks:
+        read[chunk.seq.request_id] += prompt_tokens_read(chunk)
+    assert read == {"first": 200, "second": 200 + tail - copied}
+
+    while scheduler.running:
+        output, _ = run_step(scheduler, kv=kv)
+        assert output.kv_copies == []
+    assert first.num_output == second.num_output == 8
+
+
+@pytest.mark.parametrize(
+    ("budget", "first_len", "steps_before", "shared", "tail", "deferred"),
+    [
+        # both added together: nothing is computed yet when the second is looked at
+        (128, 40, 0, SHARE_MIN_TOKENS - 1, 5, False),
+        (128, 40, 0, SHARE_MIN_TOKENS, 5, True),
+        # the same prompt: its last token is read anyway, so one token less is shared
+        (128, SHARE_MIN_TOKENS, 0, SHARE_MIN_TOKENS, 0, False),
+        (128, SHARE_MIN_TOKENS + 1, 0, SHARE_MIN_TOKENS + 1, 0, True),
+        # the first has read 40 tokens before the step: only what it still has to read counts
+        (40, 60, 1, 60, 5, False),
+        (40, 40 + SHARE_MIN_TOKENS - 1, 1, 40 + SHARE_MIN_TOKENS - 1, 5, False),
+        (40, 40 + SHARE_MIN_TOKENS, 1, 40 + SHARE_MIN_TOKENS, 5, True),
+    ],
+)
+def test_only_a_shared_prefix_of_share_min_tokens_more_is_waited_for(
+    budget: int, first_len: int, steps_before: int, shared: int, tail: int, deferred: bool
+) -> None:
+    scheduler = make_scheduler(max_sequences=2, step_token_budget=budget, kv_capacity=1024,
+                               context_per_sequence=256)
+    kv = KVModel()
+    first = make_seq("first", prompt=fresh(first_len), max_tokens=8)
+    second = make_seq("second", prompt=first.prompt_ids[:shared] + fresh(tail), max_tokens=8)
+    scheduler.add(first)
+    for _ in range(steps_before):
+        run_step(scheduler, kv=kv)
+    computed = first.num_computed
+    scheduler.add(second)
+
+    output, _ = run_step(scheduler, kv=kv)
+
+    assert not first.is_prefilling   # in every case, its prompt is read by now
+    if deferred:
+        assert list(scheduler.waiting) == [second]
+        assert chunk_ids(output) == ["first"]
+        output, _ = run_step(scheduler, kv=kv)
+        reused = min(shared, second.num_prompt - 1)   # all of it, from the first's cells
+    else:
+        assert not scheduler.waiting
+        reused = min(shared, computed, second.num_prompt - 1)
+    assert chunk_ids(output) == ["first", "second"]
+    assert second.num_cached == reused
+    assert output.kv_copies == ([(0, 1, reused)] if reused else [])
+
+
+@pytest.mark.parametrize(
+    ("num_deferred", "admitted"),
+    [
+        (1, True),
+        # the step looks at the first WAITING_SCAN waiting sequences ("first" included)
+        (WAITING_SCAN - 2, True),
+        (WAITING_SCAN - 1, False),
+    ],
+)
+def test_sequences_behind_one_that_waits_for_a_prefix_are_admitted(
+    num_deferred: int, admitted: bool
+) -> None:
+    scheduler = make_scheduler(max_sequences=3, step_token_budget=256, kv_capacity=1024,
+                               context_per_sequence=256, max_waiting=WAITING_SCAN + 1)
+    kv = KVModel()
+    shared = fresh(200)
+    first = make_seq("first", prompt=shared)
+    deferred = [make_seq(f"choice{i}", prompt=shared) for i in range(num_deferred)]
+    unrelated = make_seq("unrelated", 10)
+    scheduler.add_group([first, *deferred])
+    scheduler.add(unrelated)
+
+    output, _ = run_step(scheduler, kv=kv)
+
+    assert chunk_ids(output) == (["first", "unrelated"] if admitted else ["first"])
+    assert list(scheduler.waiting) == deferred + ([] if admitted else [unrelated])
+    assert output.kv_copies == []
+
+    output, _ = run_step(scheduler, kv=kv)   # the waiting choices copy the prompt, as slots free
+    free = [2] if admitted else [1, 2]
+    assert output.kv_copies == [(0, slot, 199) for slot in free]
+    assert [seq.num_cached for seq in deferred[:len(free)]] == [199] * len(free)
+    assert list(scheduler.waiting) == deferred[len(free):] + ([] if admitted else [unrelated])
+
+
+@pytest.mark.parametrize(
+    ("prefix_caching", "copies", "second_reads"),
+    [(True, [(0, 1, 199)], 1), (False, [], 200)],
+)
+def test_choices_of_a_request_read_their_prompt_once_only_with_prefix_caching(
+    prefix_caching: bool, copies: list[tuple[int, int, int]], second_reads: int
+) -> None:
+    scheduler = make_scheduler(max_sequences=2, step_token_budget=256, kv_capacity=1024,
+                               context_per_sequence=256, prefix_caching=prefix_caching)
+    kv = KVModel()
+    shared = fresh(200)
+    first, second = make_seq("first", prompt=shared), make_seq("second", prompt=shared)
+    scheduler.add_group([first, second])
+
+    all_copies: list[tuple[int, int, int]] = []
+    read = {"first": 0, "second": 0}
+    while scheduler.has_work():
+        output, _ = run_step(scheduler, kv=kv)
+        all_copies += output.kv_copies
+        for chunk in output.chunks:
+            read[chunk.seq.request_id] += prompt_tokens_read(chunk)
+    assert all_copies == copies
+    assert read == {"first": 200, "second": second_reads}
+    assert first.finish_reason is second.finish_reason is FinishReason.LENGTH
+
+
+# -- add_group ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("already_waiting", "group_size", "max_waiting", "fits"),
+    [
+        (0, 3, 3, True),
+        (0, 4, 3, False),
+        (2, 2, 4, True),
+        (2, 3, 4, False),    # two of the three would fit: none is queued
+        (4, 1, 4, False),
+        (1, 0, 1, True),     # an empty group queues nothing
+    ],
+)
+def test_add_group_queues_all_or_none(
+    already_waiting: int, group_size: int, max_waiting: int, fits: bool
+) -> None:
+    scheduler = make_scheduler(max_waiting=max_waiting)
+    before = [make_seq(f"w{i}", 2) for i in range(already_waiting)]
+    for seq in before:
+        scheduler.add(seq)
+    group = [make_seq(f"g{i}", 2) for i in range(group_size)]
+
+    if fits:
+        scheduler.add_group(group)
+        assert list(scheduler.waiting) == before + group
+        assert all(seq.status is SequenceStatus.WAITING for seq in group)
+    else:
+        with pytest.raises(QueueFullError):
+            scheduler.add_group(group)
+        assert list(scheduler.waiting) == before
+
+
+def test_add_group_with_an_oversized_sequence_queues_none() -> None:
+    scheduler = make_scheduler(context_per_sequence=64)
+    group = [make_seq("fits", 10, 4), make_seq("too_big", 61, 4), make_seq("fits_too", 10, 4)]
+    with pytest.raises(ValueError, match="KV cells"):
+        scheduler.add_group(group)
+    assert not scheduler.waiting
+    assert not scheduler.has_work()
+
+
 # -- invariants over random workloads ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("prefix_caching", [True, False])
-@pytest.mark.parametrize("seed", range(20))
-def test_random_workload_keeps_the_invariants(seed: int, prefix_caching: bool) -> None:
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def run_random_workload(seed: int, prefix_caching: bool) -> dict[str, int]:
+    """Drive a random workload, checking the invariants at every step; count what it did."""
     rng = random.Random(seed)
-    config = SchedulerConfig(max_sequences=3, step_token_budget=rng.choice([3, 5, 16]),
-                             kv_capacity=rng.choice([30, 60, 200]), context_per_sequence=30,
-                             max_waiting=4, prefix_caching=prefix_caching)
+    config = SchedulerConfig(max_sequences=rng.choice([3, 4]),
+                             step_token_budget=rng.choice([4, 7, 16, 64, 64]),
+                             kv_capacity=rng.choice([64, 128, 400]), context_per_sequence=64,
+                             max_waiting=6, prefix_caching=prefix_caching)
     scheduler = Scheduler(config)
     kv = KVModel(config.kv_capacity)
-    # Prompts share prefixes: a few system prompts, and follow-ups of earlier conversations.
+    # Prompts share prefixes: a few short system prompts, long ones (worth waiting for while
+    # another sequence reads them), and follow-ups of earlier conversations; the n choices of
+    # a request share their whole prompt.
     systems = [[rng.randint(10, 60) for _ in range(rng.randint(3, 12))] for _ in range(3)]
+    long_systems = [[rng.randint(10, 60) for _ in range(rng.randint(SHARE_MIN_TOKENS + 1, 50))]
+                    for _ in range(2)]
     history: list[list[int]] = [[]]
 
     def random_prompt() -> list[int]:
-        start = rng.choice([[], rng.choice(systems), rng.choice(history)])
+        start = rng.choice([[], rng.choice(systems), rng.choice(long_systems),
+                            rng.choice(long_systems), rng.choice(history)])
         prompt = start[:rng.randint(0, len(start))]
+        if rng.random() < 0.5:
+            prompt = list(start)
         prompt += [rng.randint(10, 60) for _ in range(rng.randint(0, 8))]
-        return prompt[:20] or [rng.randint(10, 60)]
+        return prompt[:54] or [rng.randint(10, 60)]
 
+    stats = {"copies": 0, "deferrals": 0, "groups": 0}
     cleared = 0
     admitted: set[str] = set()
     finished_ids: list[str] = []
     next_id = 0
 
-    def check_step(output: SchedulerOutput) -> None:
+    def check_step(output: SchedulerOutput, waiting_before: list[Sequence]) -> None:
         nonlocal cleared
+        new = [c.seq for c in output.chunks if c.seq.request_id not in admitted]
+        running = {seq.slot: seq for seq in scheduler.running}
+        destinations: set[int] = set()
+        for src, dst, n in output.kv_copies:
+            assert prefix_caching
+            # From a running sequence's computed prompt, into a sequence admitted now.
+            source, dest = running[src], running[dst]
+            assert source not in new or source.num_computed == source.num_cached
+            assert 0 < n <= min(source.num_computed, source.num_prompt)
+            assert dest in new and dest.num_cached == n
+            assert dest.prompt_ids[:n] == source.prompt_ids[:n]
+            assert dst not in destinations
+            destinations.add(dst)
+        stats["copies"] += len(output.kv_copies)
         kv.apply(output)   # every chunk continues its slot, over its own tokens only
         cleared += len(output.kv_truncations)
         if not prefix_caching:
@@ -860,21 +1237,56 @@ def test_random_workload_keeps_the_invariants(seed: int, prefix_caching: bool) -
                 assert chunk.start == seq.num_cached
                 assert 0 <= seq.num_cached < seq.num_prompt
                 assert seq.num_cached == 0 or prefix_caching
+        # Admission is first come, first served, but for a sequence left waiting while
+        # another sequence reads a long prefix of its prompt: one passed over, or one left
+        # with budget, a slot and KV room to spare (there were at least as many when it
+        # was looked at).
+        def waits_for_a_prefix(seq: Sequence) -> bool:
+            return any(other.is_prefilling
+                       and min(shared_prefix(other.prompt_ids, seq.prompt_ids),
+                               seq.num_prompt - 1) >= SHARE_MIN_TOKENS
+                       for other in scheduler.running)
+
+        passed_over = max((i for i, seq in enumerate(waiting_before) if seq in new), default=0)
+        for seq in waiting_before[:passed_over]:
+            if seq.status is SequenceStatus.WAITING:
+                assert prefix_caching
+                assert waits_for_a_prefix(seq)
+        for seq in waiting_before[:WAITING_SCAN]:
+            if seq.status is not SequenceStatus.WAITING:
+                continue
+            if (output.num_tokens == config.step_token_budget or not scheduler._free_slots
+                    or scheduler.kv_reserved + seq.kv_reservation > config.kv_capacity):
+                break
+            assert prefix_caching
+            assert waits_for_a_prefix(seq)
+            stats["deferrals"] += 1
 
     def check_free_slots() -> None:
         for slot in scheduler._free_slots:
-            cache = scheduler._slot_cache.get(slot, [])
+            cache = slot_cache(scheduler).get(slot, [])
             assert kv.slots.get(slot, [])[:len(cache)] == cache
 
-    for _ in range(150):
+    def schedule() -> SchedulerOutput:
+        waiting_before = list(scheduler.waiting)
+        output = scheduler.schedule()
+        check_step(output, waiting_before)
+        return output
+
+    for _ in range(200):
         if rng.random() < 0.3:
-            seq = make_seq(f"r{next_id}", prompt=random_prompt(),
-                           max_tokens=rng.randint(1, 10))
-            next_id += 1
+            prompt = random_prompt()
+            group = [make_seq(f"r{next_id + i}", prompt=list(prompt),
+                              max_tokens=rng.randint(1, 10))
+                     for i in range(rng.choice([1, 1, 1, 2, 3]))]
+            next_id += len(group)
+            waiting = list(scheduler.waiting)
             try:
-                scheduler.add(seq)
+                scheduler.add_group(group)
+                stats["groups"] += len(group) > 1
             except QueueFullError:
-                assert len(scheduler.waiting) == config.max_waiting
+                assert len(waiting) + len(group) > config.max_waiting
+                assert list(scheduler.waiting) == waiting
         if rng.random() < 0.05 and next_id:
             victim = scheduler.abort(f"r{rng.randrange(next_id)}")
             if victim is not None:
@@ -882,8 +1294,7 @@ def test_random_workload_keeps_the_invariants(seed: int, prefix_caching: bool) -
                 history.append(victim.token_ids)
 
         decoding = [s for s in scheduler.running if not s.is_prefilling]
-        output = scheduler.schedule()
-        check_step(output)
+        output = schedule()
 
         assert output.num_tokens <= config.step_token_budget
         assert [c.seq for c in output.chunks[:len(decoding)]] == decoding
@@ -914,13 +1325,16 @@ def test_random_workload_keeps_the_invariants(seed: int, prefix_caching: bool) -
             assert seq.num_output <= seq.params.max_tokens
         check_free_slots()
 
-    while scheduler.running or scheduler.waiting:  # drain
-        output = scheduler.schedule()
-        check_step(output)
+    for _ in range(2000):   # drain: every sequence ends, none waits forever
+        if not (scheduler.running or scheduler.waiting):
+            break
+        output = schedule()
         tokens = {c.seq.request_id: PLAIN for c in output.chunks if c.sample}
         finished_ids.extend(s.request_id for s in scheduler.update_from_output(output, tokens))
         check_free_slots()
-    check_step(scheduler.schedule())
+    else:
+        pytest.fail("the workload did not drain")
+    schedule()
 
     assert len(finished_ids) == len(set(finished_ids))
     assert admitted <= set(finished_ids)
@@ -931,16 +1345,59 @@ def test_random_workload_keeps_the_invariants(seed: int, prefix_caching: bool) -
         # Every sequence that got a slot had it cleared exactly once.
         assert cleared == len(admitted)
         assert all(cells == [] for cells in kv.slots.values())
+    return stats
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+@pytest.mark.parametrize("seed", range(20))
+def test_random_workload_keeps_the_invariants(seed: int, prefix_caching: bool) -> None:
+    run_random_workload(seed, prefix_caching)
+
+
+def test_random_workloads_copy_and_wait_only_with_prefix_caching() -> None:
+    """The workloads above do exercise copies and deferrals, and only with prefix caching."""
+    with_caching = [run_random_workload(seed, True) for seed in range(20)]
+    without = [run_random_workload(seed, False) for seed in range(20)]
+    assert sum(s["groups"] for s in with_caching) > 0
+    assert sum(s["copies"] for s in with_caching) > 0
+    assert sum(s["deferrals"] for s in with_caching) > 0
+    assert sum(s["copies"] + s["deferrals"] for s in without) == 0
 
 
 def test_forgetting_cached_cells_stops_reuse() -> None:
     """After the engine clears the whole KV cache (a failed step), nothing is reused."""
     scheduler = make_scheduler(max_sequences=2, step_token_budget=64)
     warm(scheduler, ["system prompt A", "system prompt B"])
+    assert not scheduler.running   # warm() leaves free slots' cells, no running sequence
     scheduler.forget_cached_cells()
     seq = make_seq("after", prompt=toks("system prompt A, again"))
     scheduler.add(seq)
     output = scheduler.schedule()
     assert output.kv_truncations == []
+    assert output.kv_copies == []
+    assert seq.num_cached == 0
+    assert output.chunks[0].start == 0
+
+
+def test_after_a_failed_step_a_running_sequences_cells_are_not_copied() -> None:
+    """The engine aborts every sequence, then forgets the cells: a sequence that was
+    running when the step failed is no source of cells either."""
+    scheduler = make_scheduler(max_sequences=2, step_token_budget=64)
+    kv = KVModel()
+    running = make_seq("running", prompt=toks("system prompt A"), max_tokens=10)
+    scheduler.add(running)
+    run_step(scheduler, kv=kv)
+    probe = make_seq("probe", prompt=toks("system prompt A, again"))
+    assert scheduler._best_prefix(probe) == (15, ("running", 0))   # a source until now
+
+    assert scheduler.abort("running") is running
+    scheduler.forget_cached_cells()
+    kv.slots.clear()
+    seq = make_seq("after", prompt=toks("system prompt A, again"))
+    scheduler.add(seq)
+    output, _ = run_step(scheduler, kv=kv)
+
+    assert output.kv_truncations == []
+    assert output.kv_copies == []
     assert seq.num_cached == 0
     assert output.chunks[0].start == 0

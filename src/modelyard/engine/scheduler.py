@@ -212,18 +212,20 @@ class Scheduler:
         best, source = 0, ("free", self._free_slots[0])
         if not self.config.prefix_caching:
             return 0, source
+        cap = seq.num_prompt - 1
         for slot in self._free_slots:
             cached = self._slot_cache.get(slot)
             shared = _common_prefix(cached, seq.prompt_array) if cached is not None else 0
+            shared = min(shared, cap)
             if shared > best:
                 best, source = shared, ("free", slot)
         for other in self.running:
             if other.slot is not None and other.num_computed > best:
                 computed = other.prompt_array[: min(other.num_computed, other.num_prompt)]
-                shared = _common_prefix(computed, seq.prompt_array)
+                shared = min(_common_prefix(computed, seq.prompt_array), cap)
                 if shared > best:
                     best, source = shared, ("running", other.slot)
-        return min(best, seq.num_prompt - 1), source
+        return max(best, 0), source
 
     def _should_wait(self, seq: Sequence, reused: int) -> bool:
         """Whether a running sequence is still reading a prompt prefix this one shares."""
