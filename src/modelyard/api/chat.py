@@ -51,10 +51,10 @@ def _to_chat_request(payload: ChatCompletionRequest, request_id: str) -> ChatReq
         repetition_penalty=payload.repetition_penalty,
         logit_bias={int(k): v for k, v in (payload.logit_bias or {}).items()},
         stop=payload.stop_strings,
-        include_stop_str_in_output=payload.include_stop_str_in_output,
+        include_stop_str_in_output=bool(payload.include_stop_str_in_output),
         seed=payload.seed,
-        n=payload.n,
-        logprobs=payload.logprobs,
+        n=payload.choices,
+        logprobs=bool(payload.logprobs),
         top_logprobs=payload.top_logprobs or 0,
         truncate_to_context=payload.context_length_exceeded_behavior == "truncate",
     )
@@ -129,10 +129,10 @@ async def chat_completions(request: Request) -> Response:
                             state.system_fingerprint)
     if payload.stream:
         include_usage = bool(payload.stream_options and payload.stream_options.include_usage)
-        return StreamingResponse(_stream(completion, deltas, payload.n, include_usage, bill),
+        return StreamingResponse(_stream(completion, deltas, payload.choices, include_usage, bill),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", **admission.headers})
-    return await _collect(completion, deltas, payload.n, payload.logprobs, bill)
+    return await _collect(completion, deltas, payload.choices, bool(payload.logprobs), bill)
 
 
 async def _collect(completion: Completion, deltas: AsyncIterator[ChatDelta], n: int,

@@ -56,7 +56,13 @@ def error_body(
                       "param": param, "code": code}}
 
 
+# Fields that are maps: an error in one of their values names the field, not the key.
+_MAP_FIELDS = frozenset({"logit_bias"})
+
+
 def _location(loc: tuple[int | str, ...]) -> str | None:
+    if loc and loc[0] in _MAP_FIELDS:
+        return str(loc[0])
     text = ""
     for part in loc:
         if isinstance(part, int):

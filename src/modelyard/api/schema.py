@@ -92,10 +92,10 @@ class ChatCompletionRequest(_Strict):
     repetition_penalty: Annotated[float, Field(gt=0, le=2)] | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    include_stop_str_in_output: bool = False
+    include_stop_str_in_output: bool | None = None
     seed: int | None = None
-    n: Annotated[int, Field(ge=1, le=128)] = 1
-    logprobs: bool = False
+    n: Annotated[int, Field(ge=1, le=128)] | None = None
+    logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     user: str | None = None
 
@@ -144,6 +144,10 @@ class ChatCompletionRequest(_Strict):
             if getattr(self, name) not in allowed:
                 return name
         return None
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
