@@ -10,6 +10,10 @@ from pathlib import Path
 from modelyard.chat.template import TemplateError
 from modelyard.config import ConfigError, load_config, with_overrides
 from modelyard.models import ModelSourceError
+from modelyard.platform.accounts import AdminError
+from modelyard.platform.commands import add_commands, run
+from modelyard.platform.money import AmountError
+from modelyard.platform.service import PlatformUnavailable
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
                        "hf:OWNER/REPO/FILE.gguf (default: the packaged Qwen2.5-Coder 0.5B)")
     serve.add_argument("--model-id", help="the id clients use for the model")
     serve.add_argument("--config", type=Path, help="a TOML config file")
+    add_commands(commands)
     return parser
 
 
@@ -46,10 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve(args)
-    except (ConfigError, ModelSourceError, TemplateError) as exc:
+        return run(args)
+    except (ConfigError, ModelSourceError, TemplateError, PlatformUnavailable, AmountError,
+            AdminError) as exc:
         print(f"modelyard: {exc}", file=sys.stderr)
         return 2
-    return 1
 
 
 if __name__ == "__main__":

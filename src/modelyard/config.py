@@ -14,8 +14,13 @@ from typing import Any
 
 import platformdirs
 
+from modelyard.platform.money import AmountError, Price
+
 DEFAULT_MODEL_ID = "qwen2.5-coder-0.5b-instruct"
 DEFAULT_MODEL_SOURCE = "pypi:qwen2.5-coder-0.5b-instruct"
+
+
+_SECTIONS = ("model", "engine", "platform")
 
 
 class ConfigError(ValueError):
@@ -68,8 +73,32 @@ class ModelConfig:
     source: str = DEFAULT_MODEL_SOURCE
     default_max_tokens: int | None = None
     """Completion cap when a request names none; None means what the context leaves."""
+    input_price: float = 0.0
+    """Currency units per million prompt tokens."""
+    cached_input_price: float | None = None
+    """Per million prompt tokens served from the prefix cache; None: the input price."""
+    output_price: float = 0.0
+    """Currency units per million completion tokens."""
     defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
     """[model.defaults] in the config file."""
+
+
+@dataclass(frozen=True)
+class PlatformConfig:
+    """Keys, balances and limits (the database and Redis are chosen at the top level)."""
+
+    reservation_ttl_seconds: float = 60.0
+    """How long a reservation outlives its gateway: a running gateway keeps extending its
+    own; one left by a crashed gateway is released this long after its last extension."""
+    sweep_interval_seconds: float = 10.0
+    """How often expired reservations are looked for (and once at start)."""
+    usage_retention_days: int = 365
+    """Usage records older than this are deleted; 0 keeps them forever."""
+    key_cache_seconds: float = 0.0
+    """Remember a looked-up key this long; 0 (the default) reads it on every request, so a
+    revocation is effective at once on every gateway."""
+    redis_prefix: str = "modelyard"
+    """Prefix of every Redis key modelyard writes."""
 
 
 @dataclass(frozen=True)
@@ -78,12 +107,26 @@ class Config:
     port: int = 8000
     data_dir: Path = field(default_factory=lambda: Path(platformdirs.user_data_dir("modelyard")))
     log_level: str = "info"
+    database_url: str | None = None
+    """SQLAlchemy URL of the platform's database; None: SQLite in the data directory."""
+    redis_url: str | None = None
+    """Redis for rate limits shared by several gateways; None: limits in this process."""
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    platform: PlatformConfig = field(default_factory=PlatformConfig)
 
     @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
+
+    @property
+    def platform_database_url(self) -> str:
+        """The database the platform uses: `database_url`, or SQLite in the data dir."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'modelyard.db'}"
+
+
+_OPTIONAL: dict[str, type] = {"default_max_tokens": int, "cached_input_price": float}
+"""Fields whose default is None, and the type a given value must have."""
 
 
 def _build(cls: type[Any], values: dict[str, Any], where: str) -> Any:
@@ -99,9 +142,7 @@ def _build(cls: type[Any], values: dict[str, Any], where: str) -> Any:
                 raise ConfigError(f"{where}.defaults must be a table")
             kwargs[name] = _build(SamplingDefaults, value, f"{where}.defaults")
             continue
-        expected = type(getattr(default, name))
-        if name == "default_max_tokens":
-            expected = int if value is not None else type(None)
+        expected = _OPTIONAL.get(name) or type(getattr(default, name))
         if expected is bool and not isinstance(value, bool):
             raise ConfigError(f"{where}.{name} must be true or false, got {value!r}")
         if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -118,6 +159,7 @@ def _build(cls: type[Any], values: dict[str, Any], where: str) -> Any:
 
 def _validate(config: Config) -> Config:
     engine = config.engine
+    platform = config.platform
     checks: list[tuple[bool, str]] = [
         (1 <= engine.max_sequences <= 256, "engine.max_sequences must be between 1 and 256"),
         (engine.context_per_sequence >= 64, "engine.context_per_sequence must be at least 64"),
@@ -141,9 +183,21 @@ def _validate(config: Config) -> Config:
         (-2 <= d.presence_penalty <= 2, "model.defaults.presence_penalty must be in [-2, 2]"),
         (0 < d.repetition_penalty <= 2, "model.defaults.repetition_penalty must be in (0, 2]"),
     ]
+    checks += [
+        (platform.reservation_ttl_seconds > 0, "platform.reservation_ttl_seconds must be > 0"),
+        (platform.sweep_interval_seconds > 0, "platform.sweep_interval_seconds must be > 0"),
+        (platform.usage_retention_days >= 0, "platform.usage_retention_days must be >= 0"),
+        (platform.key_cache_seconds >= 0, "platform.key_cache_seconds must be >= 0"),
+        (bool(platform.redis_prefix), "platform.redis_prefix must not be empty"),
+    ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    model = config.model
+    try:
+        Price.from_units(model.input_price, model.output_price, model.cached_input_price)
+    except AmountError as exc:
+        raise ConfigError(f"model.{exc}") from None
     return config
 
 
@@ -158,8 +212,8 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
             raise ConfigError(f"config file not found: {path}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-    top = {k: v for k, v in raw.items() if k not in ("model", "engine")}
-    for section in ("model", "engine"):
+    top = {k: v for k, v in raw.items() if k not in _SECTIONS}
+    for section in _SECTIONS:
         if section in raw and not isinstance(raw[section], dict):
             raise ConfigError(f"{section} must be a table ([{section}]), got {raw[section]!r}")
     if "data_dir" in top and not isinstance(top["data_dir"], str):
@@ -167,12 +221,13 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
     if "data_dir" in top:
         top["data_dir"] = Path(str(top["data_dir"])).expanduser()
     config = Config()
-    for key in ("host", "log_level"):
+    for key in ("host", "log_level", "database_url", "redis_url"):
         if key in top and not isinstance(top[key], str):
             raise ConfigError(f"{key} must be a string")
     if "port" in top and (isinstance(top["port"], bool) or not isinstance(top["port"], int)):
         raise ConfigError("port must be an integer")
-    unknown = sorted(set(top) - {"host", "port", "data_dir", "log_level"})
+    unknown = sorted(set(top) - {"host", "port", "data_dir", "log_level", "database_url",
+                                 "redis_url"})
     if unknown:
         raise ConfigError(f"unknown key(s) in config: {', '.join(unknown)}")
     config = replace(config, **top)
@@ -180,8 +235,15 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
         config = replace(config, model=_build(ModelConfig, dict(raw["model"]), "model"))
     if "engine" in raw:
         config = replace(config, engine=_build(EngineConfig, dict(raw["engine"]), "engine"))
+    if "platform" in raw:
+        config = replace(config, platform=_build(PlatformConfig, dict(raw["platform"]),
+                                                 "platform"))
     if env.get("MODELYARD_DATA_DIR"):
         config = replace(config, data_dir=Path(env["MODELYARD_DATA_DIR"]).expanduser())
+    if env.get("MODELYARD_DATABASE_URL"):
+        config = replace(config, database_url=env["MODELYARD_DATABASE_URL"])
+    if env.get("MODELYARD_REDIS_URL"):
+        config = replace(config, redis_url=env["MODELYARD_REDIS_URL"])
     return _validate(config)
 
 

@@ -1,4 +1,9 @@
-"""One real server process per test session, shared by the e2e tests."""
+"""One real server process per test session, shared by the e2e tests.
+
+The server runs with the platform on (a fresh SQLite database) and prices its model at
+1 micro-unit per prompt token (cached or not) and 2 per completion token, so each test can
+work out what a request costs; `client` uses a key of an account with plenty of balance.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,14 @@ from tests.e2e.server import RunningServer, running_server
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
 
-SERVER_CONFIG = """
+INPUT_MICROS_PER_TOKEN = 1
+OUTPUT_MICROS_PER_TOKEN = 2
+
+SERVER_CONFIG = f"""
+[model]
+input_price = {INPUT_MICROS_PER_TOKEN}
+output_price = {OUTPUT_MICROS_PER_TOKEN}
+
 [engine]
 max_sequences = 8
 context_per_sequence = 2048
@@ -28,8 +40,14 @@ def server(data_dir: Path, default_model_path: Path,
         yield running
 
 
+@pytest.fixture(scope="session")
+def api_key(server: RunningServer) -> str:
+    """A key of the `e2e` account, which can pay for everything the tests ask."""
+    return server.create_key("e2e", balance="1000")
+
+
 @pytest.fixture
-def client(server: RunningServer) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=server.api_url, api_key="test-key", max_retries=0,
+def client(server: RunningServer, api_key: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=server.api_url, api_key=api_key, max_retries=0,
                        timeout=120) as sdk:
         yield sdk

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -11,10 +12,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 STARTUP_TIMEOUT_SECONDS = 180.0
+ADMIN_KEY_LINE = re.compile(r"admin key: (sk-my-\S+)")
 
 
 @dataclass(frozen=True)
@@ -22,10 +25,28 @@ class RunningServer:
     base_url: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    admin_key: str = ""
+    """The admin key the server printed when it created its (fresh) database."""
 
     @property
     def api_url(self) -> str:
         return f"{self.base_url}/v1"
+
+    def admin(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Call the admin API with the admin key; the decoded JSON body (raises on errors)."""
+        response = httpx.request(method, f"{self.base_url}/admin{path}", timeout=30,
+                                 headers={"Authorization": f"Bearer {self.admin_key}"},
+                                 **kwargs)
+        response.raise_for_status()
+        return response.json()
+
+    def create_key(self, account: str, balance: str | None = None, **options: Any) -> str:
+        """A new key on `account` (created first when `balance` is given)."""
+        if balance is not None:
+            self.admin("POST", "/accounts", json={"name": account, "balance": balance})
+        created: dict[str, Any] = self.admin("POST", "/keys",
+                                             json={"account": account, **options})
+        return str(created["key"])
 
     def metrics(self) -> str:
         return httpx.get(f"{self.base_url}/metrics", timeout=10).text
@@ -49,8 +70,12 @@ def modelyard_command() -> list[str]:
 @contextmanager
 def running_server(data_dir: Path, config_toml: str, workdir: Path,
                    extra_args: tuple[str, ...] = ()) -> Iterator[RunningServer]:
+    """`modelyard serve` on a free port. Unless the config names a `database_url`, the
+    server gets a fresh SQLite database in `workdir` (so it prints a new admin key)."""
     port = free_port()
     config = workdir / "modelyard.toml"
+    if "database_url" not in config_toml:
+        config_toml = f'database_url = "sqlite:///{workdir / "platform.db"}"\n{config_toml}'
     config.write_text(config_toml)
     log_path = workdir / "server.log"
     env = dict(os.environ, MODELYARD_DATA_DIR=str(data_dir))
@@ -63,7 +88,9 @@ def running_server(data_dir: Path, config_toml: str, workdir: Path,
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)
     try:
         _wait_healthy(server)
-        yield server
+        found = ADMIN_KEY_LINE.search(server.log())
+        yield RunningServer(server.base_url, process, log_path,
+                            found.group(1) if found else "")
     finally:
         process.terminate()
         try:

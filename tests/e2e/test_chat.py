@@ -39,8 +39,9 @@ def test_plain_answer(client: openai.OpenAI) -> None:
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
-def test_api_alias_path_answers(server: RunningServer) -> None:
-    with openai.OpenAI(base_url=f"{server.base_url}/api/v1", api_key="k", max_retries=0) as sdk:
+def test_api_alias_path_answers(server: RunningServer, api_key: str) -> None:
+    with openai.OpenAI(base_url=f"{server.base_url}/api/v1", api_key=api_key,
+                       max_retries=0) as sdk:
         reply = sdk.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4)
     assert reply.choices[0].finish_reason == "length"
 

@@ -39,7 +39,7 @@ def _wait_for(server: RunningServer, name: str, value: float) -> None:
 
 
 def test_full_queue_answers_503_with_retry_after(small_server: RunningServer) -> None:
-    with openai.OpenAI(base_url=small_server.api_url, api_key="k", max_retries=0,
+    with openai.OpenAI(base_url=small_server.api_url, api_key=small_server.admin_key, max_retries=0,
                        timeout=120) as client:
         running = client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "Count to 300."}],

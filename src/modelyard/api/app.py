@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from modelyard.api.admin import router as admin_router
 from modelyard.api.auth import AuthMiddleware
 from modelyard.api.chat import router as chat_router
 from modelyard.api.errors import APIError, error_body
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 def create_app(state: AppState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await state.gate.start()
         yield
         await state.drain()
         for provider in state.providers.values():
@@ -33,6 +35,7 @@ def create_app(state: AppState) -> FastAPI:
     app.state.modelyard = state
     app.include_router(chat_router)
     app.include_router(router)
+    app.include_router(admin_router)
 
     app.add_middleware(AuthMiddleware, gate=state.gate)
 

@@ -30,9 +30,18 @@ def json_response(body: dict[str, Any], status: int = 200,
 @router.get("/api/v1/models")
 async def list_models(request: Request) -> Response:
     state = _state(request)
+    caller = request.state.caller
     data = [{"id": model_id, "object": "model", "created": state.started, "owned_by": "modelyard",
-             **provider.describe()} for model_id, provider in state.providers.items()]
+             **provider.describe(), **_pricing(state, model_id)}
+            for model_id, provider in state.providers.items()
+            if state.gate.may_use(caller, model_id)]
     return json_response({"object": "list", "data": data})
+
+
+def _pricing(state: AppState, model_id: str) -> dict[str, Any]:
+    """The configured prices (per million tokens, currency units) over the provider's own."""
+    price = state.prices.get(model_id)
+    return {} if price is None else {"pricing": price.as_units()}
 
 
 @router.get("/health")

@@ -1,4 +1,5 @@
-"""What the routes share: the providers by model id, the platform gate, the metrics."""
+"""What the routes share: the providers by model id, the platform gate and prices, the
+metrics."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from modelyard.platform.gate import Gate, OpenGate
+from modelyard.platform.money import Price
 from modelyard.providers.base import Provider
 
 
@@ -19,6 +21,8 @@ class AppState:
     providers: dict[str, Provider]
     registry: CollectorRegistry
     gate: Gate = field(default_factory=OpenGate)
+    prices: dict[str, Price] = field(default_factory=dict)
+    """Per model id; a model without an entry is free."""
     system_fingerprint: str = "fp_modelyard"
     started: int = field(default_factory=lambda: int(time.time()))
     _background: set[asyncio.Task[Any]] = field(default_factory=set)

@@ -35,6 +35,8 @@ class Caller:
     is_admin: bool = False
     allowed_models: frozenset[str] | None = None
     """None: every model."""
+    rpm: int | None = None
+    tpm: int | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,9 @@ class Admission:
     model: str
     reservation_id: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    reserved: int = 0
+    """The maximum cost held, in micro-units."""
+    max_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,9 @@ class Gate(ABC):
     @abstractmethod
     async def settle(self, admission: Admission, outcome: Outcome) -> None:
         """Charge the real cost, release the rest of the reservation, record the usage."""
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Start background work (called once the server's event loop runs)."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections at shutdown."""

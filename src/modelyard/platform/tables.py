@@ -1,0 +1,105 @@
+"""The platform's tables (SQLAlchemy Core). Migrations in `migrations/` create them.
+
+Money columns are integer micro-units. Times are naive UTC. An account's `balance` is
+what it has after every settled request; `reserved` is the part of it held by requests
+still running (one `reservations` row each), so `balance - reserved` is what a new request
+may reserve. `credited` and `spent` are running totals, so that at any time
+`balance == credited - spent`, whatever the usage retention has trimmed.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    false,
+)
+
+metadata = MetaData()
+
+ROW_ID = BigInteger().with_variant(Integer, "sqlite")
+"""An auto-incrementing id: SQLite only auto-increments an INTEGER PRIMARY KEY."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+accounts = Table(
+    "accounts", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("balance", BigInteger, nullable=False, server_default="0"),
+    Column("reserved", BigInteger, nullable=False, server_default="0"),
+    Column("credited", BigInteger, nullable=False, server_default="0"),
+    Column("spent", BigInteger, nullable=False, server_default="0"),
+    Column("created_at", DateTime, nullable=False),
+    CheckConstraint("reserved >= 0 AND reserved <= balance", name="ck_accounts_reserved"),
+)
+
+credits = Table(
+    "credits", metadata,
+    Column("id", ROW_ID, primary_key=True, autoincrement=True),
+    Column("account_id", String(32), ForeignKey("accounts.id"), nullable=False, index=True),
+    Column("amount", BigInteger, nullable=False),
+    Column("note", String(200), nullable=False),
+    Column("created_at", DateTime, nullable=False),
+)
+
+api_keys = Table(
+    "api_keys", metadata,
+    Column("id", String(12), primary_key=True),
+    Column("account_id", String(32), ForeignKey("accounts.id"), nullable=False, index=True),
+    Column("digest", String(64), nullable=False),
+    Column("name", String(200)),
+    Column("is_admin", Boolean, nullable=False, server_default=false()),
+    Column("models", Text),
+    Column("rpm", Integer),
+    Column("tpm", Integer),
+    Column("expires_at", DateTime),
+    Column("revoked_at", DateTime),
+    Column("created_at", DateTime, nullable=False),
+)
+
+reservations = Table(
+    "reservations", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("account_id", String(32), ForeignKey("accounts.id"), nullable=False),
+    Column("key_id", String(12), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("expires_at", DateTime, nullable=False, index=True),
+    Column("created_at", DateTime, nullable=False),
+)
+
+usage = Table(
+    "usage", metadata,
+    Column("id", ROW_ID, primary_key=True, autoincrement=True),
+    Column("created_at", DateTime, nullable=False, index=True),
+    Column("key_id", String(12), nullable=False, index=True),
+    Column("account_id", String(32), nullable=False, index=True),
+    Column("model", String(200), nullable=False),
+    Column("user", String(256)),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("cached_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("reasoning_tokens", Integer, nullable=False),
+    Column("cost", BigInteger, nullable=False),
+    Column("reserved", BigInteger, nullable=False),
+    Column("latency_ms", Float, nullable=False),
+    Column("ttft_ms", Float),
+    Column("status", Integer, nullable=False),
+    Column("estimated", Boolean, nullable=False),
+    Column("client_disconnected", Boolean, nullable=False),
+)
