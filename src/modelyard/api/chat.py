@@ -113,8 +113,9 @@ async def chat_completions(request: Request) -> Response:
     started = time.monotonic()
     try:
         prepared = await provider.prepare_chat(_to_chat_request(payload, request_id))
+        # n choices may each generate max_tokens: the most the request can cost.
         admission = await state.gate.admit(caller, payload.model, prepared.prompt_tokens,
-                                           prepared.max_tokens)
+                                           prepared.max_tokens * payload.n)
     except (ProviderError, PlatformError) as exc:
         raise _as_api_error(exc) from None
     bill = _Bill(state, admission, payload.user, started)
