@@ -81,6 +81,8 @@ class ModelConfig:
     """Currency units per million completion tokens."""
     defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
     """[model.defaults] in the config file."""
+    chat_template: str | None = None
+    """Path to a Jinja chat template that replaces the one stored in the GGUF."""
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,8 @@ class Config:
         return self.database_url or f"sqlite:///{self.data_dir / 'modelyard.db'}"
 
 
-_OPTIONAL: dict[str, type] = {"default_max_tokens": int, "cached_input_price": float}
+_OPTIONAL: dict[str, type] = {"default_max_tokens": int, "cached_input_price": float,
+                               "chat_template": str}
 """Fields whose default is None, and the type a given value must have."""
 
 

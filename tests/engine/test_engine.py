@@ -82,9 +82,9 @@ def _run(engine: Engine, prompts: Seq[list[int]], params: SamplingParams
          ) -> list[list[EngineOutput]]:
     async def main() -> list[list[EngineOutput]]:
         queues = [engine.submit(f"r{i}", p, params) for i, p in enumerate(prompts)]
+        engine.start()  # after every submit, so they are all waiting for the first step
         return list(await asyncio.gather(*(_collect(q) for q in queues)))
 
-    engine.start()
     try:
         return asyncio.run(main())
     finally:

@@ -18,9 +18,16 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from modelyard.api.errors import APIError, error_body, from_validation_error
-from modelyard.api.responses import SSE_DONE, ChoiceResult, Completion, sse, usage
+from modelyard.api.responses import (
+    SSE_DONE,
+    ChoiceResult,
+    Completion,
+    sse,
+    tool_call_body,
+    usage,
+)
 from modelyard.api.routes import json_response
-from modelyard.api.schema import ChatCompletionRequest, check_supported
+from modelyard.api.schema import ChatCompletionRequest
 from modelyard.api.state import AppState
 from modelyard.platform.gate import Admission, Caller, Outcome, PlatformError, Usage
 from modelyard.providers.base import ChatDelta, ChatRequest, ProviderError, StreamError
@@ -33,7 +40,6 @@ def _parse(body: bytes) -> ChatCompletionRequest:
         payload = ChatCompletionRequest.model_validate_json(body)
     except ValidationError as exc:
         raise from_validation_error(exc) from None
-    check_supported(payload)
     return payload
 
 
@@ -56,6 +62,16 @@ def _to_chat_request(payload: ChatCompletionRequest, request_id: str) -> ChatReq
         n=payload.choices,
         logprobs=bool(payload.logprobs),
         top_logprobs=payload.top_logprobs or 0,
+        tools=[tool.model_dump(exclude_none=True) for tool in payload.tools or []],
+        tool_choice=(payload.tool_choice.model_dump() if not isinstance(
+            payload.tool_choice, str | None) else payload.tool_choice),
+        parallel_tool_calls=payload.parallel_tool_calls is not False,
+        response_format=(payload.response_format.model_dump(by_alias=True, exclude_none=True)
+                         if payload.response_format else None),
+        enable_thinking=payload.enable_thinking,
+        thinking_budget=payload.thinking_budget,
+        reasoning_effort=payload.reasoning_effort,
+        separate_reasoning=payload.separate_reasoning is not False,
         truncate_to_context=payload.context_length_exceeded_behavior == "truncate",
     )
 
@@ -84,8 +100,8 @@ class _Bill:
             return
         self.settled = True
         last = self.last
-        used = Usage(last.prompt_tokens, last.cached_tokens, last.completion_tokens) if last \
-            else Usage()
+        used = Usage(last.prompt_tokens, last.cached_tokens, last.completion_tokens,
+                     last.reasoning_tokens) if last else Usage()
         ttft = self.first_token_at - self.started if self.first_token_at else None
         outcome = Outcome(used, status, time.monotonic() - self.started, ttft, self.user,
                           client_disconnected=client_disconnected)
@@ -115,7 +131,7 @@ async def chat_completions(request: Request) -> Response:
         prepared = await provider.prepare_chat(_to_chat_request(payload, request_id))
         # n choices may each generate max_tokens: the most the request can cost.
         admission = await state.gate.admit(caller, payload.model, prepared.prompt_tokens,
-                                           prepared.max_tokens * payload.n)
+                                           prepared.max_tokens * payload.choices)
     except (ProviderError, PlatformError) as exc:
         raise _as_api_error(exc) from None
     bill = _Bill(state, admission, payload.user, started)
@@ -143,6 +159,9 @@ async def _collect(completion: Completion, deltas: AsyncIterator[ChatDelta], n: 
         async for delta in deltas:
             choice = choices[delta.index]
             choice.parts.append(delta.text)
+            if delta.reasoning:
+                choice.reasoning.append(delta.reasoning)
+            choice.tool_calls.extend(delta.tool_calls)
             if delta.finish_reason is not None:
                 choice.finish_reason = delta.finish_reason
             if choice.logprobs is not None and delta.logprobs:
@@ -160,7 +179,7 @@ async def _collect(completion: Completion, deltas: AsyncIterator[ChatDelta], n: 
         raise APIError(500, "the model produced no output", code="server_error")
     return json_response(
         completion.body(choices, usage(last.prompt_tokens, last.completion_tokens,
-                                       last.cached_tokens)),
+                                       last.cached_tokens, last.reasoning_tokens)),
         headers=bill.admission.headers)
 
 
@@ -171,9 +190,16 @@ async def _stream(completion: Completion, deltas: AsyncIterator[ChatDelta], n: i
             yield completion.chunk({"role": "assistant", "content": ""}, index=index)
         try:
             async for delta in deltas:
+                if delta.reasoning:
+                    yield completion.chunk({"reasoning_content": delta.reasoning},
+                                           index=delta.index)
                 if delta.text or delta.logprobs:
                     yield completion.chunk({"content": delta.text}, index=delta.index,
                                            logprobs=delta.logprobs)
+                if delta.tool_calls:
+                    yield completion.chunk(
+                        {"tool_calls": [tool_call_body(call) for call in delta.tool_calls]},
+                        index=delta.index)
                 if delta.finish_reason is not None:
                     yield completion.chunk({}, delta.finish_reason, index=delta.index)
                 bill.sent(delta)  # reached only once the chunk was handed to the client
@@ -186,7 +212,7 @@ async def _stream(completion: Completion, deltas: AsyncIterator[ChatDelta], n: i
         bill.settle(200)
         if include_usage and last is not None:
             yield completion.usage_chunk(usage(last.prompt_tokens, last.completion_tokens,
-                                               last.cached_tokens))
+                                               last.cached_tokens, last.reasoning_tokens))
         yield SSE_DONE
     finally:
         bill.settle(200, client_disconnected=True)  # the client went away mid-stream

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 _VALUE_ERROR_TYPES = frozenset({
     "greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of",
     "too_short", "too_long", "string_too_short", "string_too_long", "literal_error",
-    "enum", "value_error", "finite_number",
+    "enum", "value_error", "finite_number", "string_pattern_mismatch",
 })
 
 _TYPES = {

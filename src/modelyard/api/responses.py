@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from modelyard.providers.base import TokenLogprobs
+from modelyard.providers.base import TokenLogprobs, ToolCallDelta
 
 
 @dataclass
@@ -16,8 +16,23 @@ class ChoiceResult:
 
     index: int
     parts: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
     finish_reason: str | None = None
     logprobs: list[TokenLogprobs] | None = None
+
+    def message(self) -> dict[str, Any]:
+        content = "".join(self.parts)
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": None if self.tool_calls and not content.strip() else content,
+        }
+        if self.reasoning:
+            message["reasoning_content"] = "".join(self.reasoning)
+        if self.tool_calls:
+            message["tool_calls"] = [tool_call_body(call, with_index=False)
+                                     for call in self.tool_calls]
+        return message
 
 
 @dataclass(frozen=True)
@@ -37,7 +52,7 @@ class Completion:
         body = self._head("chat.completion")
         body["choices"] = [{
             "index": choice.index,
-            "message": {"role": "assistant", "content": "".join(choice.parts)},
+            "message": choice.message(),
             "logprobs": logprobs_body(choice.logprobs),
             "finish_reason": choice.finish_reason,
         } for choice in sorted(choices, key=lambda c: c.index)]
@@ -58,6 +73,13 @@ class Completion:
         return sse(body)
 
 
+def tool_call_body(call: ToolCallDelta, *, with_index: bool = True) -> dict[str, Any]:
+    body: dict[str, Any] = {"index": call.index} if with_index else {}
+    body.update({"id": call.id, "type": "function",
+                 "function": {"name": call.name, "arguments": call.arguments}})
+    return body
+
+
 def logprobs_body(
     entries: tuple[TokenLogprobs, ...] | list[TokenLogprobs] | None,
 ) -> dict[str, Any] | None:
@@ -73,13 +95,14 @@ def logprobs_body(
     } for entry in entries]}
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+          reasoning_tokens: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
-        "completion_tokens_details": {"reasoning_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
     }
 
 

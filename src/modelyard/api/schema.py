@@ -71,6 +71,39 @@ class Message(_Strict):
         return data
 
 
+class FunctionDefinition(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
+class JsonSchemaFormat(_Strict):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
 
@@ -99,14 +132,13 @@ class ChatCompletionRequest(_Strict):
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     user: str | None = None
 
-    # Defined by SPEC.md, implemented in later releases: accepted only at their no-op values.
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     enable_thinking: bool | None = None
-    thinking_budget: int | None = None
-    reasoning_effort: str | None = None
+    thinking_budget: Annotated[int, Field(ge=128, le=32768)] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     separate_reasoning: bool | None = None
 
     @model_validator(mode="after")
@@ -127,23 +159,20 @@ class ChatCompletionRequest(_Strict):
             ):
                 raise APIError(422, f"model '{self.model}' does not accept image input",
                                param=f"messages[{index}].content", code="invalid_value")
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise APIError(422, "tool_choice needs tools", param="tool_choice",
+                           code="invalid_value")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tools and (
+                self.tool_choice.function.name not in {t.function.name for t in self.tools}):
+            raise APIError(422, f"tool_choice names '{self.tool_choice.function.name}', which "
+                           f"is not among the tools", param="tool_choice", code="invalid_value")
+        if (self.response_format is not None and self.response_format.type == "json_schema"
+                and self.response_format.json_schema is None):
+            raise APIError(422, "response_format json_schema needs a json_schema object",
+                           param="response_format", code="invalid_value")
         if self.model_extra:
             logger.debug("ignoring unknown request fields: %s", sorted(self.model_extra))
         return self
-
-    def unsupported_parameter(self) -> str | None:
-        """The first SPEC.md parameter given a value this release does not implement."""
-        no_op_values: dict[str, tuple[Any, ...]] = {
-            "tools": (None, []),
-            "tool_choice": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
-            "response_format": (None, {"type": "text"}), "enable_thinking": (None,),
-            "thinking_budget": (None,), "reasoning_effort": (None,),
-            "separate_reasoning": (None,),
-        }
-        for name, allowed in no_op_values.items():
-            if getattr(self, name) not in allowed:
-                return name
-        return None
 
     @property
     def choices(self) -> int:
@@ -161,10 +190,3 @@ class ChatCompletionRequest(_Strict):
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens
         return self.max_tokens
-
-
-def check_supported(request: ChatCompletionRequest) -> None:
-    name = request.unsupported_parameter()
-    if name is not None:
-        raise APIError(422, f"parameter '{name}' is not supported by this server yet",
-                       param=name, code="unsupported_parameter")

@@ -78,4 +78,18 @@ def normalize_message(message: dict[str, Any]) -> dict[str, Any]:
         )
     elif content is None and "content" in result and not result.get("tool_calls"):
         result["content"] = ""
+    if result.get("tool_calls"):
+        # Templates write arguments as JSON themselves: give them objects, not JSON text.
+        result["tool_calls"] = [_with_parsed_arguments(call) for call in result["tool_calls"]]
     return result
+
+
+def _with_parsed_arguments(call: dict[str, Any]) -> dict[str, Any]:
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except json.JSONDecodeError:
+        return call
+    return {**call, "function": {**function, "arguments": arguments}}

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from modelyard.engine.detokenize import IncrementalDetokenizer, StopStringMatcher
+from modelyard.engine.grammar import Constraint, GrammarCompiler, GrammarMatcher
 from modelyard.engine.metrics import EngineMetrics
 from modelyard.engine.runner import BatchItem, LlamaRunner
 from modelyard.engine.sampling import Sample, Sampler, TokenLogprob
@@ -39,6 +40,7 @@ class EngineOutput:
     error: str | None = None
     logprobs: tuple[tuple[int, TokenLogprob], ...] = ()
     """(token id, its logprobs) for the tokens behind this output's text."""
+    num_reasoning_tokens: int = 0
 
 
 @dataclass(eq=False)
@@ -51,6 +53,14 @@ class _Request:
     first_token_at: float | None = None
 
 
+@dataclass(frozen=True)
+class ReasoningTags:
+    """How a model marks its reasoning: the closing tag's text and its token ids."""
+
+    close_text: str
+    close_ids: tuple[int, ...]
+
+
 @dataclass(eq=False)
 class _Choice:
     index: int
@@ -59,13 +69,22 @@ class _Choice:
     detokenizer: IncrementalDetokenizer
     stops: StopStringMatcher
     request: _Request
+    matcher: GrammarMatcher | None = None
+    reasoning: ReasoningTags | None = None
+    """Set while the choice is inside a reasoning block with a thinking budget."""
+    reasoning_tokens: int = 0
+    forced: list[int] = field(default_factory=list)
+    """Tokens the engine appends instead of sampling (closing a reasoning block)."""
     pending_logprobs: list[tuple[int, TokenLogprob]] = field(default_factory=list)
+    text_tail: str = ""
 
 
 class Engine:
     def __init__(self, runner: LlamaRunner, config: SchedulerConfig,
-                 metrics: EngineMetrics | None = None) -> None:
+                 metrics: EngineMetrics | None = None,
+                 grammar: GrammarCompiler | None = None) -> None:
         self.runner = runner
+        self.grammar = grammar
         self.scheduler = Scheduler(config)
         self.metrics = metrics or EngineMetrics()
         self._choices: dict[str, _Choice] = {}
@@ -86,8 +105,12 @@ class Engine:
     # -- the event-loop side ---------------------------------------------------------------
 
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-               n: int = 1) -> asyncio.Queue[EngineOutput]:
-        """Queue a request with `n` choices; raises `QueueFullError` at once when full."""
+               n: int = 1, *, constraint: Constraint | None = None,
+               reasoning: ReasoningTags | None = None) -> asyncio.Queue[EngineOutput]:
+        """Queue a request with `n` choices; raises `QueueFullError` at once when full.
+
+        `constraint` keeps the output inside a grammar; `reasoning` says the output starts
+        inside a reasoning block whose length `params.thinking_budget` caps."""
         ids = [request_id] if n == 1 else [f"{request_id}:{i}" for i in range(n)]
         request = _Request(request_id, ids, asyncio.Queue(), asyncio.get_running_loop())
         if params.seed is not None and n > 1:  # independent but reproducible streams
@@ -101,6 +124,10 @@ class Engine:
                     StopStringMatcher(params.stop), request)
             for index, (seq_id, rng) in enumerate(zip(ids, rngs, strict=True))
         ]
+        for choice in choices:
+            if constraint is not None and self.grammar is not None:
+                choice.matcher = self.grammar.matcher(constraint)
+            choice.reasoning = reasoning
         with self._lock:
             try:
                 self.scheduler.add_group([choice.seq for choice in choices])
@@ -162,7 +189,7 @@ class Engine:
                     continue
                 choice = self._choices.get(chunk.seq.request_id)
                 # An aborted choice's token is never used.
-                samples[chunk.seq.request_id] = (choice.sampler.sample(logits[row])
+                samples[chunk.seq.request_id] = (self._sample(choice, logits[row])
                                                  if choice is not None else Sample(-1))
                 row += 1
             self.scheduler.update_from_output(
@@ -172,6 +199,24 @@ class Engine:
             self.metrics.running.set(len(self.scheduler.running))
             self.metrics.kv_reserved.set(self.scheduler.kv_reserved)
         self.metrics.step_seconds.observe(time.monotonic() - started)
+
+    def _sample(self, choice: _Choice, logits: np.ndarray[tuple[int], np.dtype[np.float32]]
+                ) -> Sample:
+        if choice.forced:
+            return Sample(choice.forced.pop(0))
+        matcher = choice.matcher
+        allowed = matcher.allowed() if matcher is not None and matcher.active else None
+        sample = choice.sampler.sample(logits, allowed)
+        if matcher is not None:
+            matcher.consume(sample.token)
+        if choice.reasoning is not None:
+            choice.reasoning_tokens += 1  # the closing tag, forced or not, is not counted
+            budget = choice.seq.params.thinking_budget
+            if budget is not None and choice.reasoning_tokens >= budget:
+                # At the budget the engine closes the block itself; the answer follows.
+                choice.forced = list(choice.reasoning.close_ids)
+                choice.reasoning = None
+        return sample
 
     def _record_schedule(self, output: SchedulerOutput) -> None:
         if output.chunks:
@@ -207,6 +252,12 @@ class Engine:
         if sample.logprob is not None:
             choice.pending_logprobs.append((sample.token, sample.logprob))
         text = "" if sample.token in seq.eog_ids else choice.detokenizer.add(sample.token)
+        if choice.reasoning is not None:
+            choice.text_tail = (choice.text_tail + text)[-64:]
+            if choice.reasoning.close_text in choice.text_tail:
+                choice.reasoning = None  # the model closed its reasoning block itself
+        if choice.matcher is not None and choice.matcher.done and seq.finish_reason is None:
+            self.scheduler.finish(seq, FinishReason.STOP)
         text, stopped = choice.stops.feed(text)
         if stopped and seq.finish_reason is None:
             self.scheduler.finish(seq, FinishReason.STOP)
@@ -224,7 +275,8 @@ class Engine:
             return None
         logprobs, choice.pending_logprobs = tuple(choice.pending_logprobs), []
         return EngineOutput(choice.index, text, seq.num_prompt, seq.num_output, seq.num_cached,
-                            seq.finish_reason, logprobs=logprobs)
+                            seq.finish_reason, logprobs=logprobs,
+                            num_reasoning_tokens=choice.reasoning_tokens)
 
     def _fail_all(self, message: str) -> None:
         with self._lock:

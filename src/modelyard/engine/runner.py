@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
+import llguidance
+import llguidance.llamacpp
 import numpy as np
 import numpy.typing as npt
 
@@ -159,6 +161,10 @@ class LlamaRunner:
     @property
     def eos_id(self) -> int:
         return int(llama_cpp.llama_vocab_eos(self._vocab))
+
+    def grammar_tokenizer(self) -> llguidance.LLTokenizer:
+        """The vocabulary as llguidance needs it for constrained decoding (about a second)."""
+        return llguidance.llamacpp.lltokenizer_from_vocab(self._vocab)
 
     def chat_template(self) -> str | None:
         template = llama_cpp.llama_model_chat_template(self._model, None)

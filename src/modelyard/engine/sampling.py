@@ -123,9 +123,10 @@ def min_p_indices(probs: npt.NDArray[np.float64], min_p: float) -> Ids:
 
 
 def top_logprobs(logprobs: npt.NDArray[np.float64], k: int) -> tuple[tuple[int, float], ...]:
+    """The k most likely tokens, best first; tokens a grammar excludes (-inf) are left out."""
     ids = top_k_indices(logprobs, k)
     ids = ids[np.argsort(-logprobs[ids], kind="stable")]
-    return tuple((int(i), float(logprobs[i])) for i in ids)
+    return tuple((int(i), float(logprobs[i])) for i in ids if np.isfinite(logprobs[i]))
 
 
 # -- the per-sequence sampler ------------------------------------------------------------------
@@ -183,8 +184,12 @@ class Sampler:
             apply_frequency_presence(x, ids, counts, p.frequency_penalty, p.presence_penalty)
         return x
 
-    def sample(self, logits: Logits) -> Sample:
+    def sample(self, logits: Logits, allowed: npt.NDArray[np.bool_] | None = None) -> Sample:
+        """Draw the next token; `allowed` (a grammar's mask) excludes every other token
+        before anything else, so logprobs are those of the constrained distribution."""
         x = self.adjusted(logits)
+        if allowed is not None:
+            x = np.where(allowed, x, np.float32(-np.inf)).astype(np.float32)
         token = int(np.argmax(x)) if self.greedy else self._draw(x)
         logprob = None
         if self.params.logprobs:
@@ -202,7 +207,7 @@ class Sampler:
         candidates = np.flatnonzero(x >= scaled_max - NEGLIGIBLE_LOGIT_GAP * p.temperature)
         values = x[candidates].astype(np.float64) / p.temperature
         if 0 < p.top_k < len(candidates):
-            keep = top_k_indices(values, p.top_k)
+            keep = top_k_indices(values, p.top_k + 1)
             candidates, values = candidates[keep], values[keep]
         values -= values.max()
         probs = np.exp(values)

@@ -38,6 +38,8 @@ class SamplingParams:
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+    thinking_budget: int | None = None
+    """Most tokens inside a reasoning block before the engine closes it itself."""
 
 
 class SequenceStatus(enum.Enum):

@@ -39,6 +39,25 @@ class ChatRequest:
     top_logprobs: int = 0
     truncate_to_context: bool = True
     """When prompt + max_tokens exceed the context: lower max_tokens (True) or refuse."""
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    """OpenAI tool definitions ({"type": "function", "function": {...}})."""
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    response_format: dict[str, Any] | None = None
+    enable_thinking: bool | None = None
+    thinking_budget: int | None = None
+    reasoning_effort: str | None = None
+    separate_reasoning: bool = True
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A complete tool call of one choice: `index` counts the choice's calls."""
+
+    index: int
+    id: str
+    name: str
+    arguments: str
 
 
 @dataclass(frozen=True)
@@ -64,6 +83,9 @@ class ChatDelta:
     cached_tokens: int = 0
     index: int = 0
     logprobs: tuple[TokenLogprobs, ...] | None = None
+    reasoning: str = ""
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    reasoning_tokens: int = 0
 
 
 @dataclass(frozen=True)

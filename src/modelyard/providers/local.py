@@ -1,15 +1,21 @@
-"""The built-in engine as a Provider: chat template, tokenization, context limits."""
+"""The built-in engine as a Provider: chat template, tokenization, context limits, and the
+request's tools, response format and reasoning turned into what the engine enforces."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from modelyard.chat.reasoning import reasoning_tags
 from modelyard.chat.template import ChatTemplate, TemplateError
+from modelyard.chat.tool_parsers import TOOL_PARSERS, TaggedJsonToolParser, tool_family
 from modelyard.config import Config, SamplingDefaults
-from modelyard.engine.engine import Engine, EngineOutput
+from modelyard.engine.engine import Engine, EngineOutput, ReasoningTags
+from modelyard.engine.grammar import GrammarCompiler
 from modelyard.engine.metrics import EngineMetrics
 from modelyard.engine.runner import LlamaRunner, RunnerConfig
 from modelyard.engine.scheduler import QueueFullError, SchedulerConfig
@@ -23,8 +29,19 @@ from modelyard.providers.base import (
     StreamError,
     TokenLogprobs,
 )
+from modelyard.providers.constraints import Plan, ToolTokens, plan
+from modelyard.providers.output import ChoiceOutput
 
 RETRY_AFTER_SECONDS = 2
+
+
+@dataclass(frozen=True)
+class _LocalWork:
+    prompt_ids: list[int]
+    params: SamplingParams
+    plan: Plan
+    inside_reasoning: bool
+    """The template opened a reasoning block: the output starts inside it."""
 
 T = TypeVar("T")
 
@@ -51,11 +68,17 @@ class LocalProvider(Provider):
             gpu_layers=engine_config.gpu_layers,
             flash_attention=engine_config.flash_attention,
         ))
+        template_source = (Path(config.model.chat_template).read_text(encoding="utf-8")
+                           if config.model.chat_template else self.runner.chat_template())
         self.template = ChatTemplate(
-            self.runner.chat_template(),
+            template_source,
             bos_token=self.runner.token_text(self.runner.bos_id),
             eos_token=self.runner.token_text(self.runner.eos_id),
         )
+        self.grammar = GrammarCompiler(self.runner.grammar_tokenizer(), self.runner.n_vocab)
+        self.tool_family = tool_family(self.template.source)
+        self.tool_tokens = self._tool_tokens()
+        self.think_tags = reasoning_tags(self.template.source)
         self.engine = Engine(self.runner, SchedulerConfig(
             max_sequences=engine_config.max_sequences,
             step_token_budget=engine_config.step_token_budget,
@@ -63,25 +86,35 @@ class LocalProvider(Provider):
             context_per_sequence=engine_config.context_per_sequence,
             max_waiting=engine_config.max_waiting,
             prefix_caching=engine_config.prefix_caching,
-        ), metrics)
+        ), metrics, self.grammar)
         self.engine.start()
 
     def describe(self) -> dict[str, Any]:
         return {
             "context_length": self.context_per_sequence,
-            "capabilities": {"tools": False, "json_schema": False, "reasoning": False,
-                             "vision": False},
+            "capabilities": {"tools": self.tool_tokens is not None, "json_schema": True,
+                             "reasoning": self.think_tags is not None, "vision": False},
             "pricing": {"input": 0, "cached_input": 0, "output": 0},
         }
 
-    def tokenize_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+    def _tool_tokens(self) -> ToolTokens | None:
+        parser = TOOL_PARSERS.get(self.tool_family or "")
+        if parser is None or not issubclass(parser, TaggedJsonToolParser):
+            return None
+        opening = self.runner.tokenize(parser.open_tag, add_special=False)
+        closing = self.runner.tokenize(parser.close_tag, add_special=False)
+        if len(opening) != 1 or len(closing) != 1:
+            return None  # the tags are not single tokens: no constrained calls
+        return ToolTokens(opening[0], closing[0])
+
+    def render_prompt(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
         try:
-            prompt = self.template.render(messages)
+            return self.template.render(messages, **kwargs)
         except TemplateError as exc:
             raise ProviderError(422, str(exc), param="messages", code="invalid_value") from exc
-        add_bos = self.runner.add_bos and not (
-            self.template_starts_with_bos(prompt)
-        )
+
+    def tokenize_prompt(self, prompt: str) -> list[int]:
+        add_bos = self.runner.add_bos and not self.template_starts_with_bos(prompt)
         return self.runner.tokenize(prompt, add_special=add_bos)
 
     def template_starts_with_bos(self, prompt: str) -> bool:
@@ -127,25 +160,47 @@ class LocalProvider(Provider):
         )
 
     async def prepare_chat(self, request: ChatRequest) -> PreparedChat:
-        prompt_ids = self.tokenize_prompt(request.messages)
+        work = plan(request, self.grammar, self.tool_tokens, self.think_tags is not None)
+        prompt = self.render_prompt(request.messages, **work.template_kwargs)
+        prompt_ids = self.tokenize_prompt(prompt)
         params = self.sampling_params(request, len(prompt_ids))
-        return PreparedChat(request, len(prompt_ids), params.max_tokens, (prompt_ids, params))
+        bias = dict(params.logit_bias)
+        bias.update({token: float("-inf") for token in work.banned_tokens})
+        params = dataclasses.replace(params, logit_bias=bias,
+                                     thinking_budget=work.thinking_budget)
+        inside = self.think_tags is not None and prompt.rstrip().endswith(self.think_tags.open)
+        return PreparedChat(request, len(prompt_ids), params.max_tokens,
+                            _LocalWork(prompt_ids, params, work, inside))
 
     async def start_chat(self, prepared: PreparedChat) -> AsyncIterator[ChatDelta]:
-        prompt_ids, params = prepared.work
+        work: _LocalWork = prepared.work
         request = prepared.request
+        tags = self.think_tags
+        reasoning = (ReasoningTags(tags.close, tuple(self.runner.tokenize(
+            tags.close, add_special=False))) if tags is not None and work.inside_reasoning
+            else None)
         try:
-            queue = self.engine.submit(request.request_id, prompt_ids, params, request.n)
+            queue = self.engine.submit(request.request_id, work.prompt_ids, work.params,
+                                       request.n, constraint=work.plan.constraint,
+                                       reasoning=reasoning)
         except QueueFullError as exc:
             raise ProviderError(503, "the server is overloaded; retry shortly",
                                 code="server_overloaded",
                                 retry_after=RETRY_AFTER_SECONDS) from exc
-        return self._stream(request.request_id, request.n, queue)
+        outputs = [ChoiceOutput(
+            reasoning=tags, starts_inside_reasoning=work.inside_reasoning,
+            separate_reasoning=request.separate_reasoning,
+            tool_parser=TOOL_PARSERS[self.tool_family]()
+            if work.plan.parse_tools and self.tool_family else None,
+        ) for _ in range(request.n)]
+        return self._stream(request.request_id, outputs, queue)
 
-    async def _stream(self, request_id: str, n: int,
+    async def _stream(self, request_id: str, outputs: list[ChoiceOutput],
                       queue: asyncio.Queue[EngineOutput]) -> AsyncIterator[ChatDelta]:
+        n = len(outputs)
         finished = 0
         completion = [0] * n
+        reasoning = [0] * n
         try:
             while finished < n:
                 output = await queue.get()
@@ -153,12 +208,18 @@ class LocalProvider(Provider):
                     finished = n
                     raise StreamError(output.error)
                 completion[output.index] = output.num_output_tokens
+                reasoning[output.index] = output.num_reasoning_tokens
                 reason = output.finish_reason.value if output.finish_reason else None
                 finished += reason is not None
+                choice = outputs[output.index]
+                parts = choice.feed(output.text, final=reason is not None)
+                if reason == "stop" and choice.num_tool_calls:
+                    reason = "tool_calls"
                 yield ChatDelta(
-                    output.text, output.num_prompt_tokens, sum(completion), reason,
+                    parts.content, output.num_prompt_tokens, sum(completion), reason,
                     output.num_cached_tokens if output.index == 0 else 0, output.index,
-                    self._logprobs(output) if output.logprobs else None)
+                    self._logprobs(output) if output.logprobs else None,
+                    parts.reasoning, parts.tool_calls, sum(reasoning))
         finally:
             if finished < n:
                 self.engine.abort(request_id)

@@ -1,0 +1,122 @@
+"""Constrained decoding with llguidance: grammars, and per-sequence token masks.
+
+llguidance builds its tokenizer from the llama.cpp vocabulary (the runner hands it over)
+and computes, for each step, the set of tokens that keep the output inside the grammar.
+The engine turns that set into a mask on the logits before sampling. llguidance was
+measured against xgrammar and llama.cpp's GBNF sampler (benchmarks/bench_grammar.py).
+
+A `Constraint` is an llguidance grammar, optionally lazy: it starts only once the model
+samples its trigger token (a tool call opened under `tool_choice: "auto"`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import llguidance
+import llguidance.numpy as llg_numpy
+import numpy as np
+import numpy.typing as npt
+
+
+class GrammarError(ValueError):
+    """The constraint cannot be enforced; the message names what is unsupported."""
+
+
+@dataclass(frozen=True)
+class Constraint:
+    grammar: str
+    trigger_token: int | None = None
+    """None: the grammar applies from the first token. Else it starts after this token."""
+    stop_after: bool = False
+    """End the sequence when the grammar completes. Otherwise a lazy grammar re-arms: it
+    waits for its trigger again (several tool calls in one turn)."""
+
+
+class GrammarCompiler:
+    """Compiles response formats and tool-call shapes for one model's vocabulary."""
+
+    def __init__(self, tokenizer: llguidance.LLTokenizer, n_vocab: int) -> None:
+        self.tokenizer = tokenizer
+        self.n_vocab = n_vocab
+
+    def _checked(self, grammar: str) -> str:
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+            grammar, self.tokenizer)
+        if is_error:
+            raise GrammarError(messages[0] if messages else "the grammar is invalid")
+        return grammar
+
+    def json_schema(self, schema: dict[str, Any], *, strict: bool) -> Constraint:
+        """Output valid against `schema`. Strict: an unsupported keyword is an error naming
+        it; otherwise unsupported keywords are ignored (llguidance's lenient mode)."""
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(
+            schema, overrides={"lenient": not strict, "whitespace_flexible": False})
+        if strict:
+            is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+                grammar, self.tokenizer)
+            problems = messages if (is_error or messages) else []
+            if problems:
+                raise GrammarError(problems[0])
+            return Constraint(grammar, stop_after=True)
+        return Constraint(self._checked(grammar), stop_after=True)
+
+    def json_object(self) -> Constraint:
+        return self.json_schema({"type": "object"}, strict=False)
+
+    def lark(self, lark: str, *, trigger_token: int | None = None,
+             stop_after: bool = True) -> Constraint:
+        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+        return Constraint(self._checked(grammar), trigger_token, stop_after)
+
+    def matcher(self, constraint: Constraint) -> GrammarMatcher:
+        return GrammarMatcher(llguidance.LLMatcher(self.tokenizer, constraint.grammar),
+                              constraint, self.n_vocab, self.tokenizer.vocab_size)
+
+
+def json_schema_lark(schema: dict[str, Any]) -> str:
+    """A JSON schema embedded in a Lark grammar (llguidance's %json extension)."""
+    return "%json " + json.dumps(schema)
+
+
+class GrammarMatcher:
+    """One sequence's position in its grammar."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, constraint: Constraint, n_vocab: int,
+                 grammar_vocab: int) -> None:
+        self._matcher = matcher
+        self.constraint = constraint
+        self.active = constraint.trigger_token is None
+        self._n_vocab = n_vocab
+        self._bitmask = llg_numpy.allocate_token_bitmask(1, grammar_vocab)
+
+    def allowed(self) -> npt.NDArray[np.bool_]:
+        """Which tokens may come next (llguidance releases the GIL while it computes)."""
+        llg_numpy.fill_next_token_bitmask(self._matcher, self._bitmask)
+        bits = np.unpackbits(self._bitmask[0].view(np.uint8), bitorder="little")
+        allowed = np.zeros(self._n_vocab, dtype=np.bool_)
+        n = min(self._n_vocab, bits.shape[0])
+        allowed[:n] = bits[:n].astype(np.bool_)
+        return allowed
+
+    def consume(self, token: int) -> None:
+        """Advance past a sampled token; a lazy grammar starts after its trigger."""
+        if not self.active:
+            self.active = token == self.constraint.trigger_token
+            return
+        self._matcher.consume_token(token)
+        if (self._matcher.is_stopped() and self.constraint.trigger_token is not None
+                and not self.constraint.stop_after):
+            self._matcher.reset()
+            self.active = False
+
+    @property
+    def done(self) -> bool:
+        """The grammar is complete and the sequence should end here."""
+        return self.active and self.constraint.stop_after and self._matcher.is_stopped()
+
+    @property
+    def failed(self) -> str | None:
+        return self._matcher.get_error() if self._matcher.is_error() else None
