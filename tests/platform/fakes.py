@@ -1,0 +1,43 @@
+"""An instant in-process model for the platform's tests: one token per delta."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from modelyard.providers.base import ChatDelta, ChatRequest, PreparedChat, Provider
+
+
+class FakeProvider(Provider):
+    """Counts one prompt token per word and answers `max_tokens` tokens ("tok" each),
+    `delay_s` apart; or stops by itself after `answer_tokens`."""
+
+    def __init__(self, model_id: str = "fake", delay_s: float = 0.0,
+                 default_max_tokens: int = 8, answer_tokens: int | None = None) -> None:
+        self.model_id = model_id
+        self.delay_s = delay_s
+        self.answer_tokens = answer_tokens
+        self.default_max_tokens = default_max_tokens
+        self.started = 0
+
+    def describe(self) -> dict[str, Any]:
+        return {"context_length": 4096, "pricing": {"input": 0, "cached_input": 0, "output": 0}}
+
+    async def prepare_chat(self, request: ChatRequest) -> PreparedChat:
+        words = sum(len(str(m.get("content") or "").split()) for m in request.messages)
+        return PreparedChat(request, words, request.max_tokens or self.default_max_tokens)
+
+    async def start_chat(self, prepared: PreparedChat) -> AsyncIterator[ChatDelta]:
+        self.started += 1
+        return self._answer(prepared)
+
+    async def _answer(self, prepared: PreparedChat) -> AsyncIterator[ChatDelta]:
+        length = prepared.max_tokens
+        if self.answer_tokens is not None and self.answer_tokens < length:
+            length = self.answer_tokens
+        for i in range(1, length + 1):
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            finish = None if i < length else "length" if i == prepared.max_tokens else "stop"
+            yield ChatDelta("tok", prepared.prompt_tokens, i, finish)

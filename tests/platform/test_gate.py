@@ -1,0 +1,185 @@
+"""The accounts gate in the real app, in front of an instant fake model: 401, 402, 404, 429,
+settlement and the usage record, on SQLite (limits in memory) and PostgreSQL + Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+from sqlalchemy import select
+
+from modelyard.config import PlatformConfig
+from modelyard.platform import accounts as ops
+from modelyard.platform import ledger
+from modelyard.platform.tables import accounts, utcnow
+from modelyard.platform.usage import records
+from tests.platform.harness import Backend, Harness, harness
+
+
+def scenario(backend: Backend, body: Callable[[Harness], Awaitable[None]],
+             **options: object) -> None:
+    async def main() -> None:
+        async with harness(backend, **options) as platform:  # type: ignore[arg-type]
+            await body(platform)
+    asyncio.run(main())
+
+
+async def account_row(platform: Harness, name: str) -> tuple[int, int, int]:
+    async with platform.db.read() as connection:
+        row = (await connection.execute(
+            select(accounts.c.balance, accounts.c.reserved, accounts.c.spent)
+            .where(accounts.c.name == name))).one()
+    return row.balance, row.reserved, row.spent
+
+
+def test_requests_without_a_valid_key_are_401(backend: Backend) -> None:
+    async def body(platform: Harness) -> None:
+        good = await platform.key("acme", 1000)
+        revoked = await platform.key("acme")
+        await ops.revoke_key(platform.db, revoked.split("-")[2])
+        expired = (await ops.create_key(platform.db, "acme",
+                                        expires_at=utcnow() - timedelta(seconds=1))).text
+        key_id = good.split("-")[2]
+        wrong_secret = f"sk-my-{key_id}-{'A' * 43}"
+        for key in (None, "", "test-key", wrong_secret, "sk-my-000000000000-x", revoked,
+                    expired):
+            response = await platform.chat(key)
+            assert response.status_code == 401, key
+            error = response.json()["error"]
+            assert error["type"] == "authentication_error"
+            assert error["code"] == "invalid_api_key"
+            assert response.headers["www-authenticate"] == "Bearer"
+        assert (await platform.chat(good)).status_code == 200
+        assert (await platform.client.get("/health")).status_code == 200
+        assert platform.provider.started == 1
+    scenario(backend, body)
+
+
+def test_a_model_outside_the_keys_list_is_404_like_an_unknown_model(backend: Backend) -> None:
+    async def body(platform: Harness) -> None:
+        limited = await platform.key("acme", 1000, models=["other"])
+        hidden = await platform.chat(limited, model="fake")
+        unknown = await platform.chat(limited, model="no/such-model")
+        assert hidden.status_code == unknown.status_code == 404
+        assert hidden.json()["error"]["message"].replace("fake", "X") == \
+            unknown.json()["error"]["message"].replace("no/such-model", "X")
+        assert {k: v for k, v in hidden.json()["error"].items() if k != "message"} == \
+            {k: v for k, v in unknown.json()["error"].items() if k != "message"}
+        listed = await platform.client.get("/v1/models",
+                                           headers={"Authorization": f"Bearer {limited}"})
+        assert listed.json()["data"] == []
+        assert platform.provider.started == 0
+    scenario(backend, body)
+
+
+def test_models_show_the_configured_prices(backend: Backend) -> None:
+    async def body(platform: Harness) -> None:
+        key = await platform.key("acme", 0)
+        listed = await platform.client.get("/v1/models",
+                                           headers={"Authorization": f"Bearer {key}"})
+        [entry] = listed.json()["data"]
+        assert entry["id"] == "fake"
+        assert entry["pricing"] == {"input": 1.0, "cached_input": 1.0, "output": 2.0}
+    scenario(backend, body)
+
+
+def test_a_request_the_balance_cannot_cover_is_402_and_never_runs(backend: Backend) -> None:
+    async def body(platform: Harness) -> None:
+        # 3 prompt tokens at 1 + 4 completion tokens at 2: at most 11 micro-units.
+        key = await platform.key("acme", 10)
+        refused = await platform.chat(key)
+        assert refused.status_code == 402
+        error = refused.json()["error"]
+        assert (error["type"], error["code"]) == ("insufficient_balance", "insufficient_balance")
+        assert "0.000011" in error["message"]
+        assert platform.provider.started == 0
+        assert (await platform.chat(key, max_tokens=3)).status_code == 200
+        await platform.settled()
+        assert await account_row(platform, "acme") == (1, 0, 9)
+    scenario(backend, body)
+
+
+def test_a_finished_request_is_settled_and_recorded(backend: Backend) -> None:
+    async def body(platform: Harness) -> None:
+        key = await platform.key("acme", 1000)
+        answer = await platform.chat(key, max_tokens=5, user="end-user-7")
+        assert answer.status_code == 200
+        assert answer.json()["usage"]["completion_tokens"] == 5
+        await platform.settled()
+        assert await account_row(platform, "acme") == (1000 - 13, 0, 13)
+        [row] = await records(platform.db)
+        assert (row.prompt_tokens, row.completion_tokens, row.cost, row.reserved, row.status,
+                row.user, row.model) == (3, 5, 13, 13, 200, "end-user-7", "fake")
+        assert row.key_id == key.split("-")[2]
+        assert row.latency_ms >= 0 and row.ttft_ms is not None
+    scenario(backend, body)
+
+
+def test_rate_limits_answer_429_with_the_headers(backend: Backend) -> None:
+    async def body(platform: Harness) -> None:
+        key = await platform.key("acme", 1000, rpm=2, tpm=1000)
+        first = await platform.chat(key)
+        assert first.status_code == 200
+        assert first.headers["x-ratelimit-limit-requests"] == "2"
+        assert first.headers["x-ratelimit-remaining-requests"] == "1"
+        assert first.headers["x-ratelimit-limit-tokens"] == "1000"
+        assert first.headers["x-ratelimit-remaining-tokens"] == "993"
+        assert (await platform.chat(key)).status_code == 200
+        refused = await platform.chat(key)
+        assert refused.status_code == 429
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert 1 <= int(refused.headers["retry-after"]) <= 30
+        assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+        for name in ("reset-requests", "limit-tokens", "remaining-tokens", "reset-tokens"):
+            assert f"x-ratelimit-{name}" in refused.headers
+        too_big = await platform.key("acme", tpm=10)
+        huge = await platform.chat(too_big, max_tokens=8)
+        assert huge.status_code == 429
+        assert "more than the key's limit" in huge.json()["error"]["message"]
+        assert platform.provider.started == 2
+    scenario(backend, body)
+
+
+def test_unused_tokens_go_back_to_the_tpm_limit(backend: Backend) -> None:
+    async def body(platform: Harness) -> None:
+        key = await platform.key("acme", 1000, tpm=30)
+        # Each request takes 3 + 20 tokens and the model stops after 2: without the
+        # refund of the 18 it did not generate, the second request could not run.
+        for _ in range(2):
+            answer = await platform.chat(key, max_tokens=20)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["usage"]["completion_tokens"] == 2
+            await platform.settled()
+    scenario(backend, body, answer_tokens=2)
+
+
+def test_an_admin_key_is_needed_for_the_admin_api(backend: Backend) -> None:
+    async def body(platform: Harness) -> None:
+        user = await platform.key("acme", 0)
+        denied = await platform.client.get("/admin/accounts",
+                                           headers={"Authorization": f"Bearer {user}"})
+        assert denied.status_code == 403
+        assert set(denied.json()["error"]) == {"message", "type", "param", "code"}
+        assert (await platform.client.get("/admin/accounts")).status_code == 401
+    scenario(backend, body)
+
+
+def test_the_gate_keeps_its_reservations_alive_and_sweeps_others(backend: Backend) -> None:
+    settings = PlatformConfig(reservation_ttl_seconds=0.3, sweep_interval_seconds=0.1)
+
+    async def body(platform: Harness) -> None:
+        key = await platform.key("acme", 1000)
+        account = await ops.get_account(platform.db, "acme")
+        # A reservation left by a gateway that crashed: nobody extends it.
+        crashed = await ledger.reserve(platform.db, account.id, "k0", 100, 0.3)
+        assert crashed is not None
+        # A request that runs 4 times longer than the expiry (20 tokens, 60 ms apart).
+        answer = await platform.chat(key, max_tokens=20)
+        assert answer.status_code == 200
+        await platform.settled()
+        [row] = await records(platform.db)
+        assert row.reserved == row.cost == 3 + 40  # settled against its own reservation
+        assert await account_row(platform, "acme") == (1000 - 43, 0, 43)
+    scenario(backend, body, delay_s=0.06, settings=settings, start=True)
