@@ -72,6 +72,31 @@ def running_server(data_dir: Path, config_toml: str, workdir: Path,
                    extra_args: tuple[str, ...] = ()) -> Iterator[RunningServer]:
     """`modelyard serve` on a free port. Unless the config names a `database_url`, the
     server gets a fresh SQLite database in `workdir` (so it prints a new admin key)."""
+    with running_servers(data_dir, [(config_toml, workdir)], extra_args) as [server]:
+        yield server
+
+
+@contextmanager
+def running_servers(data_dir: Path, configs: list[tuple[str, Path]],
+                    extra_args: tuple[str, ...] = ()) -> Iterator[list[RunningServer]]:
+    """Several `modelyard serve` processes (config TOML, workdir each), started together."""
+    launched: list[RunningServer] = []
+    try:
+        for config_toml, workdir in configs:
+            launched.append(_launch(data_dir, config_toml, workdir, extra_args))
+        for server in launched:
+            _wait_healthy(server)
+        admin_keys = [found.group(1) for server in launched
+                      if (found := ADMIN_KEY_LINE.search(server.log()))]
+        admin_key = admin_keys[0] if admin_keys else ""
+        yield [RunningServer(s.base_url, s.process, s.log_path, admin_key) for s in launched]
+    finally:
+        for server in launched:
+            _stop(server.process)
+
+
+def _launch(data_dir: Path, config_toml: str, workdir: Path,
+            extra_args: tuple[str, ...]) -> RunningServer:
     port = free_port()
     config = workdir / "modelyard.toml"
     if "database_url" not in config_toml:
@@ -85,19 +110,18 @@ def running_server(data_dir: Path, config_toml: str, workdir: Path,
              "--config", str(config), *extra_args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
         )
-    server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)
+    return RunningServer(f"http://127.0.0.1:{port}", process, log_path)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()
     try:
-        _wait_healthy(server)
-        found = ADMIN_KEY_LINE.search(server.log())
-        yield RunningServer(server.base_url, process, log_path,
-                            found.group(1) if found else "")
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _wait_healthy(server: RunningServer) -> None:
