@@ -207,7 +207,7 @@ class Sampler:
         candidates = np.flatnonzero(x >= scaled_max - NEGLIGIBLE_LOGIT_GAP * p.temperature)
         values = x[candidates].astype(np.float64) / p.temperature
         if 0 < p.top_k < len(candidates):
-            keep = top_k_indices(values, p.top_k + 1)
+            keep = top_k_indices(values, p.top_k)
             candidates, values = candidates[keep], values[keep]
         values -= values.max()
         probs = np.exp(values)
