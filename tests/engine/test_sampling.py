@@ -1,4 +1,8 @@
-"""Sampling: softmax and nucleus against plain references, and the draws themselves."""
+"""The per-sequence Sampler: greedy decoding, logit bias, penalty state, logprobs and seeds.
+
+The steps one by one are in test_sampling_steps.py, the distribution the draws come from in
+test_sampling_pipeline.py; the reference they all compare with is sampling_reference.py.
+"""
 
 from __future__ import annotations
 
@@ -9,143 +13,176 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from modelyard.engine.sampling import Sampler, nucleus, softmax
+from modelyard.engine.sampling import Sample, Sampler
 from modelyard.engine.sequence import SamplingParams
+from tests.engine.sampling_reference import (
+    F64,
+    implementation_distribution,
+    ref_adjusted,
+    ref_log_softmax,
+    ref_top_k_values,
+)
 
 SETTINGS = settings(max_examples=200, deadline=None, derandomize=True, database=None)
-TOLERANCE = 1e-9
 
-logit_arrays = hnp.arrays(
-    np.float32,
-    st.integers(1, 600),  # past 64 and 512, so nucleus has to widen its candidate set
-    elements=st.floats(-30, 30, width=32),
-)
-top_ps = st.floats(0.01, 1.0)
+logit_arrays = hnp.arrays(np.float32, st.integers(2, 200), elements=st.floats(-30, 30, width=32))
 
 
-def reference_softmax(logits: npt.NDArray[np.float32], temperature: float) -> np.ndarray:
-    x = logits.astype(np.float64) / temperature
-    e = np.exp(x - np.max(x))
-    return e / np.sum(e)
+def draws(params: SamplingParams, logits: npt.NDArray[np.float32], n: int,
+          prompt: list[int] | None = None) -> list[int]:
+    sampler = Sampler(params, prompt)
+    return [sampler.sample(logits).token for _ in range(n)]
 
 
-def reference_nucleus_size(probs: np.ndarray, top_p: float) -> tuple[int, np.ndarray]:
-    """From the definition: sort descending, cumulate, smallest prefix reaching top_p."""
-    ordered = np.sort(probs)[::-1]
-    cumulative = np.cumsum(ordered)
-    for k in range(len(ordered)):
-        if cumulative[k] >= top_p:
-            return k + 1, cumulative
-    return len(ordered), cumulative
-
-
-def logits_of(probs: list[float]) -> npt.NDArray[np.float32]:
-    return np.log(np.asarray(probs, dtype=np.float64)).astype(np.float32)
-
-
-# -- softmax -------------------------------------------------------------------------------
+# -- greedy ----------------------------------------------------------------------------------------
 
 
 @SETTINGS
-@given(logit_arrays, st.floats(0.05, 5.0))
-def test_softmax_matches_the_definition(
-    logits: npt.NDArray[np.float32], temperature: float
-) -> None:
-    probs = softmax(logits, temperature)
-    assert probs.dtype == np.float64
-    np.testing.assert_allclose(probs, reference_softmax(logits, temperature), rtol=1e-9,
-                               atol=1e-15)
-    assert probs.sum() == pytest.approx(1.0, abs=1e-9)
-
-
-def test_softmax_is_stable_for_huge_logits() -> None:
-    probs = softmax(np.array([1000.0, 1000.0, -1000.0], dtype=np.float32))
-    np.testing.assert_allclose(probs, [0.5, 0.5, 0.0], atol=1e-12)
-
-
-def test_temperature_sharpens_and_flattens() -> None:
-    logits = logits_of([0.6, 0.3, 0.1])
-    np.testing.assert_allclose(softmax(logits, 1.0), [0.6, 0.3, 0.1], rtol=1e-6)
-    # T = 0.5 squares the probabilities (then renormalises)
-    squared = np.array([0.36, 0.09, 0.01]) / 0.46
-    np.testing.assert_allclose(softmax(logits, 0.5), squared, rtol=1e-5)
-    assert softmax(logits, 100.0).max() < 0.34
-
-
-# -- nucleus -------------------------------------------------------------------------------
-
-
-@SETTINGS
-@given(logit_arrays, top_ps)
-def test_nucleus_is_the_smallest_most_likely_set_reaching_top_p(
-    logits: npt.NDArray[np.float32], top_p: float
-) -> None:
-    probs = softmax(logits)
-    kept = nucleus(probs, top_p)
-
-    assert len(set(kept.tolist())) == len(kept) >= 1
-    inside = probs[kept]
-    outside = np.delete(probs, kept)
-    # the most likely tokens ...
-    if outside.size:
-        assert inside.min() >= outside.max()
-    # ... reaching top_p ...
-    assert inside.sum() >= top_p - TOLERANCE or len(kept) == len(probs)
-    # ... and no smaller set would (drop the least likely kept one and it falls short)
-    assert inside.sum() - inside.min() < top_p + TOLERANCE
-
-    size, cumulative = reference_nucleus_size(probs, top_p)
-    if not np.any(np.abs(cumulative - top_p) < TOLERANCE):  # no rounding-close call
-        assert len(kept) == size
-        np.testing.assert_allclose(np.sort(inside), np.sort(probs)[::-1][:size][::-1])
-
-
-@pytest.mark.parametrize(
-    ("probs", "top_p", "expected"),
-    [
-        ([0.1, 0.5, 0.15, 0.25], 0.5, [1]),
-        ([0.1, 0.5, 0.15, 0.25], 0.51, [1, 3]),
-        ([0.1, 0.5, 0.15, 0.25], 0.75, [1, 3]),
-        ([0.1, 0.5, 0.15, 0.25], 0.76, [1, 3, 2]),
-        ([0.1, 0.5, 0.15, 0.25], 1.0, [1, 3, 2, 0]),
-        ([1.0, 0.0, 0.0], 0.9, [0]),
-    ],
-)
-def test_nucleus_small_cases(probs: list[float], top_p: float, expected: list[int]) -> None:
-    assert nucleus(np.asarray(probs, dtype=np.float64), top_p).tolist() == expected
-
-
-@pytest.mark.parametrize("n", [63, 64, 65, 513, 1000])
-def test_nucleus_widens_past_its_first_candidates(n: int) -> None:
-    probs = np.full(n, 1.0 / n)
-    kept = nucleus(probs, 0.9)
-    size, _ = reference_nucleus_size(probs, 0.9)
-    assert len(kept) == size
-    assert size > 0.9 * n - 1
-
-
-# -- Sampler ---------------------------------------------------------------------------------
-
-
-@SETTINGS
-@given(
-    hnp.arrays(np.float32, st.integers(1, 200), elements=st.floats(-30, 30, width=32)),
-    st.sampled_from([0.0, 1e-6]),
-    st.integers(0, 2**32 - 1),
-)
+@given(logit_arrays, st.sampled_from([0.0, 1e-6]), st.integers(0, 2**32 - 1))
 def test_greedy_is_argmax(logits: npt.NDArray[np.float32], temperature: float, seed: int) -> None:
     sampler = Sampler(SamplingParams(temperature=temperature, top_p=0.5, seed=seed))
     assert sampler.greedy
-    assert sampler.sample(logits) == int(np.argmax(logits))
+    assert sampler.sample(logits) == Sample(int(np.argmax(logits)))
 
 
 def test_non_greedy_at_small_but_real_temperature() -> None:
     assert not Sampler(SamplingParams(temperature=0.01)).greedy
 
 
-def draws(params: SamplingParams, logits: npt.NDArray[np.float32], n: int) -> list[int]:
-    sampler = Sampler(params)
-    return [sampler.sample(logits) for _ in range(n)]
+@SETTINGS
+@given(logit_arrays, st.data())
+def test_greedy_applies_the_logit_bias(logits: npt.NDArray[np.float32],
+                                       data: st.DataObject) -> None:
+    token = data.draw(st.integers(0, len(logits) - 1))
+    forced = Sampler(SamplingParams(temperature=0.0, logit_bias={token: 100.0}))
+    assert forced.sample(logits).token == token
+    banned = Sampler(SamplingParams(temperature=0.0, logit_bias={token: -100.0}))
+    assert banned.sample(logits).token != token
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 1.5])
+def test_a_bias_of_100_forces_or_bans_a_token_when_sampling(temperature: float) -> None:
+    logits = np.random.default_rng(0).uniform(-5, 5, 20).astype(np.float32)
+    forced = SamplingParams(temperature=temperature, logit_bias={7: 100.0}, seed=1)
+    assert implementation_distribution(logits, forced, [], [])[7] == 1.0
+    assert set(draws(forced, logits, 200)) == {7}
+    banned = SamplingParams(temperature=temperature, logit_bias={int(np.argmax(logits)): -100.0},
+                            seed=1)
+    assert implementation_distribution(logits, banned, [], [])[np.argmax(logits)] == 0.0
+    assert int(np.argmax(logits)) not in draws(banned, logits, 2000)
+
+
+@SETTINGS
+@given(
+    hnp.arrays(np.float32, st.integers(2, 40), elements=st.floats(-10, 10, width=32)),
+    st.lists(st.integers(0, 39), max_size=10),
+    st.one_of(st.just(1.0), st.floats(1.0, 3.0)),
+    st.one_of(st.just(0.0), st.floats(0.0, 2.0)),
+    st.one_of(st.just(0.0), st.floats(0.0, 2.0)),
+)
+def test_greedy_decoding_applies_penalties_step_by_step_like_the_reference(
+    logits: npt.NDArray[np.float32], prompt: list[int], repetition: float, frequency: float,
+    presence: float,
+) -> None:
+    prompt = [t % len(logits) for t in prompt]
+    params = SamplingParams(temperature=0.0, repetition_penalty=repetition,
+                            frequency_penalty=frequency, presence_penalty=presence)
+    sampler = Sampler(params, prompt)
+    outputs: list[int] = []
+    for _ in range(20):
+        adjusted = ref_adjusted(logits, params, prompt, outputs)
+        best, second = np.sort(adjusted)[::-1][:2]
+        if best - second < 1e-4:  # float32 rounding could pick either: stop comparing
+            return
+        token = sampler.sample(logits).token  # sample() records the token for the penalties
+        assert token == int(np.argmax(adjusted))
+        outputs.append(token)
+
+
+def test_a_frequency_penalty_makes_greedy_decoding_move_on() -> None:
+    logits = np.array([3.0, 2.5, 2.0, -5.0], dtype=np.float32)
+    params = SamplingParams(temperature=0.0, frequency_penalty=0.4)
+    # 3 / 2.6 / 2.2 (ties go to the lowest id) ...
+    assert draws(params, logits, 9) == [0, 0, 1, 0, 1, 2, 0, 1, 2]
+
+
+# -- the repetition penalty reaches the prompt -----------------------------------------------
+
+
+@SETTINGS
+@given(logit_arrays, st.lists(st.integers(0, 199), max_size=20), st.floats(0.5, 3.0))
+def test_the_repetition_penalty_covers_the_prompt(
+    logits: npt.NDArray[np.float32], prompt: list[int], penalty: float
+) -> None:
+    prompt = [t % len(logits) for t in prompt]
+    params = SamplingParams(repetition_penalty=penalty)
+    np.testing.assert_allclose(Sampler(params, prompt).adjusted(logits),
+                               ref_adjusted(logits, params, prompt, []), rtol=1e-6, atol=1e-30)
+
+
+def test_a_prompt_token_loses_to_the_repetition_penalty() -> None:
+    logits = np.array([2.0, 1.5, -1.0], dtype=np.float32)
+    params = SamplingParams(temperature=0.0, repetition_penalty=2.0)
+    assert draws(params, logits, 1) == [0]
+    assert draws(params, logits, 1, prompt=[0]) == [1]  # 2 / 2 < 1.5
+    assert draws(params, logits, 3, prompt=[0, 0, 2]) == [1, 0, 0]  # 1.5 / 2 < 1
+
+
+# -- logprobs --------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    hnp.arrays(np.float32, st.integers(20, 100), elements=st.floats(-20, 20, width=32)),
+    st.integers(1, 20),
+    st.lists(st.integers(0, 19), max_size=8),
+    st.dictionaries(st.integers(0, 19), st.floats(-100, 100), max_size=3),
+    st.one_of(st.just(1.0), st.floats(0.5, 2.0)),
+    st.floats(-2.0, 2.0),
+    st.sampled_from([0.0, 0.3, 1.0, 2.5]),
+    st.integers(0, 2**32 - 1),
+)
+def test_logprobs_are_of_the_adjusted_logits_before_temperature(
+    logits: npt.NDArray[np.float32], k: int, outputs: list[int], bias: dict[int, float],
+    repetition: float, frequency: float, temperature: float, seed: int,
+) -> None:
+    prompt = [1, 2, 3]
+
+    def sample(temperature: float) -> tuple[Sample, F64]:
+        params = SamplingParams(temperature=temperature, top_p=0.9, logit_bias=bias,
+                                repetition_penalty=repetition, frequency_penalty=frequency,
+                                logprobs=True, top_logprobs=k, seed=seed)
+        sampler = Sampler(params, prompt)
+        for token in outputs:
+            sampler.accept(token)
+        return sampler.sample(logits), ref_log_softmax(ref_adjusted(logits, params, prompt,
+                                                                    outputs))
+
+    result, expected = sample(temperature)
+    assert result.logprob is not None
+    assert result.logprob.logprob == pytest.approx(expected[result.token], rel=1e-5, abs=1e-4)
+    top = result.logprob.top
+    assert len(top) == k
+    values = [v for _, v in top]
+    assert values == sorted(values, reverse=True)
+    np.testing.assert_allclose(values, ref_top_k_values(expected, k), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(values, expected[[i for i, _ in top]], rtol=1e-5, atol=1e-4)
+    # the temperature changes what is drawn, never the logprobs
+    other, _ = sample(1.7)
+    assert other.logprob is not None
+    assert other.logprob.top == top
+    assert other.logprob.logprob == pytest.approx(expected[other.token], rel=1e-5, abs=1e-4)
+
+
+def test_no_logprobs_unless_asked() -> None:
+    logits = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+    assert Sampler(SamplingParams(seed=0)).sample(logits).logprob is None
+    sample = Sampler(SamplingParams(seed=0, logprobs=True)).sample(logits)
+    assert sample.logprob is not None
+    assert sample.logprob.top == ()
+
+
+# -- seeds -----------------------------------------------------------------------------------------
 
 
 def test_same_seed_same_draws_different_seed_different_draws() -> None:
@@ -158,65 +195,18 @@ def test_same_seed_same_draws_different_seed_different_draws() -> None:
     assert len(set(one)) > 10  # really random, not stuck on one token
 
 
-def test_seeded_draws_with_top_p_are_reproducible() -> None:
+@SETTINGS
+@given(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))
+def test_seeded_samplers_with_penalties_are_reproducible(seed: int, other_seed: int) -> None:
     logits = np.random.default_rng(1).normal(size=300).astype(np.float32)
-    params = SamplingParams(temperature=0.8, top_p=0.7, seed=7)
-    assert draws(params, logits, 100) == draws(params, logits, 100)
-
-
-def chi_square(observed: np.ndarray, expected_probs: np.ndarray) -> float:
-    expected = expected_probs * observed.sum()
-    return float(((observed - expected) ** 2 / expected).sum())
-
-
-# chi-square critical values at p = 0.001 (the seed makes the check deterministic anyway)
-CHI2_CRITICAL_P001 = {1: 10.83, 2: 13.82, 3: 16.27}
-
-
-@pytest.mark.parametrize(
-    ("probs", "temperature", "top_p", "expected"),
-    [
-        ([0.1, 0.2, 0.3, 0.4], 1.0, 1.0, [0.1, 0.2, 0.3, 0.4]),
-        # T = 0.5 squares: 1, 4, 9, 16 over 30
-        ([0.1, 0.2, 0.3, 0.4], 0.5, 1.0, [1 / 30, 4 / 30, 9 / 30, 16 / 30]),
-        # top_p 0.75 keeps {0.5, 0.3}, renormalised
-        ([0.5, 0.3, 0.15, 0.05], 1.0, 0.75, [0.625, 0.375, 0.0, 0.0]),
-    ],
-)
-def test_draws_follow_the_distribution(
-    probs: list[float], temperature: float, top_p: float, expected: list[float]
-) -> None:
-    n = 8000
-    drawn = draws(SamplingParams(temperature=temperature, top_p=top_p, seed=2024),
-                  logits_of(probs), n)
-    counts = np.bincount(drawn, minlength=len(probs)).astype(np.float64)
-    expected_probs = np.asarray(expected)
-    support = expected_probs > 0
-    assert counts[~support].sum() == 0, "drew a token outside the nucleus"
-    statistic = chi_square(counts[support], expected_probs[support])
-    assert statistic < CHI2_CRITICAL_P001[int(support.sum()) - 1]
-
-
-def test_the_chi_square_check_can_fail() -> None:
-    # the chi-square test above must be able to fail: argmax-only draws are far off
-    counts = np.array([0.0, 0.0, 0.0, 8000.0])
-    assert chi_square(counts, np.array([0.1, 0.2, 0.3, 0.4])) > CHI2_CRITICAL_P001[3]
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_tokens_outside_the_nucleus_are_never_drawn(seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    logits = (rng.normal(size=100) * 3).astype(np.float32)
-    top_p = float(rng.uniform(0.3, 0.9))
-    allowed = set(nucleus(softmax(logits), top_p).tolist())
-    assert len(allowed) < 100
-
-    drawn = draws(SamplingParams(temperature=1.0, top_p=top_p, seed=seed), logits, 500)
-    assert set(drawn) <= allowed
-    assert len(set(drawn)) > 1 or len(allowed) == 1
-
-
-def test_zero_probability_tokens_are_never_drawn() -> None:
-    logits = np.array([-1e4, 0.0, -1e4, 0.0, -1e4], dtype=np.float32)
-    drawn = draws(SamplingParams(temperature=1.0, seed=5), logits, 500)
-    assert set(drawn) == {1, 3}
+    params = SamplingParams(temperature=0.8, top_p=0.7, top_k=50, min_p=0.01,
+                            repetition_penalty=1.2, frequency_penalty=0.3, seed=seed)
+    first = draws(params, logits, 50, prompt=[5, 6])
+    assert first == draws(params, logits, 50, prompt=[5, 6])
+    # the engine hands each choice a generator of its own
+    sampler = Sampler(params, [5, 6], np.random.default_rng(seed))
+    assert first == [sampler.sample(logits).token for _ in range(50)]
+    if other_seed != seed:
+        other = SamplingParams(temperature=0.8, top_p=0.7, top_k=50, min_p=0.01,
+                               repetition_penalty=1.2, frequency_penalty=0.3, seed=other_seed)
+        assert first != draws(other, logits, 50, prompt=[5, 6])

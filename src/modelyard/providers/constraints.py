@@ -2,9 +2,9 @@
 
 - `response_format`: json_object and json_schema become grammars (constrained decoding).
 - `tools` are rendered by the chat template. `tool_choice: "auto"` constrains a call only
-  once the model opens one (a lazy grammar triggered by the opening tag's token);
-  `"required"` and a named function constrain the whole output to calls; `"none"` bans the
-  opening tag. `parallel_tool_calls: false` allows one call.
+  once the model opens one (a lazy grammar triggered by the opening tag's token), and lets
+  it open several unless `parallel_tool_calls` is false; `"required"` and a named function
+  constrain the whole output to one call; `"none"` bans the opening tag.
 - reasoning: `enable_thinking` goes to the template; `reasoning_effort` maps to a thinking
   budget (see `EFFORT_BUDGETS`); `thinking_budget` wins when both are given.
 """
@@ -68,8 +68,10 @@ def _tool_constraint(request: ChatRequest, grammar: GrammarCompiler, tokens: Too
     if choice == "auto":
         return grammar.lark(f"start: {body}", trigger_token=tokens.open_id,
                             stop_after=not request.parallel_tool_calls)
-    repeat = "" if (named is not None or not request.parallel_tool_calls) else ' ("\\n" call)*'
-    return grammar.lark(f"start: call{repeat}\ncall: <[{tokens.open_id}]> {body}")
+    # "required" and a named function: exactly one call, so the turn always ends in a
+    # complete, valid call (a grammar that allowed more let small models repeat calls until
+    # max_tokens cut one in half).
+    return grammar.lark(f"start: <[{tokens.open_id}]> {body}")
 
 
 def plan(request: ChatRequest, grammar: GrammarCompiler | None,
