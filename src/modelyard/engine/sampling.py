@@ -21,8 +21,9 @@ The steps, in order:
 7. draw from what is left.
 
 Tokens whose probability is below e^-30 (about 1e-13) of the most likely token's are
-never drawn: leaving them out before the softmax keeps every step on a few hundred
-candidates instead of the whole vocabulary (at most vocabulary size x e^-30 in all: about 1.4e-8 for a 152k vocabulary).
+never drawn (their total mass is at most the vocabulary size x e^-30: about 1.4e-8 for a
+152k vocabulary). With `top_k` set, the k best logits are picked from the raw row first,
+so every later step works on k candidates instead of the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -202,13 +203,17 @@ class Sampler:
 
     def _draw(self, x: Logits) -> int:
         p = self.params
-        scaled_max = float(x.max())
-        # Candidates: every token within NEGLIGIBLE_LOGIT_GAP (after temperature) of the best.
-        candidates = np.flatnonzero(x >= scaled_max - NEGLIGIBLE_LOGIT_GAP * p.temperature)
-        values = x[candidates].astype(np.float64) / p.temperature
-        if 0 < p.top_k < len(candidates):
-            keep = top_k_indices(values, p.top_k)
-            candidates, values = candidates[keep], values[keep]
+        # top_k first, on the raw logits: the k largest logits are the k most likely tokens
+        # at any temperature, and every later step then works on k candidates.
+        top: Ids | None = None
+        row = x
+        if 0 < p.top_k < x.shape[0]:
+            top = np.argpartition(x, -p.top_k)[-p.top_k:]
+            row = x[top]
+        # Then every token within NEGLIGIBLE_LOGIT_GAP (after temperature) of the best.
+        near = np.flatnonzero(row >= float(row.max()) - NEGLIGIBLE_LOGIT_GAP * p.temperature)
+        candidates = top[near] if top is not None else near
+        values = row[near].astype(np.float64) / p.temperature
         values -= values.max()
         probs = np.exp(values)
         probs /= probs.sum()
