@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 
 from modelyard.engine.detokenize import IncrementalDetokenizer, StopStringMatcher
 from modelyard.engine.grammar import Constraint, GrammarCompiler, GrammarMatcher
@@ -75,6 +76,7 @@ class _Choice:
     reasoning_tokens: int = 0
     forced: list[int] = field(default_factory=list)
     """Tokens the engine appends instead of sampling (closing a reasoning block)."""
+    answer_due: bool = False
     pending_logprobs: list[tuple[int, TokenLogprob]] = field(default_factory=list)
     text_tail: str = ""
 
@@ -203,9 +205,14 @@ class Engine:
     def _sample(self, choice: _Choice, logits: np.ndarray[tuple[int], np.dtype[np.float32]]
                 ) -> Sample:
         if choice.forced:
-            return Sample(choice.forced.pop(0))
+            token = choice.forced.pop(0)
+            choice.answer_due = not choice.forced
+            return Sample(token)
         matcher = choice.matcher
         allowed = matcher.allowed() if matcher is not None and matcher.active else None
+        if choice.answer_due:  # right after a closed reasoning block, the answer must begin
+            choice.answer_due = False
+            allowed = _without(allowed, choice.seq.eog_ids, logits.shape[0])
         sample = choice.sampler.sample(logits, allowed)
         if matcher is not None:
             matcher.consume(sample.token)
@@ -293,6 +300,13 @@ class Engine:
             output = EngineOutput(choice.index, "", seq.num_prompt, seq.num_output,
                                   error=message)
             choice.request.loop.call_soon_threadsafe(choice.request.queue.put_nowait, output)
+
+
+def _without(allowed: npt.NDArray[np.bool_] | None, banned: frozenset[int],
+             n_vocab: int) -> npt.NDArray[np.bool_]:
+    mask = np.ones(n_vocab, dtype=np.bool_) if allowed is None else allowed.copy()
+    mask[list(banned)] = False
+    return mask
 
 
 def _deliver(batch: list[tuple[_Request, EngineOutput]]) -> None:

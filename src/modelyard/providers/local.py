@@ -176,9 +176,10 @@ class LocalProvider(Provider):
         work: _LocalWork = prepared.work
         request = prepared.request
         tags = self.think_tags
+        # At the thinking budget the engine writes the closing tag and a blank line itself.
         reasoning = (ReasoningTags(tags.close, tuple(self.runner.tokenize(
-            tags.close, add_special=False))) if tags is not None and work.inside_reasoning
-            else None)
+            tags.close + "\n\n", add_special=False))) if tags is not None
+            and work.inside_reasoning else None)
         try:
             queue = self.engine.submit(request.request_id, work.prompt_ids, work.params,
                                        request.n, constraint=work.plan.constraint,
