@@ -21,8 +21,8 @@ async def _clean(url: str) -> None:
     db = Database(url)
     try:
         await db.migrate()
-        async with db.begin() as connection:
-            await connection.execute(text(f"TRUNCATE {', '.join(TABLES)}"))
+        await db.write(lambda connection: connection.execute(
+            text(f"TRUNCATE {', '.join(TABLES)}")))
     finally:
         await db.close()
 

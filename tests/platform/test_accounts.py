@@ -37,8 +37,7 @@ def test_migrations_create_exactly_the_tables_the_code_uses(db_url: str) -> None
         return list(compare_metadata(MigrationContext.configure(connection), metadata))
 
     async def body(db: Database) -> list[Any]:
-        async with db.read() as connection:
-            return await connection.run_sync(differences)
+        return await db.read(differences)
     assert with_db(db_url, body) == []
 
 
@@ -87,6 +86,8 @@ def test_keys_are_found_by_id_and_checked_against_their_digest(db_url: str) -> N
             await ops.create_key(db, "nobody")
         with pytest.raises(AdminError):
             await ops.create_key(db, "acme", rpm=0)
+        with pytest.raises(AdminError):
+            await ops.create_key(db, "acme", tpm=2**31)
     with_db(db_url, body)
 
 
@@ -163,4 +164,4 @@ def test_bad_times_and_urls_are_refused() -> None:
     with pytest.raises(DatabaseError):
         normalize_url("not a url")
     assert normalize_url("postgres://u@h/db") == "postgresql+asyncpg://u@h/db"
-    assert normalize_url("sqlite:////tmp/x.db") == "sqlite+aiosqlite:////tmp/x.db"
+    assert normalize_url("sqlite+aiosqlite:////tmp/x.db") == "sqlite:////tmp/x.db"

@@ -7,12 +7,10 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
-from sqlalchemy import select
-
 from modelyard.config import PlatformConfig
 from modelyard.platform import accounts as ops
 from modelyard.platform import ledger
-from modelyard.platform.tables import accounts, utcnow
+from modelyard.platform.tables import utcnow
 from modelyard.platform.usage import records
 from tests.platform.harness import Backend, Harness, harness
 
@@ -26,11 +24,8 @@ def scenario(backend: Backend, body: Callable[[Harness], Awaitable[None]],
 
 
 async def account_row(platform: Harness, name: str) -> tuple[int, int, int]:
-    async with platform.db.read() as connection:
-        row = (await connection.execute(
-            select(accounts.c.balance, accounts.c.reserved, accounts.c.spent)
-            .where(accounts.c.name == name))).one()
-    return row.balance, row.reserved, row.spent
+    account = await ops.get_account(platform.db, name)
+    return account.balance, account.reserved, account.spent
 
 
 def test_requests_without_a_valid_key_are_401(backend: Backend) -> None:

@@ -8,6 +8,7 @@ from datetime import timedelta
 from typing import TypeVar
 
 from sqlalchemy import func, select
+from sqlalchemy.engine import Connection
 
 from modelyard.platform import accounts as ops
 from modelyard.platform import ledger
@@ -35,24 +36,27 @@ def record(account_id: str, cost: int, completion: int = 0) -> ledger.UsageRecor
 
 
 async def balance_of(db: Database, account_id: str) -> tuple[int, int, int, int]:
-    async with db.read() as connection:
-        row = (await connection.execute(
+    def read(connection: Connection) -> tuple[int, int, int, int]:
+        row = connection.execute(
             select(accounts.c.balance, accounts.c.reserved, accounts.c.credited,
-                   accounts.c.spent).where(accounts.c.id == account_id))).one()
+                   accounts.c.spent).where(accounts.c.id == account_id)).one()
         return (row.balance, row.reserved, row.credited, row.spent)
+    return await db.read(read)
 
 
 async def usage_costs(db: Database, account_id: str) -> int:
-    async with db.read() as connection:
-        return int((await connection.execute(
+    def read(connection: Connection) -> int:
+        return int(connection.execute(
             select(func.coalesce(func.sum(usage.c.cost), 0))
-            .where(usage.c.account_id == account_id))).scalar_one())
+            .where(usage.c.account_id == account_id)).scalar_one())
+    return await db.read(read)
 
 
 async def open_reservations(db: Database) -> int:
-    async with db.read() as connection:
-        return int((await connection.execute(
-            select(func.count()).select_from(reservations))).scalar_one())
+    def read(connection: Connection) -> int:
+        return int(connection.execute(
+            select(func.count()).select_from(reservations)).scalar_one())
+    return await db.read(read)
 
 
 def test_reserve_then_settle_charges_the_real_cost(db_url: str) -> None:

@@ -12,15 +12,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from modelyard.platform import keys
 from modelyard.platform.database import Database
 from modelyard.platform.tables import accounts, api_keys, credits, utcnow
 
 ADMIN_ACCOUNT = "admin"
+MAX_LIMIT = 2**31 - 1
+"""The largest RPM or TPM a key may have (a 32-bit column)."""
 
 
 class AdminError(Exception):
@@ -117,11 +119,23 @@ def _key_info(row: Any) -> KeyInfo:
                    row.created_at)
 
 
-async def _account_by_name(connection: AsyncConnection, name: str) -> Account:
-    row = (await connection.execute(select(accounts).where(accounts.c.name == name))).first()
+def _account_by_name(connection: Connection, name: str) -> Account:
+    row = connection.execute(select(accounts).where(accounts.c.name == name)).first()
     if row is None:
         raise AdminError(404, f"no account named {name!r}")
     return _account(row)
+
+
+def _new_account(connection: Connection, name: str, balance: int) -> Account:
+    account_id = f"acct_{secrets.token_hex(8)}"
+    now = utcnow()
+    connection.execute(insert(accounts).values(
+        id=account_id, name=name, balance=balance, reserved=0, credited=balance, spent=0,
+        created_at=now))
+    if balance:
+        connection.execute(insert(credits).values(
+            account_id=account_id, amount=balance, note="initial balance", created_at=now))
+    return Account(account_id, name, balance, 0, balance, 0, now)
 
 
 async def create_account(db: Database, name: str, balance: int = 0) -> Account:
@@ -130,104 +144,108 @@ async def create_account(db: Database, name: str, balance: int = 0) -> Account:
         raise AdminError(422, "an account name must be 1 to 200 characters")
     if balance < 0:
         raise AdminError(422, "the balance must not be negative")
-    account_id = f"acct_{secrets.token_hex(8)}"
-    now = utcnow()
     try:
-        async with db.begin() as connection:
-            await connection.execute(insert(accounts).values(
-                id=account_id, name=name, balance=balance, reserved=0, credited=balance,
-                spent=0, created_at=now))
-            if balance:
-                await connection.execute(insert(credits).values(
-                    account_id=account_id, amount=balance, note="initial balance",
-                    created_at=now))
+        return await db.write(_new_account, name, balance)
     except IntegrityError:
         raise AdminError(409, f"an account named {name!r} already exists") from None
-    return Account(account_id, name, balance, 0, balance, 0, now)
+
+
+def _top_up(connection: Connection, name: str, amount: int, note: str) -> Account:
+    account_id = connection.execute(
+        update(accounts).where(accounts.c.name == name)
+        .values(balance=accounts.c.balance + amount, credited=accounts.c.credited + amount)
+        .returning(accounts.c.id)).scalar_one_or_none()
+    if account_id is None:
+        raise AdminError(404, f"no account named {name!r}")
+    connection.execute(insert(credits).values(
+        account_id=account_id, amount=amount, note=note, created_at=utcnow()))
+    return _account_by_name(connection, name)
 
 
 async def top_up(db: Database, name: str, amount: int, note: str = "top-up") -> Account:
     if amount <= 0:
         raise AdminError(422, "a top-up must be a positive amount")
-    async with db.begin() as connection:
-        result = await connection.execute(
-            update(accounts).where(accounts.c.name == name)
-            .values(balance=accounts.c.balance + amount, credited=accounts.c.credited + amount)
-            .returning(accounts.c.id))
-        account_id = result.scalar_one_or_none()
-        if account_id is None:
-            raise AdminError(404, f"no account named {name!r}")
-        await connection.execute(insert(credits).values(
-            account_id=account_id, amount=amount, note=note, created_at=utcnow()))
-        return await _account_by_name(connection, name)
+    return await db.write(_top_up, name, amount, note)
 
 
 async def get_account(db: Database, name: str) -> Account:
-    async with db.read() as connection:
-        return await _account_by_name(connection, name)
+    return await db.read(_account_by_name, name)
+
+
+def _list_accounts(connection: Connection) -> list[Account]:
+    rows = connection.execute(select(accounts).order_by(accounts.c.created_at, accounts.c.id))
+    return [_account(row) for row in rows]
 
 
 async def list_accounts(db: Database) -> list[Account]:
-    async with db.read() as connection:
-        rows = await connection.execute(select(accounts).order_by(accounts.c.created_at))
-        return [_account(row) for row in rows]
+    return await db.read(_list_accounts)
+
+
+def _new_key(connection: Connection, account: str, models: list[str] | None, rpm: int | None,
+             tpm: int | None, expires_at: datetime | None, name: str | None,
+             is_admin: bool) -> CreatedKey:
+    owner = _account_by_name(connection, account)
+    created = keys.new_key()
+    now = utcnow()
+    connection.execute(insert(api_keys).values(
+        id=created.id, account_id=owner.id, digest=created.digest, name=name,
+        is_admin=is_admin, models=None if models is None else json.dumps(models), rpm=rpm,
+        tpm=tpm, expires_at=expires_at, revoked_at=None, created_at=now))
+    info = KeyInfo(created.id, owner.id, owner.name, name, is_admin,
+                   None if models is None else tuple(models), rpm, tpm, expires_at, None, now)
+    return CreatedKey(info, created.text)
 
 
 async def create_key(db: Database, account: str, *, models: list[str] | None = None,
                      rpm: int | None = None, tpm: int | None = None,
                      expires_at: datetime | None = None, name: str | None = None,
                      is_admin: bool = False) -> CreatedKey:
-    if rpm is not None and rpm < 1:
-        raise AdminError(422, "rpm must be at least 1")
-    if tpm is not None and tpm < 1:
-        raise AdminError(422, "tpm must be at least 1")
+    for what, limit in (("rpm", rpm), ("tpm", tpm)):
+        if limit is not None and not 1 <= limit <= MAX_LIMIT:
+            raise AdminError(422, f"{what} must be between 1 and {MAX_LIMIT}")
     if models is not None:
         models = sorted({m.strip() for m in models if m.strip()})
         if not models:
             raise AdminError(422, "models must name at least one model")
-    async with db.begin() as connection:
-        owner = await _account_by_name(connection, account)
-        created = keys.new_key()
-        now = utcnow()
-        await connection.execute(insert(api_keys).values(
-            id=created.id, account_id=owner.id, digest=created.digest, name=name,
-            is_admin=is_admin, models=None if models is None else json.dumps(models),
-            rpm=rpm, tpm=tpm, expires_at=expires_at, revoked_at=None, created_at=now))
-    info = KeyInfo(created.id, owner.id, owner.name, name, is_admin,
-                   None if models is None else tuple(models), rpm, tpm, expires_at, None, now)
-    return CreatedKey(info, created.text)
+    return await db.write(_new_key, account, models, rpm, tpm, expires_at, name, is_admin)
 
 
-async def list_keys(db: Database, account: str | None = None) -> list[KeyInfo]:
+def _keys(connection: Connection, account: str | None, key_id: str | None) -> list[KeyInfo]:
     query = select(*_KEY_COLUMNS).join(accounts, accounts.c.id == api_keys.c.account_id)
     if account is not None:
         query = query.where(accounts.c.name == account)
-    async with db.read() as connection:
-        rows = await connection.execute(query.order_by(api_keys.c.created_at, api_keys.c.id))
-        return [_key_info(row) for row in rows]
+    if key_id is not None:
+        query = query.where(api_keys.c.id == key_id)
+    rows = connection.execute(query.order_by(api_keys.c.created_at, api_keys.c.id))
+    return [_key_info(row) for row in rows]
+
+
+async def list_keys(db: Database, account: str | None = None) -> list[KeyInfo]:
+    return await db.read(_keys, account, None)
+
+
+def _revoke(connection: Connection, key_id: str) -> KeyInfo:
+    connection.execute(
+        update(api_keys).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+        .values(revoked_at=utcnow()))
+    found = _keys(connection, None, key_id)
+    if not found:
+        raise AdminError(404, f"no key with id {key_id!r}")
+    return found[0]
 
 
 async def revoke_key(db: Database, key_id: str) -> KeyInfo:
-    async with db.begin() as connection:
-        await connection.execute(
-            update(api_keys).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
-            .values(revoked_at=utcnow()))
-        row = (await connection.execute(
-            select(*_KEY_COLUMNS).join(accounts, accounts.c.id == api_keys.c.account_id)
-            .where(api_keys.c.id == key_id))).first()
-    if row is None:
-        raise AdminError(404, f"no key with id {key_id!r}")
-    return _key_info(row)
+    return await db.write(_revoke, key_id)
 
 
 _AUTH_QUERY = select(api_keys.c.id, api_keys.c.account_id, api_keys.c.digest,
                      api_keys.c.is_admin, api_keys.c.models, api_keys.c.rpm, api_keys.c.tpm,
-                     api_keys.c.expires_at, api_keys.c.revoked_at)
+                     api_keys.c.expires_at, api_keys.c.revoked_at).where(
+    api_keys.c.id == bindparam("key_id"))
 
 
-async def find_key(db: Database, key_id: str) -> KeyRecord | None:
-    async with db.read() as connection:
-        row = (await connection.execute(_AUTH_QUERY.where(api_keys.c.id == key_id))).first()
+def _find_key(connection: Connection, key_id: str) -> KeyRecord | None:
+    row = connection.execute(_AUTH_QUERY, {"key_id": key_id}).first()
     if row is None:
         return None
     models = _models(row.models)
@@ -236,30 +254,30 @@ async def find_key(db: Database, key_id: str) -> KeyRecord | None:
                      row.expires_at, row.revoked_at is not None)
 
 
+async def find_key(db: Database, key_id: str) -> KeyRecord | None:
+    return await db.read(_find_key, key_id)
+
+
+def _bootstrap_admin(connection: Connection) -> str | None:
+    existing = connection.execute(
+        select(func.count()).select_from(api_keys).where(api_keys.c.is_admin)).scalar_one()
+    if existing:
+        return None
+    row = connection.execute(
+        select(accounts.c.id).where(accounts.c.name == ADMIN_ACCOUNT)).first()
+    account_id = row.id if row is not None else _new_account(connection, ADMIN_ACCOUNT, 0).id
+    created = keys.new_key()
+    connection.execute(insert(api_keys).values(
+        id=created.id, account_id=account_id, digest=created.digest, name="admin",
+        is_admin=True, models=None, rpm=None, tpm=None, expires_at=None, revoked_at=None,
+        created_at=utcnow()))
+    return created.text
+
+
 async def bootstrap_admin(db: Database) -> str | None:
     """On a database without any admin key: create the `admin` account and a key for it.
 
     Returns the key (to print once), or None when an admin key already exists. Runs under
     the setup lock, so gateways starting together on an empty database create one key.
     """
-    async with db.exclusive() as connection:
-        existing = await connection.execute(
-            select(func.count()).select_from(api_keys).where(api_keys.c.is_admin))
-        if existing.scalar_one():
-            return None
-        row = (await connection.execute(
-            select(accounts.c.id).where(accounts.c.name == ADMIN_ACCOUNT))).first()
-        now = utcnow()
-        if row is None:
-            account_id = f"acct_{secrets.token_hex(8)}"
-            await connection.execute(insert(accounts).values(
-                id=account_id, name=ADMIN_ACCOUNT, balance=0, reserved=0, credited=0, spent=0,
-                created_at=now))
-        else:
-            account_id = row.id
-        created = keys.new_key()
-        await connection.execute(insert(api_keys).values(
-            id=created.id, account_id=account_id, digest=created.digest, name="admin",
-            is_admin=True, models=None, rpm=None, tpm=None, expires_at=None, revoked_at=None,
-            created_at=now))
-        return created.text
+    return await db.exclusive(_bootstrap_admin)

@@ -1,11 +1,17 @@
 """The platform's database: SQLite (the embedded default) or PostgreSQL, and its migrations.
 
-SQLite runs in WAL mode through one connection per process: requests queue for it in
-asyncio instead of spinning in SQLite's busy handler, and every write transaction starts
-with `BEGIN IMMEDIATE`, so it holds the write lock from its first statement (other
-processes on the same file, such as the CLI, wait up to the busy timeout). Reads run
-outside a transaction. PostgreSQL uses a connection pool and READ COMMITTED; every
-money-moving statement is a single conditional UPDATE, which is atomic there.
+Every database operation is a plain function of a SQLAlchemy `Connection` that runs as
+one transaction: `await db.write(fn, ...)`, `await db.read(fn, ...)`. Where it runs:
+
+- SQLite: on one connection owned by one thread, so a whole transaction costs one hop
+  from the event loop, requests queue for the connection instead of spinning in SQLite's
+  busy handler, and the event loop never blocks on the file. WAL mode; every write
+  transaction starts with `BEGIN IMMEDIATE`, so it holds the write lock from its first
+  statement (other processes on the file, such as the CLI, wait up to the busy timeout).
+  Reads run without a transaction.
+- PostgreSQL: asyncpg through a connection pool, the function run with `run_sync`.
+  READ COMMITTED; every money-moving statement is a single conditional UPDATE, which is
+  atomic there.
 
 Migrations (Alembic, shipped in this package) run at start under a lock: a PostgreSQL
 advisory lock, or SQLite's write lock, so that gateways starting together migrate once.
@@ -13,21 +19,29 @@ advisory lock, or SQLite's write lock, so that gateways starting together migrat
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import event, text
-from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 MIGRATIONS = "modelyard.platform:migrations"
 _SETUP_LOCK = 0x6D79_6172_6400  # an arbitrary constant: "myard"
 _READ_ONLY = "modelyard_read_only"
 BUSY_TIMEOUT_MS = 10_000
+_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
+_RELAXED = text("SET LOCAL synchronous_commit = off")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+Operation = Callable[Concatenate[Connection, P], T]
 
 
 class DatabaseError(RuntimeError):
@@ -35,14 +49,14 @@ class DatabaseError(RuntimeError):
 
 
 def normalize_url(url: str) -> str:
-    """Accept plain `sqlite:///…` / `postgresql://…` URLs and pick the asyncio drivers."""
+    """Accept plain `sqlite:///…` / `postgresql://…` URLs; the drivers modelyard uses."""
     try:
         parsed = make_url(url)
     except Exception as exc:  # sqlalchemy raises ArgumentError, ValueError, ...
         raise DatabaseError(f"database_url is not a database URL: {url!r}") from exc
     backend = parsed.get_backend_name()
     if backend == "sqlite":
-        parsed = parsed.set(drivername="sqlite+aiosqlite")
+        parsed = parsed.set(drivername="sqlite")
     elif backend in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+asyncpg")
     else:
@@ -50,62 +64,94 @@ def normalize_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def sqlite_url(path: Path) -> str:
-    return f"sqlite+aiosqlite:///{path}"
-
-
 class Database:
-    """An async engine with the two ways the platform talks to it: `begin()` and `read()`."""
+    """Runs operations (functions of a Connection) as transactions; see the module doc."""
 
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
         self.url = normalize_url(url)
-        parsed = make_url(self.url)
-        self.dialect = parsed.get_backend_name()
+        self.dialect = make_url(self.url).get_backend_name()
+        self._sqlite: Engine | None = None
+        self._postgres: AsyncEngine | None = None
+        self._thread: ThreadPoolExecutor | None = None
         if self.dialect == "sqlite":
-            database = parsed.database or ""
+            database = make_url(self.url).database or ""
             if database and database != ":memory:":
                 Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            self.engine: AsyncEngine = create_async_engine(
-                self.url, pool_size=1, max_overflow=0, pool_timeout=60,
-                connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
-            _sqlite_hooks(self.engine)
+            self._sqlite = create_engine(
+                self.url, pool_size=1, max_overflow=0,
+                connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
+            _sqlite_hooks(self._sqlite)
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="modelyard-sqlite")
         else:
-            self.engine = create_async_engine(self.url, pool_size=pool_size, max_overflow=pool_size,
-                                              pool_pre_ping=False)
-        self._reader = self.engine.execution_options(**{_READ_ONLY: True})
+            self._postgres = create_async_engine(self.url, pool_size=pool_size,
+                                                 max_overflow=pool_size)
+            # Reads are single statements: no BEGIN / ROLLBACK round trips around them.
+            self._postgres_reader = self._postgres.execution_options(
+                isolation_level="AUTOCOMMIT")
 
     @property
     def is_sqlite(self) -> bool:
         return self.dialect == "sqlite"
 
-    @asynccontextmanager
-    async def begin(self) -> AsyncIterator[AsyncConnection]:
-        """A write transaction, committed when the block ends without an exception."""
-        async with self.engine.begin() as connection:
-            yield connection
+    async def write(self, operation: Operation[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run `operation(connection, ...)` in a write transaction, committed if it returns."""
+        return await self._run(partial(operation, **kwargs), args, read=False, lock=False)
 
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[AsyncConnection]:
-        """A connection for reads (no write lock taken on SQLite)."""
-        async with self._reader.connect() as connection:
-            yield connection
+    async def write_relaxed(self, operation: Operation[P, T], *args: P.args,
+                            **kwargs: P.kwargs) -> T:
+        """A write transaction whose loss in a database crash is harmless (a balance hold):
+        PostgreSQL commits it without waiting for the WAL flush (`synchronous_commit` off),
+        which still never reorders it or loses it half."""
+        return await self._run(partial(operation, **kwargs), args, read=False, lock=False,
+                               relaxed=True)
 
-    @asynccontextmanager
-    async def exclusive(self) -> AsyncIterator[AsyncConnection]:
-        """A write transaction that no other process runs at the same time (setup work)."""
-        async with self.engine.begin() as connection:
-            if self.dialect == "postgresql":
-                await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
-                                         {"key": _SETUP_LOCK})
-            yield connection
+    async def read(self, operation: Operation[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a read-only `operation(connection, ...)`."""
+        return await self._run(partial(operation, **kwargs), args, read=True, lock=False)
+
+    async def exclusive(self, operation: Operation[P, T], *args: P.args,
+                        **kwargs: P.kwargs) -> T:
+        """A write transaction no other process runs at the same time (setup work)."""
+        return await self._run(partial(operation, **kwargs), args, read=False, lock=True)
 
     async def migrate(self) -> None:
         """Bring the schema to the newest revision."""
-        async with self.exclusive() as connection:
-            await connection.run_sync(_upgrade)
+        await self.exclusive(_upgrade)
 
     async def close(self) -> None:
-        await self.engine.dispose()
+        if self._postgres is not None:
+            await self._postgres.dispose()
+        if self._sqlite is not None and self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(self._thread,
+                                                             self._sqlite.dispose)
+            self._thread.shutdown(wait=True)
+
+    async def _run(self, operation: Callable[..., T], args: tuple[Any, ...], *, read: bool,
+                   lock: bool, relaxed: bool = False) -> T:
+        if self._sqlite is not None:
+            assert self._thread is not None
+            return await asyncio.get_running_loop().run_in_executor(
+                self._thread, self._run_sqlite, operation, args, read)
+        assert self._postgres is not None
+        if read:
+            async with self._postgres_reader.connect() as connection:
+                return await connection.run_sync(operation, *args)
+        async with self._postgres.begin() as connection:
+            if lock:
+                await connection.execute(_LOCK, {"key": _SETUP_LOCK})
+            if relaxed:
+                await connection.execute(_RELAXED)
+            return await connection.run_sync(operation, *args)
+
+    def _run_sqlite(self, operation: Callable[..., T], args: tuple[Any, ...],
+                    read: bool) -> T:
+        assert self._sqlite is not None
+        if read:
+            with self._sqlite.connect() as connection:
+                connection = connection.execution_options(**{_READ_ONLY: True})
+                return operation(connection, *args)
+        with self._sqlite.begin() as connection:
+            return operation(connection, *args)
 
 
 def _upgrade(connection: Connection) -> None:
@@ -115,8 +161,8 @@ def _upgrade(connection: Connection) -> None:
     command.upgrade(config, "head")
 
 
-def _sqlite_hooks(engine: AsyncEngine) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+def _sqlite_hooks(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection: Any, record: Any) -> None:
         dbapi_connection.isolation_level = None  # modelyard emits BEGIN itself
         cursor = dbapi_connection.cursor()
@@ -126,7 +172,7 @@ def _sqlite_hooks(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def on_begin(connection: Connection) -> None:
         if not connection.get_execution_options().get(_READ_ONLY):
             connection.exec_driver_sql("BEGIN IMMEDIATE")

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from sqlalchemy import String, cast, func, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 from modelyard.platform.accounts import AdminError
@@ -61,12 +62,11 @@ def _filters(since: datetime | None, account_id: str | None,
     return where
 
 
-async def _account_id(db: Database, name: str | None) -> str | None:
+def _account_id(connection: Connection, name: str | None) -> str | None:
     if name is None:
         return None
-    async with db.read() as connection:
-        found = (await connection.execute(
-            select(accounts.c.id).where(accounts.c.name == name))).scalar_one_or_none()
+    found = connection.execute(
+        select(accounts.c.id).where(accounts.c.name == name)).scalar_one_or_none()
     if found is None:
         raise AdminError(404, f"no account named {name!r}")
     return str(found)
@@ -75,7 +75,12 @@ async def _account_id(db: Database, name: str | None) -> str | None:
 async def totals(db: Database, by: Grouping = "day", *, since: datetime | None = None,
                  account: str | None = None) -> list[UsageTotals]:
     """Requests, tokens and cost per group, oldest day / largest cost first."""
-    account_id = await _account_id(db, account)
+    return await db.read(_totals, by, since, account)
+
+
+def _totals(connection: Connection, by: Grouping, since: datetime | None,
+            account: str | None) -> list[UsageTotals]:
+    account_id = _account_id(connection, account)
     group: Any
     if by == "day":
         group = cast(func.date(usage.c.created_at), String)
@@ -96,8 +101,7 @@ async def totals(db: Database, by: Grouping = "day", *, since: datetime | None =
     if by == "account":
         query = query.select_from(usage.join(accounts, accounts.c.id == usage.c.account_id))
     query = query.order_by(group if by == "day" else func.sum(usage.c.cost).desc(), group)
-    async with db.read() as connection:
-        rows = (await connection.execute(query)).all()
+    rows = connection.execute(query).all()
     return [UsageTotals(str(row.group), int(row.requests), int(row.prompt_tokens),
                         int(row.cached_tokens), int(row.completion_tokens),
                         int(row.reasoning_tokens), int(row.cost)) for row in rows]
@@ -106,11 +110,15 @@ async def totals(db: Database, by: Grouping = "day", *, since: datetime | None =
 async def records(db: Database, *, account: str | None = None, key_id: str | None = None,
                   since: datetime | None = None, limit: int = 100) -> list[UsageRow]:
     """The newest usage records first."""
-    account_id = await _account_id(db, account)
+    return await db.read(_records, account, key_id, since, limit)
+
+
+def _records(connection: Connection, account: str | None, key_id: str | None,
+             since: datetime | None, limit: int) -> list[UsageRow]:
+    account_id = _account_id(connection, account)
     query = (select(usage).where(*_filters(since, account_id, key_id))
              .order_by(usage.c.id.desc()).limit(limit))
-    async with db.read() as connection:
-        rows = (await connection.execute(query)).all()
+    rows = connection.execute(query).all()
     return [UsageRow(row.id, row.created_at, row.key_id, row.account_id, row.model, row.user,
                      row.prompt_tokens, row.cached_tokens, row.completion_tokens,
                      row.reasoning_tokens, row.cost, row.reserved, row.latency_ms, row.ttft_ms,
