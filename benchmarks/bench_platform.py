@@ -140,8 +140,16 @@ def serve(args: argparse.Namespace) -> None:
     timing = TimingGate(gate)
     state = AppState(providers={MODEL: InstantProvider()}, registry=CollectorRegistry(),
                      gate=timing, prices=prices)
-    uvicorn.run(create_app(state), host="127.0.0.1", port=args.port, log_level="warning",
-                access_log=False)
+    app = create_app(state)
+
+    async def reset() -> dict[str, bool]:
+        """Forget the timings so far: only the fixed-rate phase is reported."""
+        timing.on_path.clear()
+        timing.settling.clear()
+        return {"reset": True}
+
+    app.add_api_route("/bench/reset", reset, methods=["POST"])
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
     Path(args.stats).write_text(json.dumps({"on_path": timing.on_path,
                                             "settle": timing.settling}))
 
@@ -178,23 +186,69 @@ def free_port() -> int:
         return port
 
 
-async def request(client: httpx.AsyncClient, headers: dict[str, str]) -> float | None:
-    started = time.perf_counter()
-    response = await client.post("/v1/chat/completions", headers=headers, json={
-        "model": MODEL, "messages": PROMPT, "max_tokens": COMPLETION_TOKENS})
-    elapsed = time.perf_counter() - started
-    return elapsed if response.status_code == 200 else None
+class Connection:
+    """A minimal HTTP/1.1 keep-alive client for one request at a time: the load generator
+    shares the machine with the server, so it spends as little CPU as it can."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, port: int) -> Connection:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def send(self, payload: bytes) -> int:
+        self.writer.write(payload)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        await self.reader.readexactly(length)
+        return status
+
+    def close(self) -> None:
+        self.writer.close()
 
 
-async def closed_loop(client: httpx.AsyncClient, headers: dict[str, str], concurrency: int,
-                      seconds: float) -> float:
+def request_bytes(key: str) -> bytes:
+    body = json.dumps({"model": MODEL, "messages": PROMPT,
+                       "max_tokens": COMPLETION_TOKENS}).encode()
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\n"
+            + f"Authorization: Bearer {key}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body)
+
+
+class Pool:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.idle: list[Connection] = []
+
+    async def request(self, payload: bytes) -> float | None:
+        connection = self.idle.pop() if self.idle else await Connection.open(self.port)
+        started = time.perf_counter()
+        status = await connection.send(payload)
+        elapsed = time.perf_counter() - started
+        self.idle.append(connection)
+        return elapsed if status == 200 else None
+
+    def close(self) -> None:
+        for connection in self.idle:
+            connection.close()
+
+
+async def closed_loop(pool: Pool, payload: bytes, concurrency: int, seconds: float) -> float:
     done = 0
     stop = time.perf_counter() + seconds
 
     async def worker() -> None:
         nonlocal done
         while time.perf_counter() < stop:
-            if await request(client, headers) is not None:
+            if await pool.request(payload) is not None:
                 done += 1
 
     started = time.perf_counter()
@@ -202,7 +256,7 @@ async def closed_loop(client: httpx.AsyncClient, headers: dict[str, str], concur
     return done / (time.perf_counter() - started)
 
 
-async def open_loop(client: httpx.AsyncClient, headers: dict[str, str], rate: float,
+async def open_loop(pool: Pool, payload: bytes, rate: float,
                     seconds: float) -> tuple[list[float], int, float]:
     """Send at a fixed rate whatever the answers do; latencies, errors, achieved rate."""
     count = int(rate * seconds)
@@ -212,21 +266,25 @@ async def open_loop(client: httpx.AsyncClient, headers: dict[str, str], rate: fl
         delay = started + i / rate - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(request(client, headers)))
+        tasks.append(asyncio.create_task(pool.request(payload)))
     outcomes = await asyncio.gather(*tasks)
     wall = time.perf_counter() - started
     latencies = [o for o in outcomes if o is not None]
     return latencies, count - len(latencies), count / wall
 
 
-async def measure(name: str, base_url: str, key: str, args: argparse.Namespace) -> Result:
-    headers = {"Authorization": f"Bearer {key}"}
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30) as client:
-        await closed_loop(client, headers, 8, args.warmup)
-        max_rps = await closed_loop(client, headers, args.concurrency, args.max_seconds)
-        await asyncio.sleep(1)
-        latencies, errors, achieved = await open_loop(client, headers, args.rate, args.seconds)
+async def measure(name: str, port: int, key: str, args: argparse.Namespace) -> Result:
+    payload = request_bytes(key)
+    pool = Pool(port)
+    try:
+        await closed_loop(pool, payload, 8, args.warmup)
+        max_rps = await closed_loop(pool, payload, args.concurrency, args.max_seconds)
+        await asyncio.sleep(2)  # settlements of the full-load phase finish
+        reset = payload.replace(b"POST /v1/chat/completions", b"POST /bench/reset", 1)
+        await pool.request(reset)
+        latencies, errors, achieved = await open_loop(pool, payload, args.rate, args.seconds)
+    finally:
+        pool.close()
     return Result(name, max_rps, args.rate, achieved, percentile(latencies, 50),
                   percentile(latencies, 99), errors)
 
@@ -261,7 +319,7 @@ def run_server(name: str, key: str, args: argparse.Namespace, workdir: Path,
     try:
         wait_healthy(base_url, process)
         print(f"  {name}: load average {os.getloadavg()[0]:.2f}", flush=True)
-        result = asyncio.run(measure(name, base_url, key, args))
+        result = asyncio.run(measure(name, port, key, args))
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=60)

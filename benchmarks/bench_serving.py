@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -93,12 +94,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def modelyard_server(args: argparse.Namespace, model_path: Path) -> Iterator[tuple[str, str]]:
-    """Start `modelyard serve`; yield (base URL, model id); stop it on exit."""
+def modelyard_server(args: argparse.Namespace, model_path: Path
+                     ) -> Iterator[tuple[str, str, str]]:
+    """Start `modelyard serve` on a fresh platform database; yield (base URL, model id, the
+    admin key it printed); stop it on exit."""
     workdir = Path(tempfile.mkdtemp(prefix="bench-modelyard-"))
     config = workdir / "config.toml"
     config.write_text(
-        'log_level = "warning"\n\n[engine]\n'
+        f'log_level = "warning"\ndatabase_url = "sqlite:///{workdir / "platform.db"}"\n'
+        '\n[engine]\n'
         f"max_sequences = {args.max_sequences}\n"
         f"context_per_sequence = {args.context_per_sequence}\n"
         f"step_token_budget = {args.step_token_budget}\n"
@@ -113,7 +117,11 @@ def modelyard_server(args: argparse.Namespace, model_path: Path) -> Iterator[tup
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        yield base, wait_healthy(proc, base, workdir / "server.log")
+        model = wait_healthy(proc, base, workdir / "server.log")
+        key = re.search(r"admin key: (\S+)", (workdir / "server.log").read_text())
+        if key is None:
+            raise RuntimeError("modelyard serve printed no admin key")
+        yield base, model, key.group(1)
     finally:
         proc.terminate()
         try:
@@ -148,8 +156,7 @@ async def stream_one(client: httpx.AsyncClient, base: str, model: str, prompt: s
     t_last = 0.0
     usage: dict[str, Any] = {}
     t_send = time.perf_counter()
-    async with client.stream("POST", f"{base}/v1/chat/completions", json=body,
-                             headers={"Authorization": "Bearer x"}) as response:
+    async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if not line.startswith("data: "):
@@ -169,7 +176,7 @@ async def stream_one(client: httpx.AsyncClient, base: str, model: str, prompt: s
                   int(usage.get("prompt_tokens", 0)))
 
 
-async def run_level(base: str, model: str, concurrency: int, prompts: list[str],
+async def run_level(base: str, model: str, key: str, concurrency: int, prompts: list[str],
                     max_tokens: int) -> tuple[list[RequestResult], float]:
     """Send `prompts` through `concurrency` clients; return their results and the wall time."""
     queue: asyncio.Queue[str] = asyncio.Queue()
@@ -177,7 +184,8 @@ async def run_level(base: str, model: str, concurrency: int, prompts: list[str],
         queue.put_nowait(prompt)
     results: list[RequestResult] = []
     limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=limits) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=limits,
+                                 headers={"Authorization": f"Bearer {key}"}) as client:
 
         async def worker() -> None:
             while not queue.empty():
@@ -193,12 +201,13 @@ def bench_modelyard(args: argparse.Namespace, model_path: Path
                     ) -> tuple[dict[int, Summary], dict[int, list[RequestResult]]]:
     summaries: dict[int, Summary] = {}
     raw: dict[int, list[RequestResult]] = {}
-    with modelyard_server(args, model_path) as (base, model):
-        asyncio.run(run_level(base, model, 1, PROMPTS[-1:], args.max_tokens))  # warm-up
+    with modelyard_server(args, model_path) as (base, model, key):
+        asyncio.run(run_level(base, model, key, 1, PROMPTS[-1:], args.max_tokens))  # warm-up
         for level in args.concurrency:
             n_requests = args.requests_per_level or max(4, 2 * level)
             prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n_requests)]
-            results, wall = asyncio.run(run_level(base, model, level, prompts, args.max_tokens))
+            results, wall = asyncio.run(run_level(base, model, key, level, prompts,
+                                                  args.max_tokens))
             raw[level], summaries[level] = results, summarize(results, wall)
             print(f"  modelyard c={level}: {summaries[level].tokens_per_s:.1f} tok/s",
                   file=sys.stderr)

@@ -10,6 +10,10 @@ from datetime import timedelta
 from modelyard.config import PlatformConfig
 from modelyard.platform import accounts as ops
 from modelyard.platform import ledger
+from modelyard.platform.accounts_gate import AccountsGate
+from modelyard.platform.database import Database
+from modelyard.platform.gate import PlatformError
+from modelyard.platform.limits import MemoryLimiter
 from modelyard.platform.tables import utcnow
 from modelyard.platform.usage import records
 from tests.platform.harness import Backend, Harness, harness
@@ -178,3 +182,31 @@ def test_the_gate_keeps_its_reservations_alive_and_sweeps_others(backend: Backen
         assert row.reserved == row.cost == 3 + 40  # settled against its own reservation
         assert await account_row(platform, "acme") == (1000 - 43, 0, 43)
     scenario(backend, body, delay_s=0.06, settings=settings, start=True)
+
+
+def test_a_key_cache_trades_revocation_delay_for_lookups(backend: Backend) -> None:
+    async def body(platform: Harness) -> None:
+        key = await platform.key("acme", 1000)
+        assert (await platform.chat(key)).status_code == 200
+        await ops.revoke_key(platform.db, key.split("-")[2])
+        # Cached for a minute: still accepted on this gateway until the entry expires.
+        assert (await platform.chat(key)).status_code == 200
+        platform.gate._key_cache.clear()
+        assert (await platform.chat(key)).status_code == 401
+    scenario(backend, body, settings=PlatformConfig(key_cache_seconds=60))
+
+
+def test_an_unreachable_database_is_503_not_a_stack_trace() -> None:
+    async def main() -> None:
+        gate = AccountsGate(Database("postgresql://nobody@127.0.0.1:1/none"), MemoryLimiter(),
+                            {}, PlatformConfig())
+        try:
+            await gate.authenticate(f"Bearer sk-my-0123456789ab-{'x' * 43}")
+        except PlatformError as exc:
+            assert exc.status == 503
+            assert exc.headers["Retry-After"] == "1"
+        else:
+            raise AssertionError("no error")
+        finally:
+            await gate.close()
+    asyncio.run(main())
