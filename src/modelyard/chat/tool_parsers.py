@@ -34,17 +34,32 @@ class ToolCallParser(ABC):
 
 
 class TaggedJsonToolParser(ToolCallParser):
-    """Calls are JSON objects {"name", "arguments"} between an opening and a closing tag."""
+    """Calls are JSON objects {"name", "arguments"} between an opening and a closing tag.
+
+    Small models sometimes write a call as bare JSON (or in a json code fence) without the
+    tags. An answer that starts that way is held back, and if it turns out to be exactly
+    one call of a declared function, it is read as that call; otherwise it is content.
+    """
 
     open_tag = "<tool_call>"
     close_tag = "</tool_call>"
 
-    def __init__(self) -> None:
+    def __init__(self, function_names: frozenset[str] = frozenset()) -> None:
         self._buffer = ""
         self._in_call = False
         self.calls_seen = 0
+        self._function_names = function_names
+        self._bare: str | None = "" if function_names else None
+        """The answer so far while it may be a bare JSON call; None once it cannot be."""
 
     def feed(self, text: str) -> tuple[str, list[ParsedToolCall]]:
+        if self._bare is not None:
+            self._bare += text
+            head = self._bare.lstrip()
+            if not head or (head.startswith(("{", "```"))
+                            and self.open_tag not in head) or "```".startswith(head):
+                return "", []
+            text, self._bare = self._bare, None
         self._buffer += text
         content: list[str] = []
         calls: list[ParsedToolCall] = []
@@ -71,6 +86,13 @@ class TaggedJsonToolParser(ToolCallParser):
         return self._content("".join(content)), calls
 
     def finish(self) -> tuple[str, list[ParsedToolCall]]:
+        if self._bare is not None:
+            bare, self._bare = self._bare, None
+            call = self._parse(_unfenced(bare))
+            if call is not None and call.name in self._function_names:
+                return "", [call]
+            self.calls_seen = 0
+            return bare, []
         rest, self._buffer = self._buffer, ""
         if self._in_call:
             call = self._parse(rest)
@@ -99,7 +121,15 @@ class TaggedJsonToolParser(ToolCallParser):
 
 
 
-TOOL_PARSERS: dict[str, type[ToolCallParser]] = {"hermes": TaggedJsonToolParser}
+def _unfenced(text: str) -> str:
+    text = text.strip()
+    if text.startswith("```"):
+        text = text.split("\n", 1)[1] if "\n" in text else ""
+        text = text.removesuffix("```").strip()
+    return text
+
+
+TOOL_PARSERS: dict[str, type[TaggedJsonToolParser]] = {"hermes": TaggedJsonToolParser}
 
 
 def tool_family(chat_template: str) -> str | None:

@@ -191,7 +191,8 @@ class LocalProvider(Provider):
         outputs = [ChoiceOutput(
             reasoning=tags, starts_inside_reasoning=work.inside_reasoning,
             separate_reasoning=request.separate_reasoning,
-            tool_parser=TOOL_PARSERS[self.tool_family]()
+            tool_parser=TOOL_PARSERS[self.tool_family](
+                frozenset(tool["function"]["name"] for tool in request.tools))
             if work.plan.parse_tools and self.tool_family else None,
         ) for _ in range(request.n)]
         return self._stream(request.request_id, outputs, queue)
