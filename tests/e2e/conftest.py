@@ -25,6 +25,9 @@ SERVER_CONFIG = f"""
 input_price = {INPUT_MICROS_PER_TOKEN}
 output_price = {OUTPUT_MICROS_PER_TOKEN}
 
+[model.defaults]
+temperature = 0.0
+
 [engine]
 max_sequences = 8
 context_per_sequence = 2048
