@@ -9,6 +9,7 @@ from pathlib import Path
 
 from modelyard.chat.template import TemplateError
 from modelyard.config import ConfigError, load_config, with_overrides
+from modelyard.engine.runner import RunnerError
 from modelyard.models import ModelSourceError
 from modelyard.platform.accounts import AdminError
 from modelyard.platform.commands import add_commands, run
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             return serve(args)
         return run(args)
     except (ConfigError, ModelSourceError, TemplateError, PlatformUnavailable, AmountError,
-            AdminError) as exc:
+            AdminError, RunnerError) as exc:
         print(f"modelyard: {exc}", file=sys.stderr)
         return 2
 

@@ -192,7 +192,7 @@ def test_part_path_wants_exactly_one_data_file(
     module = f"modelyard_fake_part_{len(files)}x"
     make_part_package(tmp_path, module, files)
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(PackagedModelError, match=r"no single data/partNN\.bin"):
+    with pytest.raises(PackagedModelError, match=r"no single model part file"):
         part_path(module.replace("_", "-"))
 
 
@@ -203,3 +203,34 @@ def test_installed_default_model_parts_add_up_to_its_size() -> None:
     assert [p.name for p in parts] == [f"part0{i}.bin" for i in range(1, 7)]
     assert sum(p.stat().st_size for p in parts) == model.size
     assert len(model.sha256) == 64
+
+
+def test_part_path_finds_the_model_part_layout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = tmp_path / "modelyard_fake_layout_2"
+    module.mkdir()
+    (module / "__init__.py").write_text("")
+    (module / "model_part_0003").write_bytes(b"part")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert part_path("modelyard-fake-layout-2") == module / "model_part_0003"
+
+
+def test_a_model_with_no_published_checksum_is_assembled_once(
+    tmp_path: Path, part_files: dict[str, Path]
+) -> None:
+    model = PackagedModel(name="unsigned", filename="unsigned.gguf", packages=ORDER,
+                          size=None, sha256=None)
+    first = assemble(model, tmp_path / "models", progress=False, find_part=Finder(part_files))
+    assert first.read_bytes() == CONTENT
+    before = first.stat().st_mtime_ns
+    again = assemble(model, tmp_path / "models", progress=False, find_part=Finder(part_files))
+    assert again == first and again.stat().st_mtime_ns == before
+
+
+def test_a_missing_part_of_an_optional_model_names_the_extra(tmp_path: Path) -> None:
+    model = PackagedModel(name="optional", filename="optional.gguf",
+                          packages=("modelyard-no-such-part-9",), size=None, sha256=None,
+                          extra="r1")
+    with pytest.raises(PackagedModelError, match=r"pip install 'modelyard\[r1\]'"):
+        assemble(model, tmp_path / "models", progress=False)

@@ -92,7 +92,8 @@ class LlamaRunner:
             str(config.model_path).encode(), model_params(config.gpu_layers)
         )
         if not self._model:
-            raise RunnerError(f"llama.cpp could not load the model at {config.model_path}")
+            raise RunnerError(f"llama.cpp could not load the model at {config.model_path} "
+                              f"(not a complete GGUF file, or not enough memory)")
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = config.n_ctx
         params.n_batch = config.n_batch
