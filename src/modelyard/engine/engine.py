@@ -12,6 +12,7 @@ import asyncio
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,6 +78,7 @@ class _Choice:
     forced: list[int] = field(default_factory=list)
     """Tokens the engine appends instead of sampling (closing a reasoning block)."""
     answer_due: bool = False
+    grammar_done: bool = False
     pending_logprobs: list[tuple[int, TokenLogprob]] = field(default_factory=list)
     text_tail: str = ""
 
@@ -87,6 +89,7 @@ class Engine:
                  grammar: GrammarCompiler | None = None) -> None:
         self.runner = runner
         self.grammar = grammar
+        self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelyard-mask")
         self.scheduler = Scheduler(config)
         self.metrics = metrics or EngineMetrics()
         self._choices: dict[str, _Choice] = {}
@@ -103,6 +106,7 @@ class Engine:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=30)
+        self._mask_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- the event-loop side ---------------------------------------------------------------
 
@@ -216,6 +220,10 @@ class Engine:
         sample = choice.sampler.sample(logits, allowed)
         if matcher is not None:
             matcher.consume(sample.token)
+            # Read the grammar's state before the next mask starts computing on its thread.
+            choice.grammar_done = matcher.done
+            if not choice.grammar_done:
+                matcher.prefetch(self._mask_pool)
         if choice.reasoning is not None:
             choice.reasoning_tokens += 1  # the closing tag, forced or not, is not counted
             budget = choice.seq.params.thinking_budget
@@ -263,7 +271,7 @@ class Engine:
             choice.text_tail = (choice.text_tail + text)[-64:]
             if choice.reasoning.close_text in choice.text_tail:
                 choice.reasoning = None  # the model closed its reasoning block itself
-        if choice.matcher is not None and choice.matcher.done and seq.finish_reason is None:
+        if choice.grammar_done and seq.finish_reason is None:
             self.scheduler.finish(seq, FinishReason.STOP)
         text, stopped = choice.stops.feed(text)
         if stopped and seq.finish_reason is None:

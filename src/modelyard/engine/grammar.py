@@ -12,6 +12,7 @@ samples its trigger token (a tool call opened under `tool_choice: "auto"`).
 from __future__ import annotations
 
 import json
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,9 +92,22 @@ class GrammarMatcher:
         self.active = constraint.trigger_token is None
         self._n_vocab = n_vocab
         self._bitmask = llg_numpy.allocate_token_bitmask(1, grammar_vocab)
+        self._pending: Future[npt.NDArray[np.bool_]] | None = None
+
+    def prefetch(self, pool: Executor) -> None:
+        """Start computing the next mask now, so it overlaps the next decode step."""
+        if self.active and self._pending is None and not self._matcher.is_stopped():
+            self._pending = pool.submit(self._compute)
 
     def allowed(self) -> npt.NDArray[np.bool_]:
-        """Which tokens may come next (llguidance releases the GIL while it computes)."""
+        """Which tokens may come next."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            return pending.result()
+        return self._compute()
+
+    def _compute(self) -> npt.NDArray[np.bool_]:
+        # llguidance releases the GIL while it computes the mask.
         llg_numpy.fill_next_token_bitmask(self._matcher, self._bitmask)
         bits = np.unpackbits(self._bitmask[0].view(np.uint8), bitorder="little")
         allowed = np.zeros(self._n_vocab, dtype=np.bool_)
@@ -102,7 +116,8 @@ class GrammarMatcher:
         return allowed
 
     def consume(self, token: int) -> None:
-        """Advance past a sampled token; a lazy grammar starts after its trigger."""
+        """Advance past a sampled token; a lazy grammar starts after its trigger. Call it
+        only after `allowed()` (never with a mask still being computed)."""
         if not self.active:
             self.active = token == self.constraint.trigger_token
             return
