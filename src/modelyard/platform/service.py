@@ -6,6 +6,8 @@ migrates the database and, for `serve` on a database without an admin key, creat
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -72,6 +74,10 @@ async def prepare(config: Config, *, create_admin: bool = False) -> str | None:
     return admin_key
 
 
-def accounts_gate(config: Config) -> AccountsGate:
-    return AccountsGate(open_database(config), limiter(config), prices(config),
+def accounts_gate(config: Config, model_prices: Mapping[str, Price] | None = None
+                  ) -> AccountsGate:
+    """The gate for `modelyard serve`; `model_prices` (default: the config's model) must
+    name every priced model the server answers for: a model missing there is free."""
+    return AccountsGate(open_database(config), limiter(config),
+                        prices(config) if model_prices is None else model_prices,
                         config.platform)
