@@ -217,3 +217,50 @@ def test_host_and_port_overrides_are_validated() -> None:
         with_overrides(base, port=70000)
     with pytest.raises(ConfigError, match=r"model\.id"):
         with_overrides(base, model_id="")
+
+
+CATALOG = """
+[[models]]
+id = "deepseek-ai/DeepSeek-V3"
+input_price = 0.27
+output_price = 1.1
+capabilities = ["tools", "reasoning"]
+[models.defaults]
+temperature = 0.6
+[[models.deployments]]
+base_url = "http://10.0.0.5:8000/v1"
+api_key_env = "VLLM_KEY"
+upstream_model = "deepseek-v3"
+profile = "vllm"
+weight = 3
+[[models.deployments]]
+base_url = "http://10.0.0.6:8000/v1"
+profile = "sglang"
+"""
+
+
+def test_a_catalog_of_upstream_models(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, CATALOG), environ={"VLLM_KEY": "x"})
+    [model] = config.models
+    assert model.id == "deepseek-ai/DeepSeek-V3" and model.defaults == {"temperature": 0.6}
+    assert [d.profile for d in model.deployments] == ["vllm", "sglang"]
+    assert model.deployments[0].weight == 3.0 and model.capabilities == ("tools", "reasoning")
+    assert not config.local_model  # [[models]] without [model]: no built-in engine
+    config = load_config(write_config(tmp_path, "[model]\n" + CATALOG),
+                         environ={"VLLM_KEY": "x"})
+    assert config.local_model
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (('profile = "vllm"', 'profile = "tgi"'), r"deployments\[0\]\.profile must be one of"),
+    (("weight = 3", "weight = 0"), r"DeepSeek-V3\)\.deployments\[0\]\.weight must be > 0"),
+    (('api_key_env = "VLLM_KEY"', 'api_key_env = "sk-abc-123"'), "name an environment"),
+    (('api_key_env = "VLLM_KEY"', 'api_key_env = "MISSING"'), "MISSING is not set"),
+    (('base_url = "http://10.0.0.6:8000/v1"', 'base_url = "10.0.0.6"'), r"\[1\]\.base_url"),
+    (("weight = 3", "wieght = 3"), r"unknown key in .*deployments\[0\]: wieght"),
+    (('capabilities = ["tools", "reasoning"]', 'capabilities = ["telepathy"]'), "capabilities"),
+])
+def test_bad_catalog_entries_are_named(tmp_path: Path, edit: tuple[str, str],
+                                       message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_config(tmp_path, CATALOG.replace(*edit)), environ={"VLLM_KEY": "x"})

@@ -7,6 +7,7 @@ naming the key, so a typo never surfaces later as a stack trace.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -20,7 +21,10 @@ DEFAULT_MODEL_ID = "qwen2.5-coder-0.5b-instruct"
 DEFAULT_MODEL_SOURCE = "pypi:qwen2.5-coder-0.5b-instruct"
 
 
-_SECTIONS = ("model", "engine", "platform")
+_SECTIONS = ("model", "engine", "platform", "router")
+PROFILES = ("vllm", "sglang", "llamacpp", "ollama", "openai", "passthrough")
+"""How SPEC.md's parameters reach a family of upstream servers (providers/profiles.py)."""
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class ConfigError(ValueError):
@@ -104,6 +108,62 @@ class PlatformConfig:
 
 
 @dataclass(frozen=True)
+class RouterConfig:
+    """How requests are spread over a catalog model's deployments ([router])."""
+
+    max_attempts: int = 3
+    """Deployments tried for one request (retries go to another deployment, and only
+    before the first byte reached the client)."""
+    breaker_failures: int = 5
+    """Consecutive failures or timeouts that open a deployment's circuit breaker."""
+    breaker_cooldown_seconds: float = 30.0
+    """How long an open breaker waits before one half-open probe request."""
+    usage_drain_seconds: float = 10.0
+    """After a client went away, how long to keep reading an upstream for its usage."""
+
+
+@dataclass(frozen=True)
+class DeploymentConfig:
+    """One place a catalog model runs ([[models.deployments]])."""
+
+    kind: str = "openai"
+    """"openai": an OpenAI-compatible server; "local": the built-in engine."""
+    base_url: str = ""
+    """The upstream's API root, e.g. http://10.0.0.5:8000/v1."""
+    api_key_env: str | None = None
+    """Name of the environment variable holding the upstream's key (never the key)."""
+    upstream_model: str | None = None
+    """The model name the upstream knows; None: the catalog id."""
+    profile: str = "openai"
+    weight: float = 1.0
+    max_concurrency: int = 64
+    connect_timeout: float = 5.0
+    first_token_timeout: float = 60.0
+    total_timeout: float = 600.0
+    name: str | None = None
+    """Shown in logs and metrics; None: derived from base_url and upstream_model."""
+
+
+@dataclass(frozen=True)
+class CatalogModelConfig:
+    """One catalog model ([[models]]) and its deployments."""
+
+    id: str
+    deployments: tuple[DeploymentConfig, ...]
+    input_price: float = 0.0
+    cached_input_price: float | None = None
+    output_price: float = 0.0
+    context_length: int = 32768
+    default_max_tokens: int | None = None
+    defaults: dict[str, float] = field(default_factory=dict)
+    """Sampling parameters sent when a request leaves them out (only those given)."""
+    capabilities: tuple[str, ...] = ()
+    """Any of tools, json_schema, reasoning, vision (shown in /v1/models)."""
+    drop_unsupported_params: bool = False
+    """With the openai profile: drop parameters OpenAI lacks instead of answering 422."""
+
+
+@dataclass(frozen=True)
 class Config:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -116,6 +176,11 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     platform: PlatformConfig = field(default_factory=PlatformConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    models: tuple[CatalogModelConfig, ...] = ()
+    """The catalog ([[models]]), besides the built-in engine's [model]."""
+    local_model: bool = True
+    """Serve [model] with the built-in engine: true unless the file has [[models]] only."""
 
     @property
     def models_dir(self) -> Path:
@@ -193,6 +258,13 @@ def _validate(config: Config) -> Config:
         (platform.key_cache_seconds >= 0, "platform.key_cache_seconds must be >= 0"),
         (bool(platform.redis_prefix), "platform.redis_prefix must not be empty"),
     ]
+    r = config.router
+    checks += [
+        (r.max_attempts >= 1, "router.max_attempts must be >= 1"),
+        (r.breaker_failures >= 1, "router.breaker_failures must be >= 1"),
+        (r.breaker_cooldown_seconds > 0, "router.breaker_cooldown_seconds must be > 0"),
+        (r.usage_drain_seconds >= 0, "router.usage_drain_seconds must be >= 0"),
+    ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
@@ -230,7 +302,7 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
     if "port" in top and (isinstance(top["port"], bool) or not isinstance(top["port"], int)):
         raise ConfigError("port must be an integer")
     unknown = sorted(set(top) - {"host", "port", "data_dir", "log_level", "database_url",
-                                 "redis_url"})
+                                 "redis_url", "models"})
     if unknown:
         raise ConfigError(f"unknown key(s) in config: {', '.join(unknown)}")
     config = replace(config, **top)
@@ -241,6 +313,19 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
     if "platform" in raw:
         config = replace(config, platform=_build(PlatformConfig, dict(raw["platform"]),
                                                  "platform"))
+    if "router" in raw:
+        config = replace(config, router=_build(RouterConfig, dict(raw["router"]), "router"))
+    if "models" in raw:
+        if not isinstance(raw["models"], list):
+            raise ConfigError("models must be an array of tables ([[models]])")
+        catalog = tuple(_catalog_model(entry, i, env) for i, entry in enumerate(raw["models"]))
+        ids = [config.model.id] + [m.id for m in catalog]
+        for model in catalog:
+            if ids.count(model.id) > 1:
+                raise ConfigError(f"models: the id {model.id!r} is used more than once")
+        local = "model" in raw or any(
+            d.kind == "local" for m in catalog for d in m.deployments)
+        config = replace(config, models=catalog, local_model=local)
     if env.get("MODELYARD_DATA_DIR"):
         config = replace(config, data_dir=Path(env["MODELYARD_DATA_DIR"]).expanduser())
     if env.get("MODELYARD_DATABASE_URL"):
@@ -268,3 +353,104 @@ def with_overrides(config: Config, **overrides: Any) -> Config:
 def _id_from_source(source: str) -> str:
     name = source.removeprefix("pypi:").rsplit("/", 1)[-1]
     return name[: -len(".gguf")] if name.endswith(".gguf") else name
+
+
+_DEPLOYMENT_TYPES: dict[str, type] = {
+    "kind": str, "base_url": str, "api_key_env": str, "upstream_model": str, "profile": str,
+    "weight": float, "max_concurrency": int, "connect_timeout": float,
+    "first_token_timeout": float, "total_timeout": float, "name": str}
+_MODEL_TYPES: dict[str, type] = {
+    "id": str, "input_price": float, "cached_input_price": float, "output_price": float,
+    "context_length": int, "default_max_tokens": int, "drop_unsupported_params": bool}
+_SAMPLING = {f.name for f in fields(SamplingDefaults)}
+_CAPABILITIES = ("tools", "json_schema", "reasoning", "vision")
+
+
+def _typed(values: dict[str, Any], types: dict[str, type], where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        expected = types.get(name)
+        if expected is None:
+            raise ConfigError(f"unknown key in {where}: {name}")
+        ok = {bool: isinstance(value, bool),
+              int: isinstance(value, int) and not isinstance(value, bool),
+              float: isinstance(value, int | float) and not isinstance(value, bool),
+              str: isinstance(value, str)}[expected]
+        if not ok:
+            raise ConfigError(f"{where}.{name} must be of type {expected.__name__}, "
+                              f"got {value!r}")
+        out[name] = float(value) if expected is float else value
+    return out
+
+
+def _catalog_model(entry: Any, i: int, env: Any) -> CatalogModelConfig:
+    where = f"models[{i}]"
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where} must be a table")
+    values = dict(entry)
+    if not isinstance(values.get("id"), str) or not values["id"]:
+        raise ConfigError(f"{where}.id must be a non-empty string")
+    where = f"models[{i}] ({values['id']})"
+    raw_deployments = values.pop("deployments", None)
+    raw_defaults = values.pop("defaults", {})
+    raw_capabilities = values.pop("capabilities", [])
+    model_values = _typed(values, _MODEL_TYPES, where)
+    if not isinstance(raw_deployments, list) or not raw_deployments:
+        raise ConfigError(f"{where} needs at least one [[models.deployments]]")
+    deployments = tuple(_deployment(d, f"{where}.deployments[{j}]", env)
+                        for j, d in enumerate(raw_deployments))
+    if len({d.kind for d in deployments}) > 1 or (
+            deployments[0].kind == "local" and len(deployments) > 1):
+        raise ConfigError(f"{where}: a local deployment must be the model's only one")
+    if not isinstance(raw_defaults, dict):
+        raise ConfigError(f"{where}.defaults must be a table")
+    unknown = sorted(set(raw_defaults) - _SAMPLING)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {where}.defaults: {', '.join(unknown)}")
+    defaults = _typed(raw_defaults, {name: float for name in _SAMPLING}, f"{where}.defaults")
+    if not isinstance(raw_capabilities, list) or any(
+            c not in _CAPABILITIES for c in raw_capabilities):
+        raise ConfigError(f"{where}.capabilities must be a list of {', '.join(_CAPABILITIES)}")
+    model = CatalogModelConfig(deployments=deployments, defaults=defaults,
+                               capabilities=tuple(raw_capabilities), **model_values)
+    if model.context_length < 16:
+        raise ConfigError(f"{where}.context_length must be at least 16")
+    if model.default_max_tokens is not None and model.default_max_tokens < 1:
+        raise ConfigError(f"{where}.default_max_tokens must be >= 1")
+    try:
+        Price.from_units(model.input_price, model.output_price, model.cached_input_price)
+    except AmountError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return model
+
+
+def _deployment(entry: Any, where: str, env: Any) -> DeploymentConfig:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where} must be a table")
+    deployment = DeploymentConfig(**_typed(dict(entry), _DEPLOYMENT_TYPES, where))
+    if deployment.kind not in ("openai", "local"):
+        raise ConfigError(f"{where}.kind must be \"openai\" or \"local\", "
+                          f"got {deployment.kind!r}")
+    if deployment.kind == "local":
+        return deployment
+    if not deployment.base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}.base_url must be an http:// or https:// URL")
+    if deployment.profile not in PROFILES:
+        raise ConfigError(f"{where}.profile must be one of {', '.join(PROFILES)}, "
+                          f"got {deployment.profile!r}")
+    if deployment.api_key_env is not None:
+        if not _ENV_NAME.fullmatch(deployment.api_key_env):
+            raise ConfigError(f"{where}.api_key_env must name an environment variable "
+                              "(the key itself never goes in the file)")
+        if not env.get(deployment.api_key_env):
+            raise ConfigError(f"{where}.api_key_env: the environment variable "
+                              f"{deployment.api_key_env} is not set")
+    checks = [(deployment.weight > 0, "weight must be > 0"),
+              (deployment.max_concurrency >= 1, "max_concurrency must be >= 1"),
+              (deployment.connect_timeout > 0, "connect_timeout must be > 0"),
+              (deployment.first_token_timeout > 0, "first_token_timeout must be > 0"),
+              (deployment.total_timeout > 0, "total_timeout must be > 0")]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{where}.{message}")
+    return deployment

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import sys
 
 from fastapi import FastAPI
@@ -17,7 +18,10 @@ from modelyard.config import Config
 from modelyard.engine.metrics import EngineMetrics
 from modelyard.models import resolve_model_source
 from modelyard.platform import service
+from modelyard.platform.money import Price
+from modelyard.providers.base import Provider
 from modelyard.providers.local import LocalProvider
+from modelyard.router.catalog import build_catalog
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +37,25 @@ def build_app(config: Config, *, progress: bool = True) -> FastAPI:
     admin_key = asyncio.run(service.prepare(config, create_admin=True))
     if admin_key is not None:
         announce_admin_key(admin_key)
-    model_path = resolve_model_source(config.model.source, config.models_dir, progress=progress)
     registry = CollectorRegistry()
-    provider = LocalProvider(config, model_path, EngineMetrics(registry))
-    fingerprint = hashlib.sha256(f"{__version__}:{model_path.name}".encode()).hexdigest()[:10]
-    state = AppState(providers={provider.model_id: provider}, registry=registry,
-                     gate=service.accounts_gate(config), prices=service.prices(config),
-                     system_fingerprint=f"fp_{fingerprint}")
-    logger.info("serving %s from %s", provider.model_id, model_path)
+    providers: dict[str, Provider] = {}
+    local: Provider | None = None
+    fingerprint_source = "catalog"
+    if config.local_model:
+        model_path = resolve_model_source(config.model.source, config.models_dir,
+                                          progress=progress)
+        local = LocalProvider(config, model_path, EngineMetrics(registry))
+        providers[local.model_id] = local
+        fingerprint_source = model_path.name
+        logger.info("serving %s from %s", local.model_id, model_path)
+    providers.update(build_catalog(config.models, config.router, os.environ, local))
+    prices = service.prices(config) if config.local_model else {}
+    for model in config.models:
+        prices[model.id] = Price.from_units(model.input_price, model.output_price,
+                                            model.cached_input_price)
+    fingerprint = hashlib.sha256(f"{__version__}:{fingerprint_source}".encode()).hexdigest()
+    state = AppState(providers=providers, registry=registry,
+                     gate=service.accounts_gate(config), prices=prices,
+                     system_fingerprint=f"fp_{fingerprint[:10]}",
+                     usage_drain_seconds=config.router.usage_drain_seconds)
     return create_app(state)

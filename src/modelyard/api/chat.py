@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Request, Response
@@ -104,6 +104,7 @@ class _Bill:
                      last.reasoning_tokens) if last else Usage()
         ttft = self.first_token_at - self.started if self.first_token_at else None
         outcome = Outcome(used, status, time.monotonic() - self.started, ttft, self.user,
+                          estimated=bool(last and last.usage_estimated),
                           client_disconnected=client_disconnected)
         self.state.run_in_background(self.state.gate.settle(self.admission, outcome))
 
@@ -215,8 +216,23 @@ async def _stream(completion: Completion, deltas: AsyncIterator[ChatDelta], n: i
                                                last.cached_tokens, last.reasoning_tokens))
         yield SSE_DONE
     finally:
-        bill.settle(200, client_disconnected=True)  # the client went away mid-stream
-        await _close(deltas)
+        drain = getattr(deltas, "drain_usage", None)
+        if drain is not None and not bill.settled:
+            # an upstream goes on generating: read its usage (bounded) for the bill
+            bill.state.run_in_background(_settle_after_drain(drain, bill))
+        else:
+            bill.settle(200, client_disconnected=True)  # the client went away mid-stream
+            await _close(deltas)
+
+
+async def _settle_after_drain(drain: Callable[[float], Awaitable[ChatDelta | None]],
+                              bill: _Bill) -> None:
+    try:
+        counts = await drain(bill.state.usage_drain_seconds)
+        if counts is not None:
+            bill.sent(counts)
+    finally:
+        bill.settle(200, client_disconnected=True)
 
 
 async def _close(deltas: AsyncIterator[ChatDelta]) -> None:

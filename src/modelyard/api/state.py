@@ -24,6 +24,8 @@ class AppState:
     prices: dict[str, Price] = field(default_factory=dict)
     """Per model id; a model without an entry is free."""
     system_fingerprint: str = "fp_modelyard"
+    usage_drain_seconds: float = 10.0
+    """After a client went away, how long an upstream is read on for its usage."""
     started: int = field(default_factory=lambda: int(time.time()))
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 

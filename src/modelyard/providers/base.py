@@ -86,6 +86,8 @@ class ChatDelta:
     reasoning: str = ""
     tool_calls: tuple[ToolCallDelta, ...] = ()
     reasoning_tokens: int = 0
+    usage_estimated: bool = False
+    """The token counts are modelyard's estimate, not the model server's report."""
 
 
 @dataclass(frozen=True)

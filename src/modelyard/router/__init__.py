@@ -1,0 +1,1 @@
+"""The catalog of models and the routing of a request to one of a model's deployments."""

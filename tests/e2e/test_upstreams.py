@@ -1,0 +1,214 @@
+"""Upstream deployments through the official SDK against real processes: a gateway
+`modelyard serve` whose catalog routes to the session's modelyard server (the real
+default model) and to the fault-injecting upstream in tests/router/fault_server.py."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.conftest import MODEL
+from tests.e2e.server import RunningServer, free_port, running_server
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def fault() -> Iterator[str]:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "tests.router.fault_server", str(port)],
+                               cwd=ROOT, stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(f"{url}/requests", timeout=1)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _deployment(url: str, upstream: str, **extra: Any) -> str:
+    lines = ["[[models.deployments]]", f'base_url = "{url}/v1"', f'upstream_model = "{upstream}"']
+    lines += [f"{key} = {value!r}".replace("'", '"') for key, value in extra.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _model(model_id: str, *deployments: str, extra: str = "") -> str:
+    return f'[[models]]\nid = "{model_id}"\ninput_price = 1\noutput_price = 2\n{extra}\n' + \
+        "".join(deployments)
+
+
+@pytest.fixture(scope="module")
+def gateway(server: RunningServer, api_key: str, fault: str,
+            tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iterator[RunningServer]:
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = "[router]\nbreaker_failures = 2\nbreaker_cooldown_seconds = 1.0\n" \
+        "usage_drain_seconds = 5.0\n\n" + "".join([
+            _model("up/qwen", _deployment(server.base_url, MODEL, profile="passthrough",
+                                          api_key_env="MODELYARD_TEST_UPSTREAM_KEY"),
+                   extra="context_length = 2048"),
+            _model("fault/weighted", _deployment(fault, "ok:A", weight=1.0),
+                   _deployment(fault, "ok:B", weight=3.0)),
+            _model("fault/failover", _deployment(fault, "toggle:T"), _deployment(fault, "ok:B"),
+                   _deployment(dead, "ok:dead", connect_timeout=0.5)),
+            _model("fault/reset", _deployment(fault, "reset:X"), _deployment(fault, "reset:Y")),
+            _model("fault/vllm", _deployment(fault, "reasoning:V", profile="vllm")),
+            _model("fault/nousage", _deployment(fault, "nousage:N")),
+            _model("fault/malformed", _deployment(fault, "malformed")),
+            _model("fault/slow", _deployment(fault, "slow=3:S", first_token_timeout=0.3)),
+            _model("fault/429", _deployment(fault, "status=429")),
+            _model("fault/drip", _deployment(fault, "drip=40:D")),
+        ])
+    os.environ["MODELYARD_TEST_UPSTREAM_KEY"] = api_key
+    try:
+        with running_server(data_dir, config, tmp_path_factory.mktemp("gateway")) as running:
+            yield running
+    finally:
+        del os.environ["MODELYARD_TEST_UPSTREAM_KEY"]
+
+
+@pytest.fixture(scope="module")
+def sdk(gateway: RunningServer) -> Iterator[openai.OpenAI]:
+    key = gateway.create_key("upstreams", balance="1000")
+    with openai.OpenAI(base_url=gateway.api_url, api_key=key, max_retries=0,
+                       timeout=60) as client:
+        yield client
+
+
+def _received(fault: str) -> list[dict[str, Any]]:
+    received: list[dict[str, Any]] = httpx.get(f"{fault}/requests", timeout=5).json()
+    return received
+
+
+def _say(sdk: openai.OpenAI, model: str, **kwargs: Any) -> str:
+    reply = sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                        **kwargs)
+    return reply.choices[0].message.content or ""
+
+
+def test_catalog_lists_upstream_models(sdk: openai.OpenAI) -> None:
+    ids = {model.id for model in sdk.models.list()}
+    assert {"up/qwen", "fault/weighted", "fault/vllm"} <= ids
+    assert MODEL not in ids  # a config with [[models]] only starts no local engine
+
+
+def test_a_modelyard_upstream_streaming_and_not(sdk: openai.OpenAI) -> None:
+    messages: Any = [{"role": "user", "content": "Say hello in one word."}]
+    reply = sdk.chat.completions.create(model="up/qwen", messages=messages, max_tokens=8,
+                                        temperature=0)
+    assert reply.model == "up/qwen" and reply.choices[0].message.content
+    assert reply.usage is not None and reply.usage.completion_tokens >= 1
+    chunks = list(sdk.chat.completions.create(model="up/qwen", messages=messages, max_tokens=8,
+                                              temperature=0, stream=True,
+                                              stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == reply.choices[0].message.content  # greedy: the same answer
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_weights_hold_over_a_thousand_requests(sdk: openai.OpenAI) -> None:
+    counts = Counter(_say(sdk, "fault/weighted") for _ in range(1000))
+    assert set(counts) == {"A", "B"}
+    # B has weight 3 of 4: binomial(1000, 0.75), sd 13.7; 5 sd makes a flake ~1e-6
+    assert abs(counts["B"] - 750) < 5 * math.sqrt(1000 * 0.75 * 0.25)
+
+
+def test_a_dead_deployment_is_routed_around_and_its_breaker_opens_and_closes(
+        sdk: openai.OpenAI, fault: str) -> None:
+    httpx.post(f"{fault}/control/T/off", timeout=5)
+    httpx.delete(f"{fault}/requests", timeout=5)
+    answers = {_say(sdk, "fault/failover") for _ in range(20)}
+    assert answers == {"B"}  # every request answered, by the healthy deployment
+    toggled = [b for b in _received(fault) if b["model"] == "toggle:T"]
+    assert len(toggled) == 2  # breaker_failures = 2, then it stays open
+    httpx.post(f"{fault}/control/T/on", timeout=5)
+    time.sleep(2.2)  # past the cool-down of the switched-off and the dead deployment
+    httpx.delete(f"{fault}/requests", timeout=5)
+    answers = {_say(sdk, "fault/failover") for _ in range(30)}
+    assert answers == {"B", "T"}  # the probe succeeded and the breaker closed
+
+
+def test_a_reset_mid_stream_ends_with_an_error_event_and_is_not_retried(
+        sdk: openai.OpenAI, fault: str) -> None:
+    httpx.delete(f"{fault}/requests", timeout=5)
+    text = ""
+    stream = sdk.chat.completions.create(model="fault/reset", stream=True,
+                                         messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.APIError, match="connection failed"):
+        for chunk in stream:
+            text += chunk.choices[0].delta.content or "" if chunk.choices else ""
+    assert text == "ab"
+    assert len(_received(fault)) == 1
+
+
+def test_failures_before_the_first_byte(sdk: openai.OpenAI) -> None:
+    for model in ("fault/malformed", "fault/slow", "fault/429"):
+        with pytest.raises(openai.APIStatusError) as failed:
+            _say(sdk, model)
+        assert failed.value.status_code == 503, model
+        assert failed.value.response.headers["retry-after"]
+
+
+def test_vllm_profile_translation_on_the_upstreams_bytes(sdk: openai.OpenAI,
+                                                         fault: str) -> None:
+    httpx.delete(f"{fault}/requests", timeout=5)
+    reply = sdk.chat.completions.create(
+        model="fault/vllm", messages=[{"role": "user", "content": "hi"}], max_tokens=50,
+        extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.05,
+                    "enable_thinking": True})
+    [body] = _received(fault)
+    assert body["model"] == "reasoning:V"
+    assert (body["top_k"], body["min_p"], body["repetition_penalty"]) == (20, 0.05, 1.05)
+    assert body["chat_template_kwargs"] == {"enable_thinking": True}
+    assert "enable_thinking" not in body and body["max_tokens"] == 50
+    assert body["stream_options"] == {"include_usage": True}
+    message: Any = reply.choices[0].message
+    assert message.content == "V" and message.reasoning_content == "thinking it over"
+    assert reply.usage is not None and reply.usage.prompt_tokens == 11
+
+
+def test_usage_estimated_without_an_upstream_report(sdk: openai.OpenAI,
+                                                    gateway: RunningServer) -> None:
+    assert _say(sdk, "fault/nousage") == "N"
+    records = gateway.admin("GET", "/usage/records?account=upstreams&limit=1")["data"]
+    assert records[0]["model"] == "fault/nousage" and records[0]["estimated"] is True
+
+
+def test_a_client_that_goes_away_is_billed_from_the_upstreams_usage(
+        gateway: RunningServer, sdk: openai.OpenAI) -> None:
+    with httpx.stream("POST", f"{gateway.api_url}/chat/completions", timeout=30,
+                      headers={"Authorization": f"Bearer {sdk.api_key}"},
+                      json={"model": "fault/drip", "stream": True,
+                            "messages": [{"role": "user", "content": "hi"}]}) as response:
+        for line in response.iter_lines():
+            if '"D"' in line:
+                break  # leave after the first content event
+    deadline = time.monotonic() + 10
+    while True:
+        records = gateway.admin("GET", "/usage/records?account=upstreams&limit=1")["data"]
+        if records and records[0]["model"] == "fault/drip":
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert records[0]["client_disconnected"] is True and records[0]["estimated"] is False
+    assert records[0]["completion_tokens"] == 7

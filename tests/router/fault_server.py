@@ -1,0 +1,163 @@
+"""A tiny OpenAI-compatible upstream for tests and benchmarks, with faults on request.
+
+A raw asyncio HTTP/1.1 server (keep-alive, chunked streaming), run as its own process:
+`python -m tests.router.fault_server PORT`. The upstream model name picks the behaviour,
+`MODE[:TAG]`, where TAG is the answer's text (so a test can tell deployments apart):
+
+  ok            answer at once (stream or not), with usage
+  nousage       stream without a usage chunk
+  slow=S        wait S seconds before the response head
+  status=N      answer status N with an error body
+  reset         two content events, then drop the connection
+  malformed     a data event that is not JSON
+  reasoning     a `reasoning` delta (vLLM's name), then the answer
+  drip=N        N content events 20 ms apart, then usage
+  toggle        like ok, but 500 while the tag is switched off (POST /control/TAG/off|on)
+
+GET /requests returns every chat request body received (JSON list); DELETE clears it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from typing import Any
+
+import orjson
+
+RECEIVED: list[dict[str, Any]] = []
+FAILING: set[str] = set()
+
+
+def _head(status: int, content_type: str, length: int | None) -> bytes:
+    lines = [f"HTTP/1.1 {status} X", f"content-type: {content_type}"]
+    lines.append(f"content-length: {length}" if length is not None
+                 else "transfer-encoding: chunked")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+def _event(payload: dict[str, Any] | str) -> bytes:
+    text = payload if isinstance(payload, str) else orjson.dumps(payload).decode()
+    return _chunk(f"data: {text}\n\n".encode())
+
+
+async def _json(writer: asyncio.StreamWriter, status: int, body: Any) -> None:
+    data = orjson.dumps(body)
+    writer.write(_head(status, "application/json", len(data)) + data)
+    await writer.drain()
+
+
+def _base(model: str) -> dict[str, Any]:
+    return {"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": model}
+
+
+def _choice(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {"index": 0, "delta": delta, "finish_reason": finish}
+
+
+USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18,
+         "prompt_tokens_details": {"cached_tokens": 3}}
+
+
+async def _chat(writer: asyncio.StreamWriter, body: dict[str, Any]) -> None:
+    model = str(body.get("model", "ok"))
+    mode, _, tag = model.partition(":")
+    name, _, arg = mode.partition("=")
+    tag = tag or "hello"
+    if name == "slow":
+        await asyncio.sleep(float(arg))
+    if name == "status":
+        await _json(writer, int(arg), {"error": {"message": f"injected {arg}"}})
+        return
+    if name == "toggle" and tag in FAILING:
+        await _json(writer, 500, {"error": {"message": "switched off"}})
+        return
+    if not body.get("stream"):
+        await _json(writer, 200, {
+            "id": "chatcmpl-up", "object": "chat.completion", "created": int(time.time()),
+            "model": model, "usage": USAGE,
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": tag}}]})
+        return
+    base = _base(model)
+    out = [_head(200, "text/event-stream", None),
+           _event({**base, "choices": [_choice({"role": "assistant", "content": ""})]})]
+    if name == "malformed":
+        writer.write(b"".join(out) + _chunk(b"data: {not json\n\n"))
+        await writer.drain()
+        writer.close()
+        return
+    if name == "reasoning":
+        out.append(_event({**base, "choices": [_choice({"reasoning": "thinking it over"})]}))
+    if name == "reset":
+        out += [_event({**base, "choices": [_choice({"content": part})]}) for part in ("a", "b")]
+        writer.write(b"".join(out))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.transport.abort()
+        return
+    if name == "drip":
+        writer.write(b"".join(out))
+        out = []
+        for _ in range(int(arg)):
+            writer.write(_event({**base, "choices": [_choice({"content": tag})]}))
+            await writer.drain()
+            await asyncio.sleep(0.02)
+    else:
+        out.append(_event({**base, "choices": [_choice({"content": tag})]}))
+    out.append(_event({**base, "choices": [_choice({}, "stop")]}))
+    if name != "nousage":
+        out.append(_event({**base, "choices": [], "usage": USAGE}))
+    out.append(_event("[DONE]"))
+    out.append(b"0\r\n\r\n")
+    writer.write(b"".join(out))
+    await writer.drain()
+
+
+async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            method, path, _ = lines[0].split(" ", 2)
+            headers = {k.strip().lower(): v.strip() for k, _, v in
+                       (line.partition(":") for line in lines[1:] if line)}
+            raw = await reader.readexactly(int(headers.get("content-length", "0")))
+            if method == "POST" and path.endswith("/chat/completions"):
+                body = orjson.loads(raw)
+                RECEIVED.append(body)
+                await _chat(writer, body)
+            elif path == "/requests" and method == "GET":
+                await _json(writer, 200, RECEIVED)
+            elif path == "/requests" and method == "DELETE":
+                RECEIVED.clear()
+                await _json(writer, 200, {})
+            elif path.startswith("/control/"):
+                _, _, tag, state = path.split("/")
+                (FAILING.add if state == "off" else FAILING.discard)(tag)
+                await _json(writer, 200, {})
+            else:
+                await _json(writer, 404, {"error": {"message": "not found"}})
+            if writer.is_closing():
+                return
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        if not writer.is_closing():
+            writer.close()
+
+
+async def serve(port: int) -> None:
+    server = await asyncio.start_server(_handle, "127.0.0.1", port, backlog=1024)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    asyncio.run(serve(int(sys.argv[1])))

@@ -1,0 +1,44 @@
+"""The profiles' translation of SPEC.md parameters into an upstream's request body."""
+
+from __future__ import annotations
+
+import pytest
+
+from modelyard.providers.base import ChatRequest, ProviderError
+from modelyard.providers.profiles import build_body
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def _request(**fields: object) -> ChatRequest:
+    return ChatRequest("r", MESSAGES, **fields)  # type: ignore[arg-type]
+
+
+def test_vllm_sends_its_native_parameters_and_thinking_as_template_kwargs() -> None:
+    body = build_body("vllm", _request(top_k=20, min_p=0.1, repetition_penalty=1.1,
+                                       enable_thinking=False, temperature=0.3), "up", 64, {})
+    assert body["top_k"] == 20 and body["min_p"] == 0.1 and body["repetition_penalty"] == 1.1
+    assert body["chat_template_kwargs"] == {"enable_thinking": False}
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert body["max_tokens"] == 64 and body["model"] == "up" and body["temperature"] == 0.3
+
+
+def test_llamacpp_and_ollama_rename() -> None:
+    assert build_body("llamacpp", _request(repetition_penalty=1.2), "m", 8, {})[
+        "repeat_penalty"] == 1.2
+    body = build_body("ollama", _request(top_k=5, enable_thinking=True), "m", 8, {})
+    assert body["options"] == {"top_k": 5} and body["think"] is True
+
+
+def test_openai_refuses_what_it_lacks_unless_dropping_is_allowed() -> None:
+    with pytest.raises(ProviderError) as refused:
+        build_body("openai", _request(top_k=5, min_p=0.1), "gpt", 8, {})
+    assert refused.value.status == 422 and "min_p, top_k" in refused.value.message
+    body = build_body("openai", _request(top_k=5), "gpt", 8, {}, drop_unsupported=True)
+    assert "top_k" not in body and body["max_completion_tokens"] == 8
+
+
+def test_model_defaults_fill_what_the_request_leaves_out() -> None:
+    body = build_body("passthrough", _request(temperature=0.9), "m", 8,
+                      {"temperature": 0.1, "top_k": 40})
+    assert body["temperature"] == 0.9 and body["top_k"] == 40
