@@ -77,6 +77,7 @@ def gateway(server: RunningServer, api_key: str, fault: str,
             _model("fault/slow", _deployment(fault, "slow=3:S", first_token_timeout=0.3)),
             _model("fault/429", _deployment(fault, "status=429")),
             _model("fault/drip", _deployment(fault, "drip=40:D")),
+            _model("fault/capped", _deployment(fault, "drip=40:C", max_concurrency=1)),
         ])
     os.environ["MODELYARD_TEST_UPSTREAM_KEY"] = api_key
     try:
@@ -212,3 +213,22 @@ def test_a_client_that_goes_away_is_billed_from_the_upstreams_usage(
         time.sleep(0.1)
     assert records[0]["client_disconnected"] is True and records[0]["estimated"] is False
     assert records[0]["completion_tokens"] == 7
+
+
+def test_a_deployment_at_its_concurrency_cap_takes_no_more(sdk: openai.OpenAI) -> None:
+    stream = sdk.chat.completions.create(model="fault/capped", stream=True,
+                                         messages=[{"role": "user", "content": "hi"}])
+    with stream:
+        next(iter(stream))  # the only slot is taken while this stream runs
+        with pytest.raises(openai.APIStatusError) as refused:
+            _say(sdk, "fault/capped")
+        assert refused.value.status_code == 503
+        assert "concurrency limit" in refused.value.message
+    deadline = time.monotonic() + 5  # the upstream is read on for its usage, then freed
+    while True:
+        try:
+            assert _say(sdk, "fault/capped") == "C" * 40
+            break
+        except openai.APIStatusError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)

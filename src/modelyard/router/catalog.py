@@ -126,7 +126,8 @@ class RoutedModel(Provider):
         if last is not None:
             raise ProviderError(503, f"no deployment of {self.model_id} could answer: "
                                 f"{last.message}", code="upstream_unavailable", retry_after=1)
-        raise ProviderError(503, f"no healthy deployment of {self.model_id} is available",
+        raise ProviderError(503, f"no deployment of {self.model_id} is available: all are "
+                            "unhealthy or at their concurrency limit",
                             code="no_healthy_deployment", retry_after=self._retry_after())
 
     def _retry_after(self) -> int:
