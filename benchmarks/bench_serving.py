@@ -298,7 +298,7 @@ def bench_ceiling(args: argparse.Namespace, model_path: Path, prompt_len: int) -
     cparams.n_ubatch = min(args.step_token_budget, 512)
     cparams.n_seq_max = args.max_sequences
     cparams.n_threads = cparams.n_threads_batch = args.threads
-    cparams.kv_unified = True
+    cparams.kv_unified = False  # one KV stream per sequence, as the server
     cparams.flash_attn_type = 1 if args.flash_attention else 0
     cparams.no_perf = True
     ctx = llama_cpp.llama_init_from_model(model, cparams)

@@ -101,7 +101,10 @@ class LlamaRunner:
         params.n_seq_max = config.n_seq_max
         params.n_threads = threads
         params.n_threads_batch = threads
-        params.kv_unified = True
+        # One KV stream per slot: a sequence attends only over its own cells, so the cells
+        # that free slots keep for prefix caching cost the running sequences nothing. (With
+        # one unified stream, every token attends over the whole used range of the cache.)
+        params.kv_unified = False
         params.flash_attn_type = 1 if config.flash_attention else 0
         params.no_perf = True
         self._ctx = llama_cpp.llama_init_from_model(self._model, params)
@@ -180,8 +183,12 @@ class LlamaRunner:
         self.truncate_slot(slot, 0)
 
     def copy_prefix(self, source: int, slot: int, n: int) -> None:
-        """Give `slot` the source slot's cells for positions [0, n) (shared, not copied)."""
-        llama_cpp.llama_memory_seq_cp(self._memory, source, slot, 0, n)
+        """Give `slot` the source slot's cells for positions [0, n).
+
+        Between per-slot streams llama.cpp copies whole sequences only, so copy it all and
+        cut the copy back to n positions."""
+        llama_cpp.llama_memory_seq_cp(self._memory, source, slot, -1, -1)
+        llama_cpp.llama_memory_seq_rm(self._memory, slot, n, -1)
 
     def truncate_slot(self, slot: int, keep: int) -> None:
         """Drop the slot's KV cells at positions >= keep (0 clears the slot)."""

@@ -14,7 +14,7 @@ stalls the sequences already decoding (chunked prefill).
 Prefix caching: a slot keeps the KV cells of the sequence that last held it. A new
 sequence starts reading its prompt after the longest prefix it shares with either a free
 slot's cells (it then takes that slot) or a running sequence's computed prompt (its slot
-then gets those cells copied, which in llama.cpp's unified cache shares them); a repeated
+then gets a copy of those cells); a repeated
 system prompt is read once. A sequence whose prompt shares at least `SHARE_MIN_TOKENS`
 more with a prompt still being read waits for that reading to finish instead of doing it
 twice; this is also how the `n` choices of one request read their prompt once. With no
