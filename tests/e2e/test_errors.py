@@ -55,11 +55,10 @@ def test_out_of_range_values_are_422(client: openai.OpenAI, field: str, value: o
     assert _error(caught.value)["param"] == field
 
 
-def test_unimplemented_parameter_is_422_naming_it(client: openai.OpenAI) -> None:
+def test_inconsistent_parameters_are_422_naming_them(client: openai.OpenAI) -> None:
     with pytest.raises(openai.UnprocessableEntityError) as caught:
-        client.chat.completions.create(model=MODEL, messages=HELLO,
-                                       extra_body={"enable_thinking": True})
-    assert _error(caught.value)["param"] == "enable_thinking"
+        client.chat.completions.create(model=MODEL, messages=HELLO, tool_choice="required")
+    assert _error(caught.value)["param"] == "tool_choice"
 
 
 def test_unknown_model_is_404(client: openai.OpenAI) -> None:
