@@ -231,7 +231,14 @@ class Pool:
     async def request(self, payload: bytes) -> float | None:
         connection = self.idle.pop() if self.idle else await Connection.open(self.port)
         started = time.perf_counter()
-        status = await connection.send(payload)
+        try:
+            status = await connection.send(payload)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            # The server closed a keep-alive connection that sat idle: a fresh one.
+            connection.close()
+            connection = await Connection.open(self.port)
+            started = time.perf_counter()
+            status = await connection.send(payload)
         elapsed = time.perf_counter() - started
         self.idle.append(connection)
         return elapsed if status == 200 else None
@@ -413,7 +420,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
-    parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--backends", default="sqlite,postgres",
+                        help="what to measure after the open baseline (sqlite, postgres)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--stats", help=argparse.SUPPRESS)
@@ -432,8 +440,9 @@ def main() -> None:
         results.append(run_server("open", "any-key", args, workdir))
         sqlite_url = f"sqlite:///{workdir / 'platform.db'}"
         key = asyncio.run(provision(sqlite_url, None, "unused"))
-        results.append(run_server("sqlite", key, args, workdir, sqlite_url))
-        if not args.no_postgres:
+        if "sqlite" in args.backends:
+            results.append(run_server("sqlite", key, args, workdir, sqlite_url))
+        if "postgres" in args.backends:
             prefix = f"modelyard-bench-{secrets.token_hex(4)}"
 
             def on_postgres(url: str) -> Result:
