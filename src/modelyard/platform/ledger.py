@@ -5,7 +5,9 @@
   no interleaving of requests, threads or gateways can hold more than the balance.
 - `settle`: deletes the reservation, charges the real cost (never more than was
   reserved), releases the rest and writes the usage record, in one transaction. The
-  DELETE decides who settles a reservation: a second settle, or the sweeper, finds it gone.
+  DELETE decides who releases a reservation: the sweeper never releases one that was
+  settled, and a settle that finds its reservation swept charges only what the free
+  balance covers.
 - `release_expired`: the sweeper. A reservation carries an expiry that its gateway keeps
   pushing forward (`extend`) while the request runs; one left by a crashed gateway
   expires and is released here, by whichever gateway sweeps first.
