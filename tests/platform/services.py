@@ -40,11 +40,36 @@ async def _admin(statement: str) -> None:
         await connection.close()
 
 
+STALE = """
+SELECT datname FROM pg_database d
+WHERE datname LIKE 'modelyard\\_test\\_%'
+  AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.datname = d.datname)
+  AND (pg_stat_file('base/' || d.oid || '/PG_VERSION')).modification
+      < now() - interval '1 hour'
+"""
+
+
+async def _drop_stale() -> None:
+    """Drop test databases left by runs that were killed (unused for over an hour)."""
+    url = make_url(POSTGRES_URL)
+    connection = await asyncpg.connect(host=url.host, port=url.port or 5432,
+                                       user=url.username, password=url.password,
+                                       database=url.database, timeout=5)
+    try:
+        for row in await connection.fetch(STALE):
+            await connection.execute(f'DROP DATABASE IF EXISTS "{row["datname"]}"')
+    except asyncpg.PostgresError:
+        pass  # not allowed to look (pg_stat_file needs privileges): leave them
+    finally:
+        await connection.close()
+
+
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A database of its own for this test session, dropped at the end."""
     name = f"modelyard_test_{secrets.token_hex(6)}"
     try:
+        asyncio.run(_drop_stale())
         asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         unavailable(f"PostgreSQL at {POSTGRES_URL} is unavailable: {exc}")
