@@ -55,7 +55,7 @@ def build_app(config: Config, *, progress: bool = True) -> FastAPI:
                                             model.cached_input_price)
     fingerprint = hashlib.sha256(f"{__version__}:{fingerprint_source}".encode()).hexdigest()
     state = AppState(providers=providers, registry=registry,
-                     gate=service.accounts_gate(config), prices=prices,
+                     gate=service.accounts_gate(config, prices), prices=prices,
                      system_fingerprint=f"fp_{fingerprint[:10]}",
                      usage_drain_seconds=config.router.usage_drain_seconds)
     return create_app(state)

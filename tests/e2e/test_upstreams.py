@@ -193,6 +193,9 @@ def test_usage_estimated_without_an_upstream_report(sdk: openai.OpenAI,
     assert _say(sdk, "fault/nousage") == "N"
     records = gateway.admin("GET", "/usage/records?account=upstreams&limit=1")["data"]
     assert records[0]["model"] == "fault/nousage" and records[0]["estimated"] is True
+    # Billed at the catalog model's own prices (1 per prompt token, 2 per completion token).
+    assert records[0]["cost_micros"] == (records[0]["prompt_tokens"]
+                                         + 2 * records[0]["completion_tokens"]) > 0
 
 
 def test_a_client_that_goes_away_is_billed_from_the_upstreams_usage(
