@@ -1401,3 +1401,22 @@ def test_after_a_failed_step_a_running_sequences_cells_are_not_copied() -> None:
     assert output.kv_copies == []
     assert seq.num_cached == 0
     assert output.chunks[0].start == 0
+
+
+@pytest.mark.parametrize(("shared", "min_copy", "copied"), [
+    (40, 0, True), (40, 40, True), (40, 41, False), (10, 64, False),
+])
+def test_copies_from_running_sequences_need_min_copy_tokens(
+        shared: int, min_copy: int, copied: bool) -> None:
+    scheduler = Scheduler(SchedulerConfig(
+        max_sequences=2, step_token_budget=256, kv_capacity=1024, context_per_sequence=512,
+        max_waiting=8, min_copy_tokens=min_copy))
+    common = [500 + i for i in range(shared)]
+    first = make_seq("first", prompt=[*common, 1, 2, 3], max_tokens=8)
+    scheduler.add(first)
+    run_step(scheduler)  # the first reads its whole prompt
+    second = make_seq("second", prompt=[*common, 4, 5, 6], max_tokens=8)
+    scheduler.add(second)
+    output = scheduler.schedule()
+    assert bool(output.kv_copies) is copied
+    assert second.num_cached == (shared if copied else 0)

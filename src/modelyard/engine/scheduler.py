@@ -53,6 +53,9 @@ class SchedulerConfig:
     context_per_sequence: int
     max_waiting: int
     prefix_caching: bool = True
+    min_copy_tokens: int = 0
+    """Shortest prefix worth copying from a running sequence's slot: a copy between slots
+    moves the whole KV stream, so a short prefix is cheaper to read again."""
 
 
 @dataclass(frozen=True)
@@ -223,7 +226,7 @@ class Scheduler:
             if other.slot is not None and other.num_computed > best:
                 computed = other.prompt_array[: min(other.num_computed, other.num_prompt)]
                 shared = min(_common_prefix(computed, seq.prompt_array), cap)
-                if shared > best:
+                if shared > best and shared >= self.config.min_copy_tokens:
                     best, source = shared, ("running", other.slot)
         return max(best, 0), source
 
@@ -235,7 +238,8 @@ class Scheduler:
             if other.is_prefilling:
                 pending = min(_common_prefix(other.prompt_array, seq.prompt_array),
                               seq.num_prompt - 1)
-                if pending - reused >= SHARE_MIN_TOKENS:
+                if pending - reused >= SHARE_MIN_TOKENS and \
+                        pending >= self.config.min_copy_tokens:
                     return True
         return False
 
