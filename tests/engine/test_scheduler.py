@@ -1420,3 +1420,24 @@ def test_copies_from_running_sequences_need_min_copy_tokens(
     output = scheduler.schedule()
     assert bool(output.kv_copies) is copied
     assert second.num_cached == (shared if copied else 0)
+
+
+def test_low_slots_first_packs_sequences_into_the_lowest_free_slots() -> None:
+    scheduler = Scheduler(SchedulerConfig(
+        max_sequences=4, step_token_budget=64, kv_capacity=1024, context_per_sequence=256,
+        max_waiting=8, low_slots_first=True))
+    seqs = [make_seq(f"s{i}", 4, max_tokens=1) for i in range(4)]
+    for seq in seqs:
+        scheduler.add(seq)
+    run_step(scheduler)  # all four run one token and finish: slots freed 0, 1, 2, 3
+    late = make_seq("late", 4, max_tokens=4)
+    scheduler.add(late)
+    scheduler.schedule()
+    assert late.slot == 0
+    # With no preference the slot freed longest ago is taken, which is also 0 here; free
+    # slot 0 again last and check the preference still wins over the freeing order.
+    scheduler.abort("late")
+    again = make_seq("again", 4, max_tokens=4)
+    scheduler.add(again)
+    scheduler.schedule()
+    assert again.slot == 0

@@ -54,6 +54,10 @@ class SchedulerConfig:
     max_waiting: int
     prefix_caching: bool = True
     min_copy_tokens: int = 0
+    low_slots_first: bool = False
+    """Prefer the lowest free slot (on ties and when nothing matches) over the one freed
+    longest ago: with one KV stream per slot, llama.cpp's cost grows with the highest slot
+    index in a batch, so keeping running sequences in low slots keeps steps cheap."""
     """Shortest prefix worth copying from a running sequence's slot: a copy between slots
     moves the whole KV stream, so a short prefix is cheaper to read again."""
 
@@ -212,11 +216,12 @@ class Scheduler:
         """The longest prefix of the prompt whose cells exist, capped at prompt - 1 (the
         last prompt token is always read: its logits give the first sample), and where:
         ("free", slot) for a free slot's cells, ("running", slot) for a running sequence's."""
-        best, source = 0, ("free", self._free_slots[0])
+        order = sorted(self._free_slots) if self.config.low_slots_first else self._free_slots
+        best, source = 0, ("free", order[0])
         if not self.config.prefix_caching:
             return 0, source
         cap = seq.num_prompt - 1
-        for slot in self._free_slots:
+        for slot in order:
             cached = self._slot_cache.get(slot)
             shared = _common_prefix(cached, seq.prompt_array) if cached is not None else 0
             shared = min(shared, cap)
@@ -245,7 +250,8 @@ class Scheduler:
 
     def _assign_slot(self, seq: Sequence, reused: int, source: tuple[str, int]) -> None:
         kind, source_slot = source
-        slot = source_slot if kind == "free" else self._free_slots[0]
+        slot = source_slot if kind == "free" else (
+            min(self._free_slots) if self.config.low_slots_first else self._free_slots[0])
         self._free_slots.remove(slot)
         self._slot_cache.pop(slot, None)
         if kind == "running" and reused > 0:

@@ -90,6 +90,7 @@ class LocalProvider(Provider):
             max_waiting=engine_config.max_waiting,
             prefix_caching=engine_config.prefix_caching,
             min_copy_tokens=MIN_COPY_TOKENS,
+            low_slots_first=True,
         ), metrics, self.grammar)
         self.engine.start()
 
