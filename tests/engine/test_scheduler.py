@@ -1441,3 +1441,17 @@ def test_low_slots_first_packs_sequences_into_the_lowest_free_slots() -> None:
     scheduler.add(again)
     scheduler.schedule()
     assert again.slot == 0
+
+
+def test_free_slots_keep_at_most_max_cached_cells() -> None:
+    scheduler = Scheduler(SchedulerConfig(
+        max_sequences=4, step_token_budget=256, kv_capacity=4096, context_per_sequence=1024,
+        max_waiting=8, max_cached_cells=25))
+    seqs = [make_seq(f"s{i}", 10, max_tokens=1) for i in range(4)]
+    for seq in seqs:
+        scheduler.add(seq)
+    run_step(scheduler)  # each computes 10 cells and finishes: 40 cells kept, 25 allowed
+    output = scheduler.schedule()
+    cleared = {slot for slot, keep in output.kv_truncations if keep == 0}
+    assert len(cleared) == 2  # the two freed first go, the last two (20 cells) stay
+    assert sum(len(v) for v in slot_cache(scheduler).values()) == 20

@@ -101,10 +101,12 @@ class LlamaRunner:
         params.n_seq_max = config.n_seq_max
         params.n_threads = threads
         params.n_threads_batch = threads
-        # One KV stream per slot: a sequence attends only over its own cells, so the cells
-        # that free slots keep for prefix caching cost the running sequences nothing. (With
-        # one unified stream, every token attends over the whole used range of the cache.)
-        params.kv_unified = False
+        # One unified KV stream: a batch mixing decode tokens and prefill chunks runs as one
+        # ubatch, and prefix copies between slots share cells instead of copying them. (With
+        # a stream per slot, llama.cpp splits such batches and its cost grows with the
+        # highest slot index.) Every token attends over the used range of the cache, so
+        # the scheduler bounds the cells free slots keep (`max_cached_cells`).
+        params.kv_unified = True
         params.flash_attn_type = 1 if config.flash_attention else 0
         params.no_perf = True
         self._ctx = llama_cpp.llama_init_from_model(self._model, params)
@@ -183,12 +185,8 @@ class LlamaRunner:
         self.truncate_slot(slot, 0)
 
     def copy_prefix(self, source: int, slot: int, n: int) -> None:
-        """Give `slot` the source slot's cells for positions [0, n).
-
-        Between per-slot streams llama.cpp copies whole sequences only, so copy it all and
-        cut the copy back to n positions."""
-        llama_cpp.llama_memory_seq_cp(self._memory, source, slot, -1, -1)
-        llama_cpp.llama_memory_seq_rm(self._memory, slot, n, -1)
+        """Give `slot` the source slot's cells for positions [0, n) (shared, not copied)."""
+        llama_cpp.llama_memory_seq_cp(self._memory, source, slot, 0, n)
 
     def truncate_slot(self, slot: int, keep: int) -> None:
         """Drop the slot's KV cells at positions >= keep (0 clears the slot)."""

@@ -54,6 +54,9 @@ class SchedulerConfig:
     max_waiting: int
     prefix_caching: bool = True
     min_copy_tokens: int = 0
+    max_cached_cells: int | None = None
+    """Most KV cells free slots may keep for prefix caching (None: no bound). In a unified
+    cache every token attends over the used range, so kept cells cost every step."""
     low_slots_first: bool = False
     """Prefer the lowest free slot (on ties and when nothing matches) over the one freed
     longest ago: with one KV stream per slot, llama.cpp's cost grows with the highest slot
@@ -154,6 +157,7 @@ class Scheduler:
                 self._slot_cells[seq.slot] = 0
             self._free_slots.append(seq.slot)
             seq.slot = None
+            self._trim_cache()
         self._mark_finished(seq, reason)
 
     def forget_cached_cells(self) -> None:
@@ -264,6 +268,22 @@ class Scheduler:
         self._make_room(seq.kv_reservation)
         seq.slot = slot
         seq.num_computed = seq.num_cached = reused
+
+    def _trim_cache(self) -> None:
+        """Clear the oldest free slots' cells while they hold more than max_cached_cells."""
+        limit = self.config.max_cached_cells
+        if limit is None:
+            return
+        cached = sum(self._slot_cells.get(slot, 0) for slot in self._free_slots)
+        for slot in self._free_slots:
+            if cached <= limit:
+                break
+            cells = self._slot_cells.get(slot, 0)
+            if cells:
+                self._truncations.append((slot, 0))
+                self._slot_cells[slot] = 0
+                self._slot_cache.pop(slot, None)
+                cached -= cells
 
     def _make_room(self, reservation: int) -> None:
         """Clear free slots' cached cells, the slot freed longest ago first, until the KV

@@ -33,9 +33,6 @@ from modelyard.providers.constraints import Plan, ToolTokens, plan
 from modelyard.providers.output import ChoiceOutput
 
 RETRY_AFTER_SECONDS = 2
-MIN_COPY_TOKENS = 128
-"""Copying a prefix between slots moves a whole KV stream (about 12 KB per cell for the
-default model); below this many tokens, reading the prefix again is faster."""
 
 
 @dataclass(frozen=True)
@@ -89,8 +86,7 @@ class LocalProvider(Provider):
             context_per_sequence=engine_config.context_per_sequence,
             max_waiting=engine_config.max_waiting,
             prefix_caching=engine_config.prefix_caching,
-            min_copy_tokens=MIN_COPY_TOKENS,
-            low_slots_first=True,
+            max_cached_cells=2 * engine_config.context_per_sequence,
         ), metrics, self.grammar)
         self.engine.start()
 
