@@ -164,14 +164,6 @@ def test_include_stop_str_in_output_keeps_the_stop(client: openai.OpenAI) -> Non
     assert kept.choices[0].finish_reason == "stop"
 
 
-def test_model_defaults_apply_when_a_request_leaves_a_field_out(client: openai.OpenAI) -> None:
-    # The session server's config sets [model.defaults] temperature = 0. Both compared
-    # requests read the prompt the same way (all but its last token from the prefix cache,
-    # which the first request fills), so their greedy answers match token for token.
-    _ask(client, temperature=0)
-    assert _text(_ask(client)) == _text(_ask(client, temperature=0))
-
-
 @pytest.mark.parametrize(("fields", "param"), [
     ({"extra_body": {"top_logprobs": 3}}, "top_logprobs"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),

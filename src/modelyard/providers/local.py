@@ -50,6 +50,20 @@ def _given(value: T | None, default: T) -> T:
     return default if value is None else value
 
 
+def with_defaults(request: ChatRequest, defaults: SamplingDefaults) -> dict[str, Any]:
+    """The request's sampling fields, each left out one taken from the model's defaults."""
+    d = defaults
+    return {
+        "temperature": _given(request.temperature, d.temperature),
+        "top_p": _given(request.top_p, d.top_p),
+        "top_k": max(0, _given(request.top_k, d.top_k)),
+        "min_p": _given(request.min_p, d.min_p),
+        "frequency_penalty": _given(request.frequency_penalty, d.frequency_penalty),
+        "presence_penalty": _given(request.presence_penalty, d.presence_penalty),
+        "repetition_penalty": _given(request.repetition_penalty, d.repetition_penalty),
+    }
+
+
 class LocalProvider(Provider):
     def __init__(self, config: Config, model_path: Path,
                  metrics: EngineMetrics | None = None) -> None:
@@ -142,15 +156,8 @@ class LocalProvider(Provider):
                 raise ProviderError(422, f"logit_bias names token id {token}, outside this "
                                     f"model's vocabulary of {self.runner.n_vocab} tokens",
                                     param="logit_bias", code="invalid_value")
-        d = self.defaults
         return SamplingParams(
-            temperature=_given(request.temperature, d.temperature),
-            top_p=_given(request.top_p, d.top_p),
-            top_k=max(0, _given(request.top_k, d.top_k)),
-            min_p=_given(request.min_p, d.min_p),
-            frequency_penalty=_given(request.frequency_penalty, d.frequency_penalty),
-            presence_penalty=_given(request.presence_penalty, d.presence_penalty),
-            repetition_penalty=_given(request.repetition_penalty, d.repetition_penalty),
+            **with_defaults(request, self.defaults),
             logit_bias=dict(request.logit_bias),
             max_tokens=max_tokens,
             stop=request.stop,
