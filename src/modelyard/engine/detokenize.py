@@ -5,6 +5,8 @@ from __future__ import annotations
 import codecs
 from collections.abc import Callable
 
+from modelyard.chat.text import partial_suffix
+
 
 class IncrementalDetokenizer:
     """Turns token ids into text a token at a time.
@@ -42,15 +44,13 @@ class StopStringMatcher:
         if not self._stops:
             return text, False
         self._held += text
-        first = min(
-            (i for i in (self._held.find(stop) for stop in self._stops) if i >= 0), default=-1
-        )
-        if first >= 0:
-            self.matched = min((stop for stop in self._stops if self._held.find(stop) == first),
-                               key=len)
+        found = [(at, len(stop), stop) for stop in self._stops
+                 if (at := self._held.find(stop)) >= 0]
+        if found:
+            first, _, self.matched = min(found)  # earliest, then shortest
             released, self._held = self._held[:first], ""
             return released, True
-        keep = self._longest_partial_suffix()
+        keep = max(partial_suffix(self._held, stop) for stop in self._stops)
         cut = len(self._held) - keep
         released, self._held = self._held[:cut], self._held[cut:]
         return released, False
@@ -59,13 +59,3 @@ class StopStringMatcher:
         """At the end of generation, the held text was not a stop string after all."""
         released, self._held = self._held, ""
         return released
-
-    def _longest_partial_suffix(self) -> int:
-        """Length of the longest suffix of the held text that is a proper prefix of a stop."""
-        best = 0
-        for stop in self._stops:
-            for n in range(min(len(stop) - 1, len(self._held)), best, -1):
-                if self._held.endswith(stop[:n]):
-                    best = n
-                    break
-        return best
