@@ -162,7 +162,7 @@ async def _collect(completion: Completion, deltas: AsyncIterator[ChatDelta], n: 
             choice.parts.append(delta.text)
             if delta.reasoning:
                 choice.reasoning.append(delta.reasoning)
-            choice.tool_calls.extend(delta.tool_calls)
+            choice.add_tool_calls(delta.tool_calls)
             if delta.finish_reason is not None:
                 choice.finish_reason = delta.finish_reason
             if choice.logprobs is not None and delta.logprobs:

@@ -21,6 +21,18 @@ class ChoiceResult:
     finish_reason: str | None = None
     logprobs: list[TokenLogprobs] | None = None
 
+    def add_tool_calls(self, calls: tuple[ToolCallDelta, ...]) -> None:
+        """Whole calls, or the fragments of one that an upstream streams (same index:
+        the arguments are joined)."""
+        for call in calls:
+            last = self.tool_calls[-1] if self.tool_calls else None
+            if last is not None and last.index == call.index:
+                self.tool_calls[-1] = ToolCallDelta(call.index, last.id or call.id,
+                                                    last.name or call.name,
+                                                    last.arguments + call.arguments)
+            else:
+                self.tool_calls.append(call)
+
     def message(self) -> dict[str, Any]:
         content = "".join(self.parts)
         message: dict[str, Any] = {
@@ -74,6 +86,10 @@ class Completion:
 
 
 def tool_call_body(call: ToolCallDelta, *, with_index: bool = True) -> dict[str, Any]:
+    """A call in OpenAI's shape; streamed (`with_index`), a fragment that continues a call
+    (no id, no name) carries only its index and more arguments, as OpenAI streams them."""
+    if with_index and not call.id and not call.name:
+        return {"index": call.index, "function": {"arguments": call.arguments}}
     body: dict[str, Any] = {"index": call.index} if with_index else {}
     body.update({"id": call.id, "type": "function",
                  "function": {"name": call.name, "arguments": call.arguments}})

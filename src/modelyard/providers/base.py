@@ -52,7 +52,10 @@ class ChatRequest:
 
 @dataclass(frozen=True)
 class ToolCallDelta:
-    """A complete tool call of one choice: `index` counts the choice's calls."""
+    """A tool call of one choice: `index` counts the choice's calls. The built-in engine
+    sends whole calls; an upstream's are passed on as they stream: the first fragment of a
+    call has its id and name, the fragments after it (same index, no id or name) only more
+    of its arguments."""
 
     index: int
     id: str

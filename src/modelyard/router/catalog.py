@@ -26,8 +26,9 @@ from modelyard.providers.base import (
     Provider,
     ProviderError,
 )
-from modelyard.providers.openai_compat import UpstreamDeployment, UpstreamError, estimate_tokens
+from modelyard.providers.openai_compat import UpstreamDeployment, UpstreamError
 from modelyard.providers.profiles import build_body
+from modelyard.providers.upstream_stream import estimate_tokens
 from modelyard.router.balancer import choose
 from modelyard.router.breaker import Breaker
 
