@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 
 from modelyard.platform import keys
 from modelyard.platform.database import Database
+from modelyard.platform.sqlite_fast import RawConnection
 from modelyard.platform.tables import accounts, api_keys, credits, utcnow
 
 ADMIN_ACCOUNT = "admin"
@@ -244,7 +245,7 @@ _AUTH_QUERY = select(api_keys.c.id, api_keys.c.account_id, api_keys.c.digest,
     api_keys.c.id == bindparam("key_id"))
 
 
-def _find_key(connection: Connection, key_id: str) -> KeyRecord | None:
+def _find_key(connection: Connection | RawConnection, key_id: str) -> KeyRecord | None:
     row = connection.execute(_AUTH_QUERY, {"key_id": key_id}).first()
     if row is None:
         return None
@@ -255,7 +256,7 @@ def _find_key(connection: Connection, key_id: str) -> KeyRecord | None:
 
 
 async def find_key(db: Database, key_id: str) -> KeyRecord | None:
-    return await db.read(_find_key, key_id)
+    return await db.hot_read(_find_key, key_id)
 
 
 def _bootstrap_admin(connection: Connection) -> str | None:

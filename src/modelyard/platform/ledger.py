@@ -29,6 +29,7 @@ from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection
 
 from modelyard.platform.database import Database
+from modelyard.platform.sqlite_fast import RawConnection
 from modelyard.platform.tables import accounts, reservations, usage, utcnow
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ _EXTEND = (update(reservations).where(reservations.c.id.in_(bindparam("ids", exp
            .values(expires_at=bindparam("until")))
 
 
-def _reserve(connection: Connection, account_id: str, key_id: str, amount: int,
+def _reserve(connection: Connection | RawConnection, account_id: str, key_id: str, amount: int,
              ttl_s: float) -> str | None:
     held = connection.execute(_HOLD, {"account": account_id, "amount": amount})
     if held.rowcount != 1:
@@ -92,10 +93,11 @@ def _reserve(connection: Connection, account_id: str, key_id: str, amount: int,
 async def reserve(db: Database, account_id: str, key_id: str, amount: int,
                   ttl_s: float) -> str | None:
     """Hold `amount` of the account's balance; the reservation id, or None if it can't."""
-    return await db.write_relaxed(_reserve, account_id, key_id, amount, ttl_s)
+    return await db.hot_write(_reserve, account_id, key_id, amount, ttl_s, relaxed=True)
 
 
-def _settle(connection: Connection, reservation_id: str | None, record: UsageRecord) -> int:
+def _settle(connection: Connection | RawConnection, reservation_id: str | None,
+            record: UsageRecord) -> int:
     held: int | None = None
     if reservation_id is not None:
         held = connection.execute(_TAKE_RESERVATION,
@@ -130,7 +132,7 @@ def _settle(connection: Connection, reservation_id: str | None, record: UsageRec
 
 async def settle(db: Database, reservation_id: str | None, record: UsageRecord) -> int:
     """Charge the real cost, release the reservation, write the usage row; the charge."""
-    return await db.write(_settle, reservation_id, record)
+    return await db.hot_write(_settle, reservation_id, record)
 
 
 def _extend(connection: Connection, ids: list[str], ttl_s: float) -> None:
