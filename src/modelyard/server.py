@@ -8,8 +8,8 @@ import logging
 import os
 import sys
 
-from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
+from starlette.types import ASGIApp
 
 from modelyard import __version__
 from modelyard.api.app import create_app
@@ -32,7 +32,7 @@ def announce_admin_key(key: str) -> None:
           f"modelyard: admin key: {key}", file=sys.stdout, flush=True)
 
 
-def build_app(config: Config, *, progress: bool = True) -> FastAPI:
+def build_app(config: Config, *, progress: bool = True) -> ASGIApp:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     admin_key = asyncio.run(service.prepare(config, create_admin=True))
     if admin_key is not None:

@@ -1,4 +1,5 @@
-"""The FastAPI application: routes, auth, and errors that never leak a stack trace."""
+"""The application: auth, the chat lane, FastAPI's routes, and errors that never leak a
+stack trace."""
 
 from __future__ import annotations
 
@@ -10,18 +11,21 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp
 
 from modelyard.api.admin import router as admin_router
 from modelyard.api.auth import AuthMiddleware
 from modelyard.api.chat import router as chat_router
 from modelyard.api.errors import APIError, error_body
+from modelyard.api.lane import ChatLane
 from modelyard.api.routes import json_response, router
 from modelyard.api.state import AppState
 
 logger = logging.getLogger(__name__)
 
 
-def create_app(state: AppState) -> FastAPI:
+def create_app(state: AppState) -> ASGIApp:
+    """The whole ASGI app: authentication, then the chat lane, then FastAPI."""
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.gate.start()
@@ -36,8 +40,6 @@ def create_app(state: AppState) -> FastAPI:
     app.include_router(chat_router)
     app.include_router(router)
     app.include_router(admin_router)
-
-    app.add_middleware(AuthMiddleware, gate=state.gate)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> Response:
@@ -58,4 +60,4 @@ def create_app(state: AppState) -> FastAPI:
         return json_response(error_body(500, f"internal server error (request {request_id})",
                                         code="server_error"), 500)
 
-    return app
+    return AuthMiddleware(ChatLane(app, state), gate=state.gate)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from modelyard.api.errors import APIError, error_body, from_validation_error
+from modelyard.api.event_stream import EventStream
 from modelyard.api.responses import (
     SSE_DONE,
     ChoiceResult,
@@ -116,12 +116,21 @@ def _as_api_error(exc: ProviderError | PlatformError) -> APIError:
     return APIError(exc.status, exc.message, param=exc.param, code=exc.code, headers=headers)
 
 
+CHAT_PATHS = frozenset({"/v1/chat/completions", "/api/v1/chat/completions"})
+
+
 @router.post("/v1/chat/completions")
 @router.post("/api/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
-    state: AppState = request.app.state.modelyard
-    caller: Caller = request.state.caller
-    payload = _parse(await request.body())
+    """The route as FastAPI sees it (its schema, its 405s); requests themselves take
+    `ChatLane`, which calls `answer_chat` directly."""
+    return await answer_chat(request.app.state.modelyard, request.state.caller,
+                             await request.body())
+
+
+async def answer_chat(state: AppState, caller: Caller, body: bytes) -> Response:
+    """A chat completion request's answer: a JSON body or an SSE stream."""
+    payload = _parse(body)
     provider = state.providers.get(payload.model)
     if provider is None or not state.gate.may_use(caller, payload.model):
         raise APIError(404, f"the model '{payload.model}' does not exist or you do not have "
@@ -147,9 +156,8 @@ async def chat_completions(request: Request) -> Response:
                             state.system_fingerprint)
     if payload.stream:
         include_usage = bool(payload.stream_options and payload.stream_options.include_usage)
-        return StreamingResponse(_stream(completion, deltas, payload.choices, include_usage, bill),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", **admission.headers})
+        return EventStream(_stream(completion, deltas, payload.choices, include_usage, bill),
+                           headers={"Cache-Control": "no-cache", **admission.headers})
     return await _collect(completion, deltas, payload.choices, bool(payload.logprobs), bill)
 
 
@@ -185,7 +193,7 @@ async def _collect(completion: Completion, deltas: AsyncIterator[ChatDelta], n: 
 
 
 async def _stream(completion: Completion, deltas: AsyncIterator[ChatDelta], n: int,
-                  include_usage: bool, bill: _Bill) -> AsyncIterator[bytes]:
+                  include_usage: bool, bill: _Bill) -> AsyncGenerator[bytes, None]:
     try:
         for index in range(n):
             yield completion.chunk({"role": "assistant", "content": ""}, index=index)

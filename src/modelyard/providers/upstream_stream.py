@@ -55,7 +55,6 @@ class UpstreamStream:
         self.cached_tokens = 0
         self.reasoning_tokens = 0
         self.estimated = True
-        self._reading: asyncio.Task[None] | None = None
 
     def __aiter__(self) -> UpstreamStream:
         return self
@@ -63,21 +62,21 @@ class UpstreamStream:
     async def peek(self) -> None:
         """Read until the first delta is ready (used before any byte reaches the client)."""
         while not self._pending and not self._done:
-            await self._next_event()
+            await self._read_event()
         if not self._pending:
             raise StreamError("the upstream ended its stream without any output")
 
     async def __anext__(self) -> ChatDelta:
         try:
             while not self._pending and not self._done:
-                remaining = self._deadline - time.monotonic()
-                if remaining <= 0:
+                # The silence between two reads is bounded by the session's read timeout;
+                # the total time is checked between events.
+                if time.monotonic() > self._deadline:
                     raise StreamError("the upstream exceeded its total timeout")
                 try:
-                    async with asyncio.timeout(remaining):
-                        await self._next_event()
+                    await self._read_event()
                 except TimeoutError:
-                    raise StreamError("the upstream exceeded its total timeout") from None
+                    raise StreamError("the upstream went silent (read timeout)") from None
                 except aiohttp.ClientError as exc:
                     raise StreamError(f"the upstream connection failed: "
                                       f"{type(exc).__name__}") from None
@@ -98,31 +97,17 @@ class UpstreamStream:
         try:
             async with asyncio.timeout(seconds):
                 while self.estimated and not self._done:
-                    await self._next_event()
+                    await self._read_event()
         except (TimeoutError, aiohttp.ClientError, StreamError, RuntimeError):
             pass
         finally:
             await self._end(failed=False)
         return self._counts()
 
-    async def _next_event(self) -> None:
-        """Read one event in a task of its own, so that a cancelled request (its client
-        went away) leaves the upstream connection readable for `drain_usage`."""
-        if self._reading is None:
-            self._reading = asyncio.get_running_loop().create_task(self._read_event())
-        reading = self._reading
-        try:
-            await asyncio.shield(reading)
-        finally:
-            if reading.done():
-                self._reading = None
-
     async def _end(self, *, failed: bool) -> None:
         if self._ended:
             return
         self._ended = True
-        if self._reading is not None:
-            self._reading.cancel()
         if self._done and not failed:
             # After [DONE] only the end of the body is left: read it, so the connection
             # goes back to the pool instead of being closed.
@@ -139,7 +124,10 @@ class UpstreamStream:
 
     async def _read_event(self) -> None:
         """Read up to the end of the next event that carries data, and turn it into
-        deltas; at the end of the body, finish the stream."""
+        deltas; at the end of the body, finish the stream.
+
+        Cancelling it (the client went away) loses nothing: bytes join the buffer only
+        once a read has returned them, so `drain_usage` can read on from where it was."""
         while True:
             end = self._buffer.find(_EVENT_END)
             if end < 0:
