@@ -75,7 +75,10 @@ def gateway(server: RunningServer, api_key: str, fault: str,
             _model("fault/nousage", _deployment(fault, "nousage:N")),
             _model("fault/malformed", _deployment(fault, "malformed")),
             _model("fault/slow", _deployment(fault, "slow=3:S", first_token_timeout=0.3)),
+            _model("fault/slow-whole", _deployment(fault, "slow=3:S", total_timeout=0.3)),
             _model("fault/429", _deployment(fault, "status=429")),
+            _model("fault/tools", _deployment(fault, "tools")),
+            _model("fault/logprobs", _deployment(fault, "logprobs:L")),
             _model("fault/drip", _deployment(fault, "drip=40:D")),
             _model("fault/capped", _deployment(fault, "drip=40:C", max_concurrency=1)),
         ])
@@ -163,9 +166,15 @@ def test_a_reset_mid_stream_ends_with_an_error_event_and_is_not_retried(
 
 
 def test_failures_before_the_first_byte(sdk: openai.OpenAI) -> None:
-    for model in ("fault/malformed", "fault/slow", "fault/429"):
+    # A stream must start within the first-token timeout; a whole answer (the client did
+    # not stream, nor is the upstream asked to) must come within the total timeout.
+    cases = [("fault/malformed", False), ("fault/malformed", True), ("fault/429", False),
+             ("fault/429", True), ("fault/slow", True), ("fault/slow-whole", False)]
+    for model, stream in cases:
         with pytest.raises(openai.APIStatusError) as failed:
-            _say(sdk, model)
+            _say(sdk, model, stream=stream) if not stream else list(
+                sdk.chat.completions.create(model=model, stream=True,
+                                            messages=[{"role": "user", "content": "hi"}]))
         assert failed.value.status_code == 503, model
         assert failed.value.response.headers["retry-after"]
 
@@ -182,10 +191,63 @@ def test_vllm_profile_translation_on_the_upstreams_bytes(sdk: openai.OpenAI,
     assert (body["top_k"], body["min_p"], body["repetition_penalty"]) == (20, 0.05, 1.05)
     assert body["chat_template_kwargs"] == {"enable_thinking": True}
     assert "enable_thinking" not in body and body["max_tokens"] == 50
-    assert body["stream_options"] == {"include_usage": True}
+    assert body["stream"] is False and "stream_options" not in body
     message: Any = reply.choices[0].message
     assert message.content == "V" and message.reasoning_content == "thinking it over"
     assert reply.usage is not None and reply.usage.prompt_tokens == 11
+
+    httpx.delete(f"{fault}/requests", timeout=5)
+    chunks = list(sdk.chat.completions.create(
+        model="fault/vllm", messages=[{"role": "user", "content": "hi"}], stream=True,
+        stream_options={"include_usage": True}))
+    [body] = _received(fault)
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    deltas: list[Any] = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == \
+        "thinking it over"
+    assert "".join(d.content or "" for d in deltas) == "V"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 7
+
+
+def test_upstream_tool_calls_stream_as_fragments_and_join_when_whole(
+        sdk: openai.OpenAI) -> None:
+    messages: Any = [{"role": "user", "content": "weather in Paris?"}]
+    chunks = list(sdk.chat.completions.create(model="fault/tools", messages=messages,
+                                              stream=True))
+    fragments = [call for c in chunks if c.choices for call in c.choices[0].delta.tool_calls or ()]
+    assert [f.function.arguments for f in fragments if f.function] == \
+        ["", '{"city": ', '"Paris"}']
+    assert fragments[0].id == "call_up1" and fragments[0].function is not None
+    assert fragments[0].function.name == "get_weather"
+    assert all(f.id is None and f.index == 0 for f in fragments[1:])
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+    reply = sdk.chat.completions.create(model="fault/tools", messages=messages)
+    [call] = reply.choices[0].message.tool_calls or []
+    assert call.id == "call_up1" and call.type == "function"
+    assert call.function.name == "get_weather"  # type: ignore[union-attr]
+    assert call.function.arguments == '{"city": "Paris"}'  # type: ignore[union-attr]
+    assert reply.choices[0].finish_reason == "tool_calls"
+
+
+def test_upstream_logprobs_are_passed_on(sdk: openai.OpenAI) -> None:
+    messages: Any = [{"role": "user", "content": "hi"}]
+    for stream in (False, True):
+        if stream:
+            chunks = list(sdk.chat.completions.create(
+                model="fault/logprobs", messages=messages, stream=True, logprobs=True,
+                top_logprobs=2))
+            entries = [e for c in chunks if c.choices and c.choices[0].logprobs
+                       for e in c.choices[0].logprobs.content or ()]
+        else:
+            reply = sdk.chat.completions.create(model="fault/logprobs", messages=messages,
+                                                logprobs=True, top_logprobs=2)
+            assert reply.choices[0].logprobs is not None
+            entries = list(reply.choices[0].logprobs.content or ())
+        [entry] = entries
+        assert (entry.token, entry.logprob, entry.bytes) == ("L", -0.25, [76])
+        assert [(t.token, t.logprob) for t in entry.top_logprobs] == [("L", -0.25),
+                                                                        ("x", -2.5)]
 
 
 def test_usage_estimated_without_an_upstream_report(sdk: openai.OpenAI,

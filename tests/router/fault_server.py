@@ -2,7 +2,8 @@
 
 A raw asyncio HTTP/1.1 server (keep-alive, chunked streaming), run as its own process:
 `python -m tests.router.fault_server PORT`. The upstream model name picks the behaviour,
-`MODE[:TAG]`, where TAG is the answer's text (so a test can tell deployments apart):
+`MODE[:TAG]`, where TAG is the answer's text (so a test can tell deployments apart); a
+request without `stream` gets one JSON answer with the same faults where they apply:
 
   ok            answer at once (stream or not), with usage
   nousage       stream without a usage chunk
@@ -12,6 +13,8 @@ A raw asyncio HTTP/1.1 server (keep-alive, chunked streaming), run as its own pr
   malformed     a data event that is not JSON
   reasoning     a `reasoning` delta (vLLM's name), then the answer
   drip=N        N content events 20 ms apart, then usage
+  tools         a tool call in three fragments (id and name, then two argument pieces)
+  logprobs      the answer with OpenAI logprobs (two alternatives)
   toggle        like ok, but 500 while the tag is switched off (POST /control/TAG/off|on)
 
 GET /requests returns every chat request body received (JSON list); DELETE clears it.
@@ -79,11 +82,7 @@ async def _chat(writer: asyncio.StreamWriter, body: dict[str, Any]) -> None:
         await _json(writer, 500, {"error": {"message": "switched off"}})
         return
     if not body.get("stream"):
-        await _json(writer, 200, {
-            "id": "chatcmpl-up", "object": "chat.completion", "created": int(time.time()),
-            "model": model, "usage": USAGE,
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": tag}}]})
+        await _whole(writer, model, name, arg, tag)
         return
     base = _base(model)
     out = [_head(200, "text/event-stream", None),
@@ -102,6 +101,22 @@ async def _chat(writer: asyncio.StreamWriter, body: dict[str, Any]) -> None:
         await asyncio.sleep(0.05)
         writer.transport.abort()
         return
+    if name == "tools":
+        out += [_event({**base, "choices": [_choice({"tool_calls": [fragment]})]})
+                for fragment in TOOL_FRAGMENTS]
+        out.append(_event({**base, "choices": [_choice({}, "tool_calls")]}))
+        out += [_event({**base, "choices": [], "usage": USAGE}), _event("[DONE]"), b"0\r\n\r\n"]
+        writer.write(b"".join(out))
+        await writer.drain()
+        return
+    if name == "logprobs":
+        out.append(_event({**base, "choices": [{**_choice({"content": tag}),
+                                                 "logprobs": _logprobs(tag)}]}))
+        out += [_event({**base, "choices": [_choice({}, "stop")]}),
+                _event({**base, "choices": [], "usage": USAGE}), _event("[DONE]"), b"0\r\n\r\n"]
+        writer.write(b"".join(out))
+        await writer.drain()
+        return
     if name == "drip":
         writer.write(b"".join(out))
         out = []
@@ -118,6 +133,56 @@ async def _chat(writer: asyncio.StreamWriter, body: dict[str, Any]) -> None:
     out.append(b"0\r\n\r\n")
     writer.write(b"".join(out))
     await writer.drain()
+
+
+TOOL_FRAGMENTS = [
+    {"index": 0, "id": "call_up1", "type": "function",
+     "function": {"name": "get_weather", "arguments": ""}},
+    {"index": 0, "function": {"arguments": '{"city": '}},
+    {"index": 0, "function": {"arguments": '"Paris"}'}},
+]
+
+
+def _logprobs(tag: str) -> dict[str, Any]:
+    raw = list(tag.encode())
+    return {"content": [{"token": tag, "logprob": -0.25, "bytes": raw,
+                         "top_logprobs": [{"token": tag, "logprob": -0.25, "bytes": raw},
+                                          {"token": "x", "logprob": -2.5, "bytes": [120]}]}]}
+
+
+async def _whole(writer: asyncio.StreamWriter, model: str, name: str, arg: str,
+                 tag: str) -> None:
+    """A non-streamed answer, with the same faults as the streamed one where they apply."""
+    message: dict[str, Any] = {"role": "assistant", "content": tag}
+    choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "message": message}
+    if name == "malformed":
+        writer.write(_head(200, "application/json", 9) + b"{not json")
+        await writer.drain()
+        return
+    if name == "reset":
+        writer.write(_head(200, "application/json", 500) + b'{"id": "chatcmpl-up", ')
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.transport.abort()
+        return
+    if name == "drip":
+        await asyncio.sleep(0.02 * int(arg))
+        message["content"] = tag * int(arg)
+    if name == "reasoning":
+        message["reasoning"] = "thinking it over"
+    if name == "tools":
+        message.update(content=None, tool_calls=[{
+            "id": "call_up1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}])
+        choice["finish_reason"] = "tool_calls"
+    if name == "logprobs":
+        choice["logprobs"] = _logprobs(tag)
+    answer: dict[str, Any] = {"id": "chatcmpl-up", "object": "chat.completion",
+                              "created": int(time.time()), "model": model,
+                              "choices": [choice]}
+    if name != "nousage":
+        answer["usage"] = USAGE
+    await _json(writer, 200, answer)
 
 
 async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -19,8 +19,13 @@ def test_vllm_sends_its_native_parameters_and_thinking_as_template_kwargs() -> N
                                        enable_thinking=False, temperature=0.3), "up", 64, {})
     assert body["top_k"] == 20 and body["min_p"] == 0.1 and body["repetition_penalty"] == 1.1
     assert body["chat_template_kwargs"] == {"enable_thinking": False}
-    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert body["stream"] is False and "stream_options" not in body
     assert body["max_tokens"] == 64 and body["model"] == "up" and body["temperature"] == 0.3
+
+
+def test_a_streamed_request_asks_the_upstream_for_a_stream_with_usage() -> None:
+    body = build_body("vllm", _request(stream=True), "up", 64, {})
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
 
 
 def test_llamacpp_and_ollama_rename() -> None:

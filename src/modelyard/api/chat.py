@@ -72,6 +72,7 @@ def _to_chat_request(payload: ChatCompletionRequest, request_id: str) -> ChatReq
         thinking_budget=payload.thinking_budget,
         reasoning_effort=payload.reasoning_effort,
         separate_reasoning=payload.separate_reasoning is not False,
+        stream=bool(payload.stream),
         truncate_to_context=payload.context_length_exceeded_behavior == "truncate",
     )
 

@@ -48,6 +48,8 @@ class ChatRequest:
     thinking_budget: int | None = None
     reasoning_effort: str | None = None
     separate_reasoning: bool = True
+    stream: bool = False
+    """Whether the client asked for a stream (an upstream is asked the same way)."""
 
 
 @dataclass(frozen=True)

@@ -67,25 +67,38 @@ class UpstreamDeployment:
 
     async def open(self, body: dict[str, Any], prompt_estimate: int,
                    on_end: Callable[[bool], None]) -> UpstreamStream:
-        """Send the request and read up to its first event. `on_end(failed)` is called
-        once when the stream ends, whatever the way."""
-        deadline = time.monotonic() + self.config.total_timeout
+        """Send the request and read up to its first event (a stream) or its whole answer
+        (a JSON body, when `body["stream"]` is false). `on_end(failed)` is called once
+        when the stream ends, whatever the way."""
+        config = self.config
+        deadline = time.monotonic() + config.total_timeout
+        streaming = bool(body.get("stream"))
+        # A streamed answer must start within the first-token timeout; a whole one within
+        # the total timeout, and its silence until then is not a stall.
+        limit = config.first_token_timeout if streaming else config.total_timeout
+        per_request = None if streaming else aiohttp.ClientTimeout(
+            total=None, sock_connect=config.connect_timeout, sock_read=config.total_timeout)
         try:
-            async with asyncio.timeout(self.config.first_token_timeout):
-                response = await self._client().post(self._url, data=orjson.dumps(body))
+            async with asyncio.timeout(limit):
+                response = await self._client().post(self._url, data=orjson.dumps(body),
+                                                     timeout=per_request)
                 try:
                     if response.status != 200:
                         raw = await response.read()
                         response.release()
                         raise _status_error(response.status, raw)
                     stream = UpstreamStream(response, prompt_estimate, deadline, on_end)
-                    await stream.peek()
+                    if streaming and "json" not in response.content_type:
+                        await stream.peek()
+                    else:
+                        stream.read_whole(await response.read())
                 except BaseException:
                     response.close()
                     raise
         except TimeoutError:
-            raise UpstreamError(504, f"upstream {self.name}: no first token within "
-                                f"{self.config.first_token_timeout} s", retriable=True) from None
+            what = "no first token" if streaming else "no answer"
+            raise UpstreamError(504, f"upstream {self.name}: {what} within {limit} s",
+                                retriable=True) from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(502, f"upstream {self.name}: {type(exc).__name__}: {exc}",
                                 retriable=True) from None

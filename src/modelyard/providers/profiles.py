@@ -38,9 +38,12 @@ def extra_parameters(request: ChatRequest) -> dict[str, Any]:
 
 def build_body(profile: str, request: ChatRequest, upstream_model: str, max_tokens: int,
                defaults: dict[str, float], drop_unsupported: bool = False) -> dict[str, Any]:
-    """The JSON body sent upstream (always streaming, with usage asked for)."""
+    """The JSON body sent upstream: streamed (with usage asked for) when the client asked
+    for a stream, one JSON answer (which carries usage anyway) when it did not."""
     body: dict[str, Any] = {"model": upstream_model, "messages": request.messages,
-                            "stream": True, "stream_options": {"include_usage": True}}
+                            "stream": request.stream}
+    if request.stream:
+        body["stream_options"] = {"include_usage": True}
     body["max_completion_tokens" if profile == "openai" else "max_tokens"] = max_tokens
     sampling = {**defaults, **{name: getattr(request, name) for name in
                                ("temperature", "top_p", "top_k", "min_p", "frequency_penalty",

@@ -66,6 +66,15 @@ class UpstreamStream:
         if not self._pending:
             raise StreamError("the upstream ended its stream without any output")
 
+    def read_whole(self, raw: bytes) -> None:
+        """Take a whole (non-streamed) answer: one `chat.completion` JSON body, already
+        read to its end."""
+        self._eof = True
+        self._done = True
+        self._take(raw)
+        if not self._pending:
+            raise StreamError("the upstream answered without any output")
+
     async def __anext__(self) -> ChatDelta:
         try:
             while not self._pending and not self._done:
@@ -156,6 +165,11 @@ class UpstreamStream:
         if payload == b"[DONE]":
             self._done = True
             return True
+        self._take(payload)
+        return True
+
+    def _take(self, payload: bytes) -> None:
+        """One JSON chunk (or a whole answer) into deltas."""
         try:
             chunk = orjson.loads(payload)
         except orjson.JSONDecodeError:
@@ -167,7 +181,6 @@ class UpstreamStream:
             message = error.get("message") if isinstance(error, dict) else str(error)
             raise StreamError(f"the upstream failed: {message}")
         self._read_chunk(chunk)
-        return True
 
     def _read_chunk(self, chunk: dict[str, Any]) -> None:
         for choice in chunk.get("choices") or ():
