@@ -264,3 +264,13 @@ def test_bad_catalog_entries_are_named(tmp_path: Path, edit: tuple[str, str],
                                        message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(write_config(tmp_path, CATALOG.replace(*edit)), environ={"VLLM_KEY": "x"})
+
+
+def test_a_model_may_mix_one_local_deployment_with_upstreams(tmp_path: Path) -> None:
+    mixed = CATALOG + '[[models.deployments]]\nkind = "local"\nweight = 2\n'
+    config = load_config(write_config(tmp_path, mixed), environ={"VLLM_KEY": "x"})
+    assert [d.kind for d in config.models[0].deployments] == ["openai", "openai", "local"]
+    assert config.local_model  # the engine runs for its local deployment
+    with pytest.raises(ConfigError, match="at most one local deployment"):
+        load_config(write_config(tmp_path, mixed + '[[models.deployments]]\nkind = "local"\n'),
+                    environ={"VLLM_KEY": "x"})

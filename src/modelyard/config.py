@@ -399,9 +399,8 @@ def _catalog_model(entry: Any, i: int, env: Any) -> CatalogModelConfig:
         raise ConfigError(f"{where} needs at least one [[models.deployments]]")
     deployments = tuple(_deployment(d, f"{where}.deployments[{j}]", env)
                         for j, d in enumerate(raw_deployments))
-    if len({d.kind for d in deployments}) > 1 or (
-            deployments[0].kind == "local" and len(deployments) > 1):
-        raise ConfigError(f"{where}: a local deployment must be the model's only one")
+    if sum(d.kind == "local" for d in deployments) > 1:
+        raise ConfigError(f"{where}: at most one local deployment (there is one engine)")
     if not isinstance(raw_defaults, dict):
         raise ConfigError(f"{where}.defaults must be a table")
     unknown = sorted(set(raw_defaults) - _SAMPLING)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,30 +18,13 @@ import pytest
 
 from tests.e2e.conftest import MODEL
 from tests.e2e.server import RunningServer, free_port, running_server
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.router.fault_process import running_fault_server
 
 
 @pytest.fixture(scope="module")
 def fault() -> Iterator[str]:
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "tests.router.fault_server", str(port)],
-                               cwd=ROOT, stdin=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                httpx.get(f"{url}/requests", timeout=1)
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+    with running_fault_server() as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 def _deployment(url: str, upstream: str, **extra: Any) -> str:

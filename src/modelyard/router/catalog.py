@@ -1,4 +1,5 @@
-"""A catalog model served by upstream deployments: the Provider the chat route calls.
+"""A catalog model served by upstream deployments (and possibly the built-in engine as
+one of them, `router/local_route.py`): the Provider the chat route calls.
 
 `start_chat` picks a deployment by weight among those whose breaker lets requests
 through and that have a free slot, opens the upstream stream (up to its first event) and
@@ -13,7 +14,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import orjson
@@ -31,6 +32,7 @@ from modelyard.providers.profiles import build_body
 from modelyard.providers.upstream_stream import estimate_tokens
 from modelyard.router.balancer import choose
 from modelyard.router.breaker import Breaker
+from modelyard.router.local_route import LocalDeployment
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +40,8 @@ logger = logging.getLogger(__name__)
 class Route:
     """One deployment with its breaker."""
 
-    def __init__(self, deployment: UpstreamDeployment, router: RouterConfig) -> None:
+    def __init__(self, deployment: UpstreamDeployment | LocalDeployment,
+                 router: RouterConfig) -> None:
         self.deployment = deployment
         self.breaker = Breaker(router.breaker_failures, router.breaker_cooldown_seconds)
 
@@ -55,7 +58,7 @@ class Route:
 
 class RoutedModel(Provider):
     def __init__(self, config: CatalogModelConfig, router: RouterConfig,
-                 deployments: list[UpstreamDeployment],
+                 deployments: Sequence[UpstreamDeployment | LocalDeployment],
                  rng: random.Random | None = None) -> None:
         self.model_id = config.id
         self.config = config
@@ -85,13 +88,20 @@ class RoutedModel(Provider):
                                     f"({max_tokens}) exceed the context of {context} tokens",
                                     param="max_tokens", code="context_length_exceeded")
             max_tokens = context - prompt
-        bodies = {}
-        for route in self.routes:  # a parameter no deployment can take is refused now
-            config = route.deployment.config
-            bodies[route.deployment.name] = build_body(
+        work: dict[str, Any] = {}
+        for route in self.routes:  # a parameter no upstream can take is refused now
+            deployment = route.deployment
+            if isinstance(deployment, LocalDeployment):
+                local = work[deployment.name] = await deployment.prepare(request)
+                if local is not None:  # the reservation covers whichever runs it
+                    prompt = max(prompt, local.prompt_tokens)
+                    max_tokens = max(max_tokens, local.max_tokens)
+                continue
+            config = deployment.config
+            work[deployment.name] = build_body(
                 config.profile, request, config.upstream_model or self.model_id, max_tokens,
                 self.config.defaults, self.config.drop_unsupported_params)
-        return PreparedChat(request, prompt, max_tokens, work=bodies)
+        return PreparedChat(request, prompt, max_tokens, work=work)
 
     async def start_chat(self, prepared: PreparedChat) -> AsyncIterator[ChatDelta]:
         tried: set[int] = set()
@@ -99,6 +109,7 @@ class RoutedModel(Provider):
         for _ in range(self.router.max_attempts):
             now = time.monotonic()
             candidates = [r for i, r in enumerate(self.routes) if i not in tried
+                          and prepared.work[r.deployment.name] is not None
                           and not r.deployment.full and r.breaker.available(now)]
             route = choose(candidates, lambda r: r.weight, self._rng)
             if route is None or not route.breaker.acquire(now):
@@ -163,11 +174,17 @@ def build_catalog(models: tuple[CatalogModelConfig, ...], router: RouterConfig,
     """The catalog's providers by model id (the built-in engine's own model not included)."""
     catalog: dict[str, Provider] = {}
     for model in models:
-        if model.deployments[0].kind == "local":
+        if len(model.deployments) == 1 and model.deployments[0].kind == "local":
             assert local is not None
             catalog[model.id] = AliasProvider(model.id, local)
             continue
-        deployments = [UpstreamDeployment(d, environ.get(d.api_key_env) if d.api_key_env
-                                          else None) for d in model.deployments]
+        deployments: list[UpstreamDeployment | LocalDeployment] = []
+        for d in model.deployments:
+            if d.kind == "local":
+                assert local is not None
+                deployments.append(LocalDeployment(d, local))
+            else:
+                deployments.append(UpstreamDeployment(
+                    d, environ.get(d.api_key_env) if d.api_key_env else None))
         catalog[model.id] = RoutedModel(model, router, deployments)
     return catalog

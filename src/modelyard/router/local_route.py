@@ -1,0 +1,89 @@
+"""The built-in engine as one deployment among a catalog model's upstreams.
+
+A `kind = "local"` deployment next to `kind = "openai"` ones: the router weighs it like
+any other. The engine reads the prompt itself (its own template and tokens), so the
+request is prepared for it separately (`prepare`); a request it cannot take (its context,
+a parameter) leaves it out of that request's candidates. A full engine queue (503) counts
+as a retriable failure, so the request goes to an upstream instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from modelyard.config import DeploymentConfig
+from modelyard.providers.base import (
+    ChatDelta,
+    ChatRequest,
+    PreparedChat,
+    Provider,
+    ProviderError,
+    StreamError,
+)
+from modelyard.providers.openai_compat import UpstreamError
+
+
+class LocalDeployment:
+    """The `UpstreamDeployment` interface over the built-in engine's provider."""
+
+    def __init__(self, config: DeploymentConfig, provider: Provider) -> None:
+        self.config = config
+        self.provider = provider
+        self.name = config.name or f"local#{provider.model_id}"
+        self.active = 0
+
+    @property
+    def full(self) -> bool:
+        return self.active >= self.config.max_concurrency
+
+    async def prepare(self, request: ChatRequest) -> PreparedChat | None:
+        """The request as the engine reads it, or None when the engine cannot take it."""
+        try:
+            return await self.provider.prepare_chat(request)
+        except ProviderError:
+            return None
+
+    async def open(self, work: Any, prompt_estimate: int,
+                   on_end: Callable[[bool], None]) -> AsyncIterator[ChatDelta]:
+        try:
+            deltas = await self.provider.start_chat(work)
+        except ProviderError as exc:
+            raise UpstreamError(exc.status, f"{self.name}: {exc.message}",
+                                retriable=exc.status >= 500) from None
+        return _Tracked(deltas, on_end)
+
+    async def close(self) -> None:
+        """The engine belongs to the server; it is closed as a provider of its own."""
+
+
+class _Tracked:
+    """The engine's deltas, with `on_end(failed)` called once when they end."""
+
+    def __init__(self, deltas: AsyncIterator[ChatDelta], on_end: Callable[[bool], None]) -> None:
+        self._deltas = deltas
+        self._on_end: Callable[[bool], None] | None = on_end
+
+    def __aiter__(self) -> _Tracked:
+        return self
+
+    async def __anext__(self) -> ChatDelta:
+        try:
+            return await self._deltas.__anext__()
+        except StopAsyncIteration:
+            self._end(False)
+            raise
+        except StreamError:
+            self._end(True)
+            raise
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._deltas, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        self._end(False)
+
+    def _end(self, failed: bool) -> None:
+        if self._on_end is not None:
+            on_end, self._on_end = self._on_end, None
+            on_end(failed)
