@@ -48,7 +48,8 @@ def build_app(config: Config, *, progress: bool = True) -> ASGIApp:
         providers[local.model_id] = local
         fingerprint_source = model_path.name
         logger.info("serving %s from %s", local.model_id, model_path)
-    providers.update(build_catalog(config.models, config.router, os.environ, local))
+    providers.update(build_catalog(config.models, config.router, os.environ, local,
+                                   registry))
     prices = service.prices(config) if config.local_model else {}
     for model in config.models:
         prices[model.id] = Price.from_units(model.input_price, model.output_price,

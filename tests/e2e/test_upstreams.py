@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import MODEL
-from tests.e2e.server import RunningServer, free_port, running_server
+from tests.e2e.server import RunningServer, free_port, metric_value, running_server
 from tests.router.fault_process import running_fault_server
 
 
@@ -119,18 +119,26 @@ def test_weights_hold_over_a_thousand_requests(sdk: openai.OpenAI) -> None:
 
 
 def test_a_dead_deployment_is_routed_around_and_its_breaker_opens_and_closes(
-        sdk: openai.OpenAI, fault: str) -> None:
+        sdk: openai.OpenAI, fault: str, gateway: RunningServer) -> None:
+    def breaker() -> float:
+        labels = f'deployment="{fault}/v1#toggle:T",model="fault/failover"'
+        return metric_value(gateway.metrics(), "modelyard_deployment_breaker_state", labels)
     httpx.post(f"{fault}/control/T/off", timeout=5)
     httpx.delete(f"{fault}/requests", timeout=5)
     answers = {_say(sdk, "fault/failover") for _ in range(20)}
     assert answers == {"B"}  # every request answered, by the healthy deployment
     toggled = [b for b in _received(fault) if b["model"] == "toggle:T"]
     assert len(toggled) == 2  # breaker_failures = 2, then it stays open
+    assert breaker() == 2  # open
     httpx.post(f"{fault}/control/T/on", timeout=5)
     time.sleep(2.2)  # past the cool-down of the switched-off and the dead deployment
     httpx.delete(f"{fault}/requests", timeout=5)
     answers = {_say(sdk, "fault/failover") for _ in range(30)}
     assert answers == {"B", "T"}  # the probe succeeded and the breaker closed
+    assert breaker() == 0
+    assert metric_value(gateway.metrics(), "modelyard_deployment_tries_total",
+                        f'deployment="{fault}/v1#toggle:T",model="fault/failover",'
+                        'outcome="retried"') == 2
 
 
 def test_a_reset_mid_stream_ends_with_an_error_event_and_is_not_retried(

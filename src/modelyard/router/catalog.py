@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import orjson
+from prometheus_client import CollectorRegistry
 
 from modelyard.config import CatalogModelConfig, RouterConfig
 from modelyard.providers.base import (
@@ -33,6 +34,7 @@ from modelyard.providers.upstream_stream import estimate_tokens
 from modelyard.router.balancer import choose
 from modelyard.router.breaker import Breaker
 from modelyard.router.local_route import LocalDeployment
+from modelyard.router.metrics import RouterMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +61,17 @@ class Route:
 class RoutedModel(Provider):
     def __init__(self, config: CatalogModelConfig, router: RouterConfig,
                  deployments: Sequence[UpstreamDeployment | LocalDeployment],
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 metrics: RouterMetrics | None = None) -> None:
         self.model_id = config.id
         self.config = config
         self.router = router
         self.routes = [Route(d, router) for d in deployments]
         self._rng = rng or random.Random()
+        self.metrics = metrics or RouterMetrics()
+        for route in self.routes:
+            self.metrics.watch(self.model_id, route.deployment.name, route.breaker,
+                               route.deployment)
 
     def describe(self) -> dict[str, Any]:
         capabilities = {name: name in self.config.capabilities
@@ -124,9 +131,11 @@ class RoutedModel(Provider):
                 last = exc
                 if exc.retriable:
                     route.breaker.failure(time.monotonic())
+                    self.metrics.tried(self.model_id, route.deployment.name, "retried")
                     logger.warning("%s: %s", self.model_id, exc.message)
                     continue
                 route.breaker.success()  # the upstream answered; the request was refused
+                self.metrics.tried(self.model_id, route.deployment.name, "refused")
                 raise ProviderError(400 if exc.status == 400 else 422, exc.message,
                                     code="upstream_refused") from None
             except BaseException:
@@ -134,6 +143,7 @@ class RoutedModel(Provider):
                 route.breaker.release()
                 raise
             route.breaker.success()
+            self.metrics.tried(self.model_id, route.deployment.name, "ok")
             return stream
         if last is not None:
             raise ProviderError(503, f"no deployment of {self.model_id} could answer: "
@@ -170,9 +180,11 @@ class AliasProvider(Provider):
 
 
 def build_catalog(models: tuple[CatalogModelConfig, ...], router: RouterConfig,
-                  environ: Any, local: Provider | None) -> dict[str, Provider]:
+                  environ: Any, local: Provider | None,
+                  registry: CollectorRegistry | None = None) -> dict[str, Provider]:
     """The catalog's providers by model id (the built-in engine's own model not included)."""
     catalog: dict[str, Provider] = {}
+    metrics = RouterMetrics(registry)
     for model in models:
         if len(model.deployments) == 1 and model.deployments[0].kind == "local":
             assert local is not None
@@ -186,5 +198,5 @@ def build_catalog(models: tuple[CatalogModelConfig, ...], router: RouterConfig,
             else:
                 deployments.append(UpstreamDeployment(
                     d, environ.get(d.api_key_env) if d.api_key_env else None))
-        catalog[model.id] = RoutedModel(model, router, deployments)
+        catalog[model.id] = RoutedModel(model, router, deployments, metrics=metrics)
     return catalog
