@@ -17,10 +17,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 import orjson
 
 from modelyard.providers.base import ChatDelta, StreamError, TokenLogprobs, ToolCallDelta
+from modelyard.providers.http1 import HTTPError, Response
 from modelyard.providers.profiles import reasoning_of
 
 CHARS_PER_TOKEN = 4
@@ -40,7 +40,7 @@ def estimate_tokens(text: str) -> int:
 class UpstreamStream:
     """The deltas of one upstream response; `on_end(failed)` is called once when it ends."""
 
-    def __init__(self, response: aiohttp.ClientResponse, prompt_estimate: int,
+    def __init__(self, response: Response, prompt_estimate: int,
                  deadline: float, on_end: Callable[[bool], None]) -> None:
         self._response = response
         self._deadline = deadline
@@ -78,7 +78,7 @@ class UpstreamStream:
     async def __anext__(self) -> ChatDelta:
         try:
             while not self._pending and not self._done:
-                # The silence between two reads is bounded by the session's read timeout;
+                # The silence between two reads is bounded by the response's read timeout;
                 # the total time is checked between events.
                 if time.monotonic() > self._deadline:
                     raise StreamError("the upstream exceeded its total timeout")
@@ -86,9 +86,8 @@ class UpstreamStream:
                     await self._read_event()
                 except TimeoutError:
                     raise StreamError("the upstream went silent (read timeout)") from None
-                except aiohttp.ClientError as exc:
-                    raise StreamError(f"the upstream connection failed: "
-                                      f"{type(exc).__name__}") from None
+                except HTTPError as exc:
+                    raise StreamError(f"the upstream connection failed: {exc}") from None
         except StreamError:
             await self._end(failed=True)
             raise
@@ -107,7 +106,7 @@ class UpstreamStream:
             async with asyncio.timeout(seconds):
                 while self.estimated and not self._done:
                     await self._read_event()
-        except (TimeoutError, aiohttp.ClientError, StreamError, RuntimeError):
+        except (TimeoutError, HTTPError, StreamError, RuntimeError):
             pass
         finally:
             await self._end(failed=False)
@@ -120,9 +119,9 @@ class UpstreamStream:
         if self._done and not failed:
             # After [DONE] only the end of the body is left: read it, so the connection
             # goes back to the pool instead of being closed.
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            with contextlib.suppress(HTTPError, TimeoutError):
                 async with asyncio.timeout(END_OF_BODY_TIMEOUT_S):
-                    while not self._eof and await self._response.content.readany():
+                    while not self._eof and await self._response.read_chunk():
                         pass
                     self._eof = True
         if self._eof:
@@ -140,7 +139,7 @@ class UpstreamStream:
         while True:
             end = self._buffer.find(_EVENT_END)
             if end < 0:
-                chunk = await self._response.content.readany()
+                chunk = await self._response.read_chunk()
                 if not chunk:
                     self._eof = True
                     event, self._buffer = self._buffer, b""
