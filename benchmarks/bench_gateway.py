@@ -8,8 +8,9 @@ upstream. For each, at fixed arrival rates (open loop), client latency of the fu
 is measured; its p50/p99 minus the same measurement made directly against the upstream
 just before is the added latency. The gateway process's CPU time per request is read from
 /proc. Then the rate is doubled from 100 requests/s until p99 added latency exceeds 50 ms
-or requests fail, and the gap between the last rate that passed and the first that failed
-is bisected twice: the highest rate that passed is the sustained rate.
+or requests fail (or halved, when 100/s fails already), and the gap between the last rate
+that passed and the first that failed is bisected twice: the highest rate that passed is
+the sustained rate.
 
     .venv/bin/python benchmarks/bench_gateway.py --litellm /tmp/litellm-venv/bin/litellm
 
@@ -177,16 +178,27 @@ def measure(target: Target, direct: Target, rate: float, seconds: float,
 
 def sustained(target: Target, direct: Target, seconds: float, stream: bool,
               max_rate: float) -> float:
+    """The highest rate that passes: doubling up from 100/s (or halving down to 6.25/s when
+    100/s already fails), then the gap to the first failing rate bisected twice."""
     def passes(rate: float) -> bool:
         _, p99, failed, _ = measure(target, direct, rate, seconds, stream)
         return not failed and p99 < 50
 
-    best, rate = 0.0, 100.0
-    while rate <= max_rate and passes(rate):
-        best, rate = rate, rate * 2
-    if rate > max_rate:
-        return best
-    low, high = best, rate
+    rate = 100.0
+    if passes(rate):
+        best = rate
+        while rate * 2 <= max_rate and passes(rate * 2):
+            best = rate = rate * 2
+        if rate * 2 > max_rate:
+            return best
+        low, high = best, rate * 2
+    else:
+        high = rate
+        while high > 6.25 and not passes(high / 2):
+            high /= 2
+        if high <= 6.25:
+            return 0.0
+        low = high / 2
     for _ in range(2):
         middle = (low + high) / 2
         if passes(middle):

@@ -139,7 +139,9 @@ class DeploymentConfig:
     max_concurrency: int = 64
     connect_timeout: float = 5.0
     first_token_timeout: float = 60.0
+    """A stream's first event must come within it, and no silence after may last longer."""
     total_timeout: float = 600.0
+    """The whole answer's limit (a stream's is checked between events)."""
     name: str | None = None
     """Shown in logs and metrics; None: derived from base_url and upstream_model."""
 
