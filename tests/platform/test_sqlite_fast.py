@@ -112,5 +112,6 @@ def test_the_wal_is_checkpointed_and_starts_over(tmp_path: Path,
             assert round_ < 1 or db._checkpointing is not None
         assert await balance_of(db, account.id) == (10**12 - 1500, 0, 10**12, 1500)
     _run(path, body)
-    # 600 commits, checkpointed every 20: the log is reused instead of growing with them.
-    assert max(sizes) == max(sizes[:2]), sizes
+    # 600 commits, checkpointed every 20: the log is reused instead of growing with them
+    # (without checkpoints it grows by the same amount every round).
+    assert max(sizes) < 1.5 * sizes[1], sizes

@@ -8,8 +8,8 @@ background task, so a cancelled request task cannot skip it.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -136,7 +136,7 @@ async def answer_chat(state: AppState, caller: Caller, body: bytes) -> Response:
     if provider is None or not state.gate.may_use(caller, payload.model):
         raise APIError(404, f"the model '{payload.model}' does not exist or you do not have "
                        f"access to it", param="model", code="model_not_found")
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    request_id = f"chatcmpl-{os.urandom(16).hex()}"
     started = time.monotonic()
     try:
         prepared = await provider.prepare_chat(_to_chat_request(payload, request_id))

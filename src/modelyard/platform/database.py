@@ -204,10 +204,12 @@ class Database:
 
 
 def _checkpoint(connection: Connection) -> None:
-    # RESTART, not PASSIVE: under a steady stream of writes a passive checkpoint never
-    # finds the log fully copied when the next write begins, so the log never starts
-    # over and grows without bound. RESTART holds writers off (the event loop's go to
-    # the platform thread meanwhile) until the next write can start the log afresh.
+    # Under a steady stream of writes a passive checkpoint alone never finds the log
+    # fully copied when the next write begins, so the log never starts over and grows
+    # without bound. RESTART does, but holds writers off while it copies (the event
+    # loop's writes go to the platform thread meanwhile): so a passive checkpoint copies
+    # the bulk first, and RESTART only what was written since.
+    connection.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").all()
     connection.exec_driver_sql("PRAGMA wal_checkpoint(RESTART)").all()
 
 

@@ -19,7 +19,7 @@ the sum of every usage record's `cost`.
 from __future__ import annotations
 
 import logging
-import uuid
+import os
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -82,7 +82,7 @@ def _reserve(connection: Connection | RawConnection, account_id: str, key_id: st
     held = connection.execute(_HOLD, {"account": account_id, "amount": amount})
     if held.rowcount != 1:
         return None
-    reservation_id = uuid.uuid4().hex
+    reservation_id = os.urandom(16).hex()
     now = utcnow()
     connection.execute(_NEW_RESERVATION, {
         "id": reservation_id, "account_id": account_id, "key_id": key_id, "amount": amount,

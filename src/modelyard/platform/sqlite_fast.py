@@ -29,6 +29,7 @@ from typing import Any
 from sqlalchemy import DateTime
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.types import NullType
 
 DIALECT = sqlite_dialect.dialect()
 CHECKPOINT_EVERY = 200
@@ -45,10 +46,6 @@ def sqlite_time(value: datetime) -> str:
             f"{value.minute:02d}:{value.second:02d}.{value.microsecond:06d}")
 
 
-def _bind(value: Any) -> Any:
-    return sqlite_time(value) if isinstance(value, datetime) else value
-
-
 def _time(value: Any) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value)
 
@@ -60,6 +57,10 @@ class _Compiled:
         compiled = statement.compile(dialect=DIALECT, column_keys=list(keys))
         self.sql = compiled.string
         self.names: tuple[str, ...] = tuple(getattr(compiled, "positiontup", None) or ())
+        # Parameters that may carry a time: typed DateTime, or untyped (a bare bindparam).
+        binds = getattr(compiled, "binds", {})
+        self.time_params = [i for i, name in enumerate(self.names) if name not in binds
+                            or isinstance(binds[name].type, DateTime | NullType)]
         columns = list(getattr(statement, "exported_columns", ()))
         self.row = namedtuple("Row", [c.key for c in columns], rename=True)  # type: ignore[misc]
         self.times = [i for i, c in enumerate(columns) if isinstance(c.type, DateTime)]
@@ -102,7 +103,10 @@ class RawConnection:
         compiled = self._cache.get((id(statement), keys))
         if compiled is None:
             compiled = self._cache[(id(statement), keys)] = _Compiled(statement, keys)
-        values = [_bind(parameters[name]) for name in compiled.names]
+        values = [parameters[name] for name in compiled.names]
+        for i in compiled.time_params:
+            if isinstance(values[i], datetime):
+                values[i] = sqlite_time(values[i])
         return RawResult(self.connection.execute(compiled.sql, values), compiled)
 
 

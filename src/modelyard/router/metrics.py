@@ -22,6 +22,7 @@ class RouterMetrics:
                              "Requests sent to a deployment, by outcome before the first byte "
                              "(ok, retried: failed and tried elsewhere, refused: a 4xx).",
                              ["model", "deployment", "outcome"], registry=r)
+        self._tries: dict[tuple[str, str, str], Counter] = {}
 
     def watch(self, model: str, deployment: str, breaker: Breaker,
               active: object) -> None:
@@ -32,4 +33,8 @@ class RouterMetrics:
             lambda: float(getattr(active, "active", 0)))
 
     def tried(self, model: str, deployment: str, outcome: str) -> None:
-        self.tries.labels(model, deployment, outcome).inc()
+        key = (model, deployment, outcome)
+        child = self._tries.get(key)
+        if child is None:
+            child = self._tries[key] = self.tries.labels(*key)
+        child.inc()
