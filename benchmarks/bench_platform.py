@@ -140,15 +140,21 @@ def serve(args: argparse.Namespace) -> None:
     timing = TimingGate(gate)
     state = AppState(providers={MODEL: InstantProvider()}, registry=CollectorRegistry(),
                      gate=timing, prices=prices)
-    app = create_app(state)
+    inner = create_app(state)
 
-    async def reset() -> dict[str, bool]:
-        """Forget the timings so far: only the fixed-rate phase is reported."""
-        timing.on_path.clear()
-        timing.settling.clear()
-        return {"reset": True}
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        """The app, plus POST /bench/reset: forget the timings so far (only the
+        fixed-rate phase is reported)."""
+        if scope["type"] == "http" and scope["path"] == "/bench/reset":
+            timing.on_path.clear()
+            timing.settling.clear()
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", b"15")]})
+            await send({"type": "http.response.body", "body": b'{"reset": true}'})
+            return
+        await inner(scope, receive, send)
 
-    app.add_api_route("/bench/reset", reset, methods=["POST"])
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
     Path(args.stats).write_text(json.dumps({"on_path": timing.on_path,
                                             "settle": timing.settling}))
