@@ -3,21 +3,18 @@ bodies past the cap, other methods, and unexpected failures all answer in SPEC.m
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
 from modelyard.api import lane
 from modelyard.providers.base import ChatRequest, PreparedChat
-from tests.platform.harness import Backend, Harness, harness
+from tests.platform.harness import Backend, Harness, scenario
 
 
-def _with_app(tmp_path: Path, body: object) -> None:
-    async def main() -> None:
-        async with harness(Backend(f"sqlite:///{tmp_path / 'platform.db'}")) as platform:
-            await body(platform)  # type: ignore[operator]
-    asyncio.run(main())
+def _with_app(tmp_path: Path, body: Callable[[Harness], Awaitable[None]]) -> None:
+    scenario(Backend(f"sqlite:///{tmp_path / 'platform.db'}"), body)
 
 
 def test_a_body_past_the_cap_is_refused_with_413(tmp_path: Path,

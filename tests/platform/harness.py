@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,3 +97,12 @@ async def harness(backend: Backend, *, price: Price = PRICE, delay_s: float = 0.
     finally:
         await state.drain()
         await gate.close()
+
+
+def scenario(backend: Backend, body: Callable[[Harness], Awaitable[None]],
+             **options: object) -> None:
+    """Run `body(platform)` on a fresh harness (the options as for `harness`)."""
+    async def main() -> None:
+        async with harness(backend, **options) as platform:  # type: ignore[arg-type]
+            await body(platform)
+    asyncio.run(main())

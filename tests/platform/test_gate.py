@@ -4,7 +4,6 @@ settlement and the usage record, on SQLite (limits in memory) and PostgreSQL + R
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 from modelyard.config import PlatformConfig
@@ -16,15 +15,7 @@ from modelyard.platform.gate import PlatformError
 from modelyard.platform.limits import MemoryLimiter
 from modelyard.platform.tables import utcnow
 from modelyard.platform.usage import records
-from tests.platform.harness import Backend, Harness, harness
-
-
-def scenario(backend: Backend, body: Callable[[Harness], Awaitable[None]],
-             **options: object) -> None:
-    async def main() -> None:
-        async with harness(backend, **options) as platform:  # type: ignore[arg-type]
-            await body(platform)
-    asyncio.run(main())
+from tests.platform.harness import Backend, Harness, scenario
 
 
 async def account_row(platform: Harness, name: str) -> tuple[int, int, int]:
