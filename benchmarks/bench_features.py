@@ -27,7 +27,8 @@ from typing import Any
 import httpx
 import numpy as np
 import numpy.typing as npt
-from bench_serving import PROMPTS, RESULTS_DIR, free_port, machine, wait_healthy
+from _common import machine, save_results
+from bench_serving import PROMPTS, free_port, wait_healthy
 
 from modelyard.config import DEFAULT_MODEL_SOURCE, load_config
 from modelyard.engine.runner import BatchItem, LlamaRunner, RunnerConfig
@@ -389,7 +390,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the servers are still stopped
-    info = {**machine(), "threads": args.threads, "model": str(args.model_path)}
+    info = {**machine("llama-cpp-python"), "threads": args.threads,
+            "model": str(args.model_path)}
     benches = {"prefix": bench_prefix, "logprobs": bench_logprobs, "sampling": bench_sampling}
     results = {part: bench(args) for part, bench in benches.items() if part in args.parts}
     print(f"\nmachine: {info['cpu']} | cores {info['cores']} | threads {args.threads} | "
@@ -397,12 +399,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{info['load_average_at_start']:.2f}"
           f"{' | QUICK: sizes too small for the targets' if args.quick else ''}\n")
     print(table(results))
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / f"features-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    out.write_text(json.dumps({"machine": info, "settings": settings, **results}, indent=2),
-                   encoding="utf-8")
-    print(f"\nJSON: {out}", flush=True)
+    save_results("features", {"machine": info, **results}, args)
     return 0
 
 

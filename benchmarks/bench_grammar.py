@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import ctypes
 import json
 import os
@@ -23,7 +22,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +31,9 @@ import llguidance.llamacpp
 import llguidance.numpy as llg_numpy
 import numpy as np
 import numpy.typing as npt
+from _common import machine, save_results
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MASK_TARGET_MS, THROUGHPUT_TARGET = 1.0, 0.8
 SEPARATORS = (",", ":")  # the documents' JSON layout; modelyard's grammars allow exactly this
 
@@ -444,24 +442,6 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_average_at_start": os.getloadavg()[0],
-            **{p: version(p) for p in ("llguidance", "xgrammar", "llama_cpp_python")}}
-
-
 PARTS = ("mask", "throughput")
 
 
@@ -498,7 +478,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the server is still stopped
-    info = {**machine(), "threads": args.threads, "model": str(args.model_path)}
+    info = {**machine("llguidance", "xgrammar", "llama-cpp-python"), "threads": args.threads,
+            "model": str(args.model_path)}
     benches = {"mask": bench_masks, "throughput": bench_throughput}
     results = {part: bench(args) for part, bench in benches.items() if part in args.parts}
     print(f"\nmachine: {info['cpu']} | cores {info['cores']} | threads {args.threads} | "
@@ -514,12 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         print(mask_table(masks))
     print()
     print(table(results))
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / f"grammar-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    out.write_text(json.dumps({"machine": info, "settings": settings, **results}, indent=2),
-                   encoding="utf-8")
-    print(f"\nJSON: {out}", flush=True)
+    save_results("grammar", {"machine": info, **results}, args)
     return 0
 
 

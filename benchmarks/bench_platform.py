@@ -45,6 +45,7 @@ from typing import Any
 import asyncpg
 import httpx
 import redis
+from _common import machine, save_results
 from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import make_url
 
@@ -385,16 +386,9 @@ def with_postgres(args: argparse.Namespace, body: Callable[[str], Result]) -> Re
         asyncio.run(pg_admin(args.postgres_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-def machine() -> str:
-    model = host.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, Python {host.python_version()}"
+def machine_line() -> str:
+    info = machine()
+    return (f"{info['cpu']}, {info['cores']} cores, Python {host.python_version()}")
 
 
 def fmt(value: float | None, digits: int = 2) -> str:
@@ -439,7 +433,7 @@ def main() -> None:
         return
     if args.quick:
         args.seconds, args.max_seconds, args.warmup = 3.0, 2.0, 0.5
-    print(f"# platform benchmark: {machine()}; load average {os.getloadavg()[0]:.2f}")
+    print(f"# platform benchmark: {machine_line()}; load average {os.getloadavg()[0]:.2f}")
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="modelyard-bench-") as tmp:
         workdir = Path(tmp)
@@ -468,12 +462,8 @@ def main() -> None:
                 results.append(measured)
     print()
     print(table(results))
-    out = Path(__file__).resolve().parent / "results"
-    out.mkdir(exist_ok=True)
-    path = out / f"platform-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"machine": machine(), "rate": args.rate,
-                                "results": [asdict(r) for r in results]}, indent=2))
-    print(f"\nwrote {path}")
+    save_results("platform", {"machine": machine_line(), "rate": args.rate,
+                              "results": [asdict(r) for r in results]})
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from typing import Any, cast
 import httpx
 import llama_cpp
 import numpy as np
+from _common import machine, save_results
 
 from modelyard.config import DEFAULT_MODEL_SOURCE, load_config
 from modelyard.models import resolve_model_source
@@ -42,7 +43,6 @@ PROMPTS = [f"Write a short story about {topic}." for topic in (
     "a CPU cache", "Git's object store", "a bloom filter", "consistent hashing",
     "the Raft consensus algorithm", "JPEG compression", "a neural network", "DNS resolution",
 )]
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 @dataclass
@@ -352,17 +352,6 @@ def tokenize(vocab: Any, text: str) -> list[int]:
 # -- report --------------------------------------------------------------------------------------
 
 
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": cpu, "cores": os.cpu_count(), "llama_cpp_python": llama_cpp.__version__,
-            "load_average_at_start": os.getloadavg()[0]}
-
-
 def verdicts(level: int, vs_high: float, vs_ceiling: float) -> str:
     checks = [(f">=0.85x ceiling {'PASS' if vs_ceiling >= 0.85 else 'MISS'}")]
     if level == 1:
@@ -425,7 +414,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the server is still stopped
-    info = {**machine(), "threads": args.threads, "model": str(args.model_path)}
+    info = {**machine("llama-cpp-python"), "threads": args.threads,
+            "model": str(args.model_path)}
     serving, raw = bench_modelyard(args, args.model_path)
     high, high_raw = bench_high_level(args, args.model_path)
     print(f"  high-level c=1: {high.tokens_per_s:.1f} tok/s", file=sys.stderr)
@@ -436,17 +426,13 @@ def main(argv: list[str] | None = None) -> int:
           f"llama-cpp-python {info['llama_cpp_python']} | max_tokens {args.max_tokens} | "
           f"load average at start {info['load_average_at_start']:.2f}\n")
     print(table(serving, high, ceiling))
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    out.write_text(json.dumps({
-        "machine": info, "settings": settings,
+    save_results("bench", {
+        "machine": info,
         "modelyard": {str(k): asdict(v) for k, v in serving.items()},
         "modelyard_requests": {str(k): [asdict(r) for r in v] for k, v in raw.items()},
         "high_level": asdict(high), "high_level_requests": [asdict(r) for r in high_raw],
         "ceiling_tokens_per_s": {str(k): v for k, v in ceiling.items()},
-    }, indent=2), encoding="utf-8")
-    print(f"\nJSON: {out}", flush=True)
+    }, args)
     return 0
 
 
