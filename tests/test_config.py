@@ -271,6 +271,7 @@ def test_a_model_may_mix_one_local_deployment_with_upstreams(tmp_path: Path) -> 
     config = load_config(write_config(tmp_path, mixed), environ={"VLLM_KEY": "x"})
     assert [d.kind for d in config.models[0].deployments] == ["openai", "openai", "local"]
     assert config.local_model  # the engine runs for its local deployment
+    assert not config.engine_model_listed  # but only as that catalog model, at its prices
     with pytest.raises(ConfigError, match="at most one local deployment"):
         load_config(write_config(tmp_path, mixed + '[[models.deployments]]\nkind = "local"\n'),
                     environ={"VLLM_KEY": "x"})

@@ -182,7 +182,12 @@ class Config:
     models: tuple[CatalogModelConfig, ...] = ()
     """The catalog ([[models]]), besides the built-in engine's [model]."""
     local_model: bool = True
-    """Serve [model] with the built-in engine: true unless the file has [[models]] only."""
+    """Run the built-in engine: true unless the file has [[models]] only and none of them
+    has a local deployment."""
+    engine_model_listed: bool = True
+    """Serve the engine's model under its own id ([model]): false when the file has
+    [[models]] and no [model] table (the engine then answers only as a catalog model's
+    local deployment, at that model's prices)."""
 
     @property
     def models_dir(self) -> Path:
@@ -327,7 +332,8 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
                 raise ConfigError(f"models: the id {model.id!r} is used more than once")
         local = "model" in raw or any(
             d.kind == "local" for m in catalog for d in m.deployments)
-        config = replace(config, models=catalog, local_model=local)
+        config = replace(config, models=catalog, local_model=local,
+                         engine_model_listed="model" in raw)
     if env.get("MODELYARD_DATA_DIR"):
         config = replace(config, data_dir=Path(env["MODELYARD_DATA_DIR"]).expanduser())
     if env.get("MODELYARD_DATABASE_URL"):

@@ -45,12 +45,14 @@ def build_app(config: Config, *, progress: bool = True) -> ASGIApp:
         model_path = resolve_model_source(config.model.source, config.models_dir,
                                           progress=progress)
         local = LocalProvider(config, model_path, EngineMetrics(registry))
-        providers[local.model_id] = local
+        if config.engine_model_listed:
+            providers[local.model_id] = local
         fingerprint_source = model_path.name
         logger.info("serving %s from %s", local.model_id, model_path)
     providers.update(build_catalog(config.models, config.router, os.environ, local,
                                    registry))
-    prices = service.prices(config) if config.local_model else {}
+    prices = service.prices(config) if config.local_model and config.engine_model_listed \
+        else {}
     for model in config.models:
         prices[model.id] = Price.from_units(model.input_price, model.output_price,
                                             model.cached_input_price)
@@ -58,5 +60,5 @@ def build_app(config: Config, *, progress: bool = True) -> ASGIApp:
     state = AppState(providers=providers, registry=registry,
                      gate=service.accounts_gate(config, prices), prices=prices,
                      system_fingerprint=f"fp_{fingerprint[:10]}",
-                     usage_drain_seconds=config.router.usage_drain_seconds)
+                     usage_drain_seconds=config.router.usage_drain_seconds, engine=local)
     return create_app(state)

@@ -42,8 +42,13 @@ def _model(model_id: str, *deployments: str, extra: str = "") -> str:
 def gateway(server: RunningServer, api_key: str, fault: str,
             tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iterator[RunningServer]:
     dead = f"http://127.0.0.1:{free_port()}"
+    # The gateway runs the built-in engine too, for the model that mixes it with an
+    # upstream (small: it answers only that model's few requests).
     config = "[router]\nbreaker_failures = 2\nbreaker_cooldown_seconds = 1.0\n" \
-        "usage_drain_seconds = 5.0\n\n" + "".join([
+        "usage_drain_seconds = 5.0\n\n[engine]\nmax_sequences = 2\n" \
+        "context_per_sequence = 1024\n\n" + "".join([
+            _model("mixed/engine-or-up", '[[models.deployments]]\nkind = "local"\n',
+                   _deployment(fault, "ok:UP")),
             _model("up/qwen", _deployment(server.base_url, MODEL, profile="passthrough",
                                           api_key_env="MODELYARD_TEST_UPSTREAM_KEY"),
                    extra="context_length = 2048"),
@@ -93,7 +98,9 @@ def _say(sdk: openai.OpenAI, model: str, **kwargs: Any) -> str:
 def test_catalog_lists_upstream_models(sdk: openai.OpenAI) -> None:
     ids = {model.id for model in sdk.models.list()}
     assert {"up/qwen", "fault/weighted", "fault/vllm"} <= ids
-    assert MODEL not in ids  # a config with [[models]] only starts no local engine
+    # [[models]] without [model]: the engine (running for the mixed model's local
+    # deployment) is not served under its own id, so it cannot be used at other prices
+    assert MODEL not in ids
 
 
 def test_a_modelyard_upstream_streaming_and_not(sdk: openai.OpenAI) -> None:
@@ -196,6 +203,16 @@ def test_vllm_profile_translation_on_the_upstreams_bytes(sdk: openai.OpenAI,
         "thinking it over"
     assert "".join(d.content or "" for d in deltas) == "V"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 7
+
+
+def test_a_model_mixing_the_engine_and_an_upstream_answers_from_both(
+        sdk: openai.OpenAI) -> None:
+    answers = [_say(sdk, "mixed/engine-or-up", max_tokens=3, temperature=0)
+               for _ in range(24)]
+    from_upstream = answers.count("UP")
+    # weights 1 : 1 over 24 requests: all on one side has probability 2 * 0.5**24
+    assert 0 < from_upstream < len(answers), answers
+    assert all(a for a in answers)  # the engine's answers are its own text
 
 
 def test_upstream_tool_calls_stream_as_fragments_and_join_when_whole(

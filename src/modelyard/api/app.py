@@ -31,7 +31,7 @@ def create_app(state: AppState) -> ASGIApp:
         await state.gate.start()
         yield
         await state.drain()
-        for provider in state.providers.values():
+        for provider in state.closing_order():
             await provider.close()
         await state.gate.close()
 

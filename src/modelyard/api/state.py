@@ -27,6 +27,8 @@ class AppState:
     usage_drain_seconds: float = 10.0
     """After a client went away, how long an upstream is read on for its usage."""
     started: int = field(default_factory=lambda: int(time.time()))
+    engine: Provider | None = None
+    """The built-in engine's provider when it runs, listed under its own id or not."""
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def run_in_background(self, coroutine: Coroutine[Any, Any, Any]) -> None:
@@ -34,6 +36,11 @@ class AppState:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def closing_order(self) -> list[Provider]:
+        """Every provider to close at shutdown, each once (the engine included)."""
+        every = [*self.providers.values(), *([self.engine] if self.engine else [])]
+        return list({id(provider): provider for provider in every}.values())
 
     async def drain(self) -> None:
         if self._background:
