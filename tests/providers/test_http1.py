@@ -4,7 +4,11 @@ servers in the test that answer in each of the ways an upstream may."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import ssl
+import subprocess
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -154,4 +158,39 @@ def test_nobody_listening() -> None:
         pool = Pool(f"http://127.0.0.1:{port}", connect_timeout=1, max_idle=1, headers={})
         with pytest.raises(HTTPError, match="cannot connect"):
             await pool.post("x", b"{}", read_timeout=1)
+    asyncio.run(main())
+
+
+def test_tls_with_the_servers_certificate_verified(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hosted provider's https:// URL: the default context verifies the certificate and
+    the host name; here the test's own CA is the trusted one (SSL_CERT_FILE)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: no certificate can be made for the test")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+
+    async def main() -> None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        server = await asyncio.start_server(_keep_alive, "127.0.0.1", 0, ssl=context)
+        port = server.sockets[0].getsockname()[1]
+        pool = Pool(f"https://localhost:{port}/v1", connect_timeout=2, max_idle=1,
+                    headers={"Authorization": "Bearer k"})
+        try:
+            for _ in range(2):
+                response = await pool.post("chat/completions", b"{}", read_timeout=2)
+                assert await response.read() == b"data: a\ndata: b\n"
+                response.release()
+            other = Pool(f"https://127.0.0.1:{port}/v1", connect_timeout=2, max_idle=1,
+                         headers={})
+            with pytest.raises(HTTPError, match="cannot connect"):  # not the cert's name
+                await other.post("chat/completions", b"{}", read_timeout=2)
+        finally:
+            pool.close()
+            server.close()
     asyncio.run(main())
