@@ -27,14 +27,13 @@ from typing import Any
 import httpx
 import numpy as np
 import numpy.typing as npt
-from _common import machine, save_results
+from _common import RESULT_TABLE_HEAD, machine, resolve_default_model, save_results
+from _common import result_row as row
 from bench_serving import PROMPTS, free_port, wait_healthy
 
-from modelyard.config import DEFAULT_MODEL_SOURCE, load_config
 from modelyard.engine.runner import BatchItem, LlamaRunner, RunnerConfig
 from modelyard.engine.sampling import Sampler
 from modelyard.engine.sequence import SamplingParams
-from modelyard.models import resolve_model_source
 
 TOPICS = ("error handling", "naming", "tests", "concurrency", "memory use", "input validation",
           "logging")
@@ -316,14 +315,8 @@ def bench_logprobs(args: argparse.Namespace) -> dict[str, Any]:
 # -- report ------------------------------------------------------------------------------------
 
 
-def row(bench: str, measurement: str, value: str, target: str = "",
-        ok: bool | None = None) -> str:
-    result = "" if ok is None else "PASS" if ok else "MISS"
-    return f"| {bench} | {measurement} | {value} | {target} | {result} |"
-
-
 def table(results: dict[str, Any]) -> str:
-    rows = ["| benchmark | measurement | value | target | result |", "|---|---|---:|---|---|"]
+    rows = list(RESULT_TABLE_HEAD)
     if p := results.get("prefix"):
         speedup = p["ttft_off_p50_ms"] / p["ttft_on_p50_ms"]
         rows += [
@@ -381,9 +374,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      logprobs_requests=4, logprobs_concurrency=4, logprobs_max_tokens=16,
                      logprobs_rounds=1)
     vars(args).update(sizes)
-    args.data_dir = args.data_dir or load_config().data_dir  # honours MODELYARD_DATA_DIR
-    if args.model_path is None:
-        args.model_path = resolve_model_source(DEFAULT_MODEL_SOURCE, args.data_dir / "models")
+    resolve_default_model(args)
     return args
 
 

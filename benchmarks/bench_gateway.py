@@ -40,6 +40,8 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import Pool, open_loop  # noqa: E402
+
 from tests.e2e.server import free_port, modelyard_command  # noqa: E402
 
 LITELLM_KEY = "sk-bench-" + "0" * 32
@@ -89,78 +91,19 @@ def _children(pid: int) -> list[int]:
     return found + [g for c in found for g in _children(c)]
 
 
-class Pool:
-    """Keep-alive HTTP/1.1 connections to one target; a new one whenever none is idle."""
-
-    def __init__(self, target: Target) -> None:
-        self.target = target
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-        self.opened: list[asyncio.StreamWriter] = []
-
-    async def request(self, payload: bytes) -> float | None:
-        started = time.perf_counter()
-        try:
-            if self.idle:
-                reader, writer = self.idle.pop()
-            else:
-                reader, writer = await asyncio.open_connection(self.target.host,
-                                                               self.target.port)
-                self.opened.append(writer)
-            writer.write(payload)
-            status = await _read_response(reader)
-        except (OSError, asyncio.IncompleteReadError, ValueError):
-            return None
-        self.idle.append((reader, writer))
-        return time.perf_counter() - started if status == 200 else None
-
-    def close(self) -> None:
-        for writer in self.opened:
-            writer.close()
-
-
-async def _read_response(reader: asyncio.StreamReader) -> int:
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = int(head[9:12])
-    length, chunked = 0, False
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        if name == b"content-length":
-            length = int(value)
-        elif name == b"transfer-encoding":
-            chunked = b"chunked" in value.lower()
-    if not chunked:
-        await reader.readexactly(length)
-        return status
-    while True:
-        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-        await reader.readexactly(size + 2)
-        if size == 0:
-            return status
-
-
 async def _run(target: Target, rate: float, seconds: float,
                stream: bool) -> tuple[list[float], int, float]:
-    pool = Pool(target)
+    pool = Pool(target.port, target.host)
     payload = target.payload(stream)
     try:
         for _ in range(20):  # warm the connections
             await pool.request(payload)
         cpu = target.cpu_seconds()
-        tasks = []
-        start = time.perf_counter()
-        count = int(rate * seconds)
-        for i in range(count):
-            delay = start + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(pool.request(payload)))
-        results = await asyncio.gather(*tasks)
-        cpu_per_request = (target.cpu_seconds() - cpu) / count
+        latencies, failed, _ = await open_loop(pool, payload, rate, seconds)
+        cpu_per_request = (target.cpu_seconds() - cpu) / int(rate * seconds)
     finally:
         pool.close()
-    done = sorted(r for r in results if r is not None)
-    return done, len(results) - len(done), cpu_per_request
+    return sorted(latencies), failed, cpu_per_request
 
 
 def _pct(values: list[float], q: float) -> float:

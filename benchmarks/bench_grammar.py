@@ -31,7 +31,8 @@ import llguidance.llamacpp
 import llguidance.numpy as llg_numpy
 import numpy as np
 import numpy.typing as npt
-from _common import machine, save_results
+from _common import RESULT_TABLE_HEAD, machine, resolve_default_model, save_results
+from _common import result_row as row
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 MASK_TARGET_MS, THROUGHPUT_TARGET = 1.0, 0.8
@@ -414,14 +415,8 @@ def mask_table(masks: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def row(bench: str, measurement: str, value: str, target: str = "",
-        ok: bool | None = None) -> str:
-    result = "" if ok is None else "PASS" if ok else "MISS"
-    return f"| {bench} | {measurement} | {value} | {target} | {result} |"
-
-
 def table(results: dict[str, Any]) -> str:
-    rows = ["| benchmark | measurement | value | target | result |", "|---|---|---:|---|---|"]
+    rows = list(RESULT_TABLE_HEAD)
     if masks := results.get("mask"):
         for schema, by_library in masks["stats"].items():
             s = by_library["llguidance"]
@@ -466,12 +461,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     vars(args).update(sizes, max_sequences=16, context_per_sequence=4096, step_token_budget=512)
     if args.model_path is None:
         try:
-            from modelyard.config import DEFAULT_MODEL_SOURCE, load_config
-            from modelyard.models import resolve_model_source
+            resolve_default_model(args)
         except ImportError:
             p.error("modelyard is not installed here: pass --model-path")
-        args.data_dir = args.data_dir or load_config().data_dir  # honours MODELYARD_DATA_DIR
-        args.model_path = resolve_model_source(DEFAULT_MODEL_SOURCE, args.data_dir / "models")
     return args
 
 

@@ -45,7 +45,7 @@ from typing import Any
 import asyncpg
 import httpx
 import redis
-from _common import machine, save_results
+from _common import Pool, machine, open_loop, save_results
 from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import make_url
 
@@ -193,34 +193,6 @@ def free_port() -> int:
         return port
 
 
-class Connection:
-    """A minimal HTTP/1.1 keep-alive client for one request at a time: the load generator
-    shares the machine with the server, so it spends as little CPU as it can."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def open(cls, port: int) -> Connection:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        return cls(reader, writer)
-
-    async def send(self, payload: bytes) -> int:
-        self.writer.write(payload)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        status = int(head[9:12])
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line[:15].lower() == b"content-length:":
-                length = int(line[15:])
-        await self.reader.readexactly(length)
-        return status
-
-    def close(self) -> None:
-        self.writer.close()
-
-
 def request_bytes(key: str) -> bytes:
     body = json.dumps({"model": MODEL, "messages": PROMPT,
                        "max_tokens": COMPLETION_TOKENS}).encode()
@@ -228,31 +200,6 @@ def request_bytes(key: str) -> bytes:
             b"Content-Type: application/json\r\n"
             + f"Authorization: Bearer {key}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
             + body)
-
-
-class Pool:
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.idle: list[Connection] = []
-
-    async def request(self, payload: bytes) -> float | None:
-        connection = self.idle.pop() if self.idle else await Connection.open(self.port)
-        started = time.perf_counter()
-        try:
-            status = await connection.send(payload)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            # The server closed a keep-alive connection that sat idle: a fresh one.
-            connection.close()
-            connection = await Connection.open(self.port)
-            started = time.perf_counter()
-            status = await connection.send(payload)
-        elapsed = time.perf_counter() - started
-        self.idle.append(connection)
-        return elapsed if status == 200 else None
-
-    def close(self) -> None:
-        for connection in self.idle:
-            connection.close()
 
 
 async def closed_loop(pool: Pool, payload: bytes, concurrency: int, seconds: float) -> float:
@@ -268,23 +215,6 @@ async def closed_loop(pool: Pool, payload: bytes, concurrency: int, seconds: flo
     started = time.perf_counter()
     await asyncio.gather(*[worker() for _ in range(concurrency)])
     return done / (time.perf_counter() - started)
-
-
-async def open_loop(pool: Pool, payload: bytes, rate: float,
-                    seconds: float) -> tuple[list[float], int, float]:
-    """Send at a fixed rate whatever the answers do; latencies, errors, achieved rate."""
-    count = int(rate * seconds)
-    tasks: list[asyncio.Task[float | None]] = []
-    started = time.perf_counter()
-    for i in range(count):
-        delay = started + i / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(pool.request(payload)))
-    outcomes = await asyncio.gather(*tasks)
-    wall = time.perf_counter() - started
-    latencies = [o for o in outcomes if o is not None]
-    return latencies, count - len(latencies), count / wall
 
 
 async def measure(name: str, port: int, key: str, args: argparse.Namespace) -> Result:

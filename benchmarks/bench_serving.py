@@ -27,10 +27,7 @@ from typing import Any, cast
 import httpx
 import llama_cpp
 import numpy as np
-from _common import machine, save_results
-
-from modelyard.config import DEFAULT_MODEL_SOURCE, load_config
-from modelyard.models import resolve_model_source
+from _common import machine, resolve_default_model, save_results
 
 PROMPTS = [f"Write a short story about {topic}." for topic in (
     "a lighthouse keeper", "a lost robot", "a dragon who bakes bread", "a time-travelling cat",
@@ -405,9 +402,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.max_sequences = args.max_sequences or max(args.concurrency)
     if args.max_sequences < max(args.concurrency):
         p.error("--max-sequences must be at least the highest concurrency (the ceiling needs it)")
-    args.data_dir = args.data_dir or load_config().data_dir  # honours MODELYARD_DATA_DIR
-    if args.model_path is None:
-        args.model_path = resolve_model_source(DEFAULT_MODEL_SOURCE, args.data_dir / "models")
+    resolve_default_model(args)
     return args
 
 
