@@ -49,7 +49,6 @@ class UpstreamStream:
         self._ended = False
         self._pending: deque[ChatDelta] = deque()
         self._done = False
-        self._eof = False
         self.prompt_tokens = prompt_estimate
         self.completion_tokens = 0
         self.cached_tokens = 0
@@ -69,7 +68,6 @@ class UpstreamStream:
     def read_whole(self, raw: bytes) -> None:
         """Take a whole (non-streamed) answer: one `chat.completion` JSON body, already
         read to its end."""
-        self._eof = True
         self._done = True
         self._take(raw)
         if not self._pending:
@@ -121,13 +119,9 @@ class UpstreamStream:
             # goes back to the pool instead of being closed.
             with contextlib.suppress(HTTPError, TimeoutError):
                 async with asyncio.timeout(END_OF_BODY_TIMEOUT_S):
-                    while not self._eof and await self._response.read_chunk():
+                    while await self._response.read_chunk():
                         pass
-                    self._eof = True
-        if self._eof:
-            self._response.release()
-        else:
-            self._response.close()
+        self._response.release()  # back to the pool only if its body was read to the end
         self._on_end(failed)
 
     async def _read_event(self) -> None:
@@ -141,7 +135,6 @@ class UpstreamStream:
             if end < 0:
                 chunk = await self._response.read_chunk()
                 if not chunk:
-                    self._eof = True
                     event, self._buffer = self._buffer, b""
                     self._event(event)
                     self._done = True
