@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from prometheus_client import CollectorRegistry
@@ -106,3 +106,18 @@ def scenario(backend: Backend, body: Callable[[Harness], Awaitable[None]],
         async with harness(backend, **options) as platform:  # type: ignore[arg-type]
             await body(platform)
     asyncio.run(main())
+
+
+T = TypeVar("T")
+
+
+def with_db(url: str, body: Callable[[Database], Awaitable[T]]) -> T:
+    """Run `body(db)` on a migrated platform database at `url`, closed afterwards."""
+    async def main() -> T:
+        db = Database(url)
+        try:
+            await db.migrate()
+            return await body(db)
+        finally:
+            await db.close()
+    return asyncio.run(main())

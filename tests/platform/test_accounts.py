@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -17,19 +16,7 @@ from modelyard.platform import keys, ledger, usage
 from modelyard.platform.accounts import AdminError
 from modelyard.platform.database import Database, DatabaseError, normalize_url
 from modelyard.platform.tables import metadata, utcnow
-
-T = TypeVar("T")
-
-
-def with_db(url: str, body: Callable[[Database], Awaitable[T]]) -> T:
-    async def main() -> T:
-        db = Database(url)
-        try:
-            await db.migrate()
-            return await body(db)
-        finally:
-            await db.close()
-    return asyncio.run(main())
+from tests.platform.harness import with_db
 
 
 def test_migrations_create_exactly_the_tables_the_code_uses(db_url: str) -> None:

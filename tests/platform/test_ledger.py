@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import TypeVar
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
@@ -15,19 +13,7 @@ from modelyard.platform import ledger
 from modelyard.platform.database import Database
 from modelyard.platform.tables import accounts, reservations, usage, utcnow
 from modelyard.platform.usage import records
-
-T = TypeVar("T")
-
-
-def with_db(url: str, body: Callable[[Database], Awaitable[T]]) -> T:
-    async def main() -> T:
-        db = Database(url)
-        try:
-            await db.migrate()
-            return await body(db)
-        finally:
-            await db.close()
-    return asyncio.run(main())
+from tests.platform.harness import with_db
 
 
 def record(account_id: str, cost: int, completion: int = 0) -> ledger.UsageRecord:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,18 +19,12 @@ from modelyard.platform import accounts as ops
 from modelyard.platform import ledger, sqlite_fast
 from modelyard.platform.database import Database
 from modelyard.platform.tables import reservations, usage, utcnow
+from tests.platform.harness import with_db
 from tests.platform.test_ledger import balance_of, record
 
 
-def _run(path: Path, body: object) -> None:
-    async def main() -> None:
-        db = Database(f"sqlite:///{path}")
-        try:
-            await db.migrate()
-            await body(db)  # type: ignore[operator]
-        finally:
-            await db.close()
-    asyncio.run(main())
+def _run(path: Path, body: Callable[[Database], Awaitable[None]]) -> None:
+    with_db(f"sqlite:///{path}", body)
 
 
 def test_rows_written_on_the_hot_path_read_back_through_sqlalchemy(tmp_path: Path) -> None:
