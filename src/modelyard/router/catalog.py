@@ -51,6 +51,9 @@ class Route:
     def weight(self) -> float:
         return self.deployment.config.weight
 
+    def active_requests(self) -> int:
+        return self.deployment.active
+
     def ended(self, failed: bool) -> None:
         """The stream of one request on this route ended (first event already seen)."""
         self.deployment.active -= 1
@@ -71,7 +74,7 @@ class RoutedModel(Provider):
         self.metrics = metrics or RouterMetrics()
         for route in self.routes:
             self.metrics.watch(self.model_id, route.deployment.name, route.breaker,
-                               route.deployment)
+                               route.active_requests)
 
     def describe(self) -> dict[str, Any]:
         capabilities = {name: name in self.config.capabilities

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from modelyard.router.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
@@ -25,12 +27,11 @@ class RouterMetrics:
         self._tries: dict[tuple[str, str, str], Counter] = {}
 
     def watch(self, model: str, deployment: str, breaker: Breaker,
-              active: object) -> None:
+              active: Callable[[], int]) -> None:
         """Read the breaker's state and the deployment's active count at each scrape."""
         self.breaker.labels(model, deployment).set_function(
             lambda: BREAKER_VALUES[breaker.state])
-        self.active.labels(model, deployment).set_function(
-            lambda: float(getattr(active, "active", 0)))
+        self.active.labels(model, deployment).set_function(lambda: float(active()))
 
     def tried(self, model: str, deployment: str, outcome: str) -> None:
         key = (model, deployment, outcome)
