@@ -21,7 +21,7 @@ DEFAULT_MODEL_ID = "qwen2.5-coder-0.5b-instruct"
 DEFAULT_MODEL_SOURCE = "pypi:qwen2.5-coder-0.5b-instruct"
 
 
-_SECTIONS = ("model", "engine", "platform", "router")
+_SECTIONS = ("model", "engine", "platform", "router", "server")
 PROFILES = ("vllm", "sglang", "llamacpp", "ollama", "openai", "passthrough")
 """How SPEC.md's parameters reach a family of upstream servers (providers/profiles.py)."""
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -105,6 +105,13 @@ class PlatformConfig:
     revocation is effective at once on every gateway."""
     redis_prefix: str = "modelyard"
     """Prefix of every Redis key modelyard writes."""
+    max_concurrent_per_key: int = 64
+    """Requests of one API key in flight at once (a 429 beyond); 0: no limit."""
+    max_concurrent_per_account: int = 128
+    """Requests of all the keys of one account in flight at once (a 429 beyond); 0: none."""
+    max_request_tokens: int = 32768
+    """The most completion tokens a request with several choices may ask for in all
+    (n x max_tokens; a 422 beyond); a single choice is bounded by the model's context."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +127,30 @@ class RouterConfig:
     """How long an open breaker waits before one half-open probe request."""
     usage_drain_seconds: float = 10.0
     """After a client went away, how long to keep reading an upstream for its usage."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The HTTP server's own limits ([server])."""
+
+    max_body_bytes: int = 0
+    """The largest request body read (a 413 beyond); 0: derived from the largest context
+    served (16 bytes per token plus 1 MiB, at least 1 MiB)."""
+    body_timeout_seconds: float = 30.0
+    """A request body must arrive within this long (a 408 beyond)."""
+    prepare_concurrency: int = 4
+    """Requests prepared at once (prompt rendering, tokenizing, grammar compilation), off
+    the event loop."""
+    prepare_timeout_seconds: float = 10.0
+    """A request whose preparation takes longer is refused (422); waiting longer for a
+    preparation slot is a 503."""
+    limit_concurrency: int = 2048
+    """Connections and requests the server takes at once; past it uvicorn answers 503."""
+    timeout_keep_alive_seconds: float = 5.0
+    """An idle keep-alive connection is closed after this long."""
+    graceful_shutdown_seconds: float = 10.0
+    """On SIGTERM, running requests get this long before they are cancelled (and billed for
+    what they generated)."""
 
 
 @dataclass(frozen=True)
@@ -179,6 +210,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     platform: PlatformConfig = field(default_factory=PlatformConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     models: tuple[CatalogModelConfig, ...] = ()
     """The catalog ([[models]]), besides the built-in engine's [model]."""
     local_model: bool = True
@@ -264,6 +296,20 @@ def _validate(config: Config) -> Config:
         (platform.usage_retention_days >= 0, "platform.usage_retention_days must be >= 0"),
         (platform.key_cache_seconds >= 0, "platform.key_cache_seconds must be >= 0"),
         (bool(platform.redis_prefix), "platform.redis_prefix must not be empty"),
+        (platform.max_concurrent_per_key >= 0, "platform.max_concurrent_per_key must be >= 0"),
+        (platform.max_concurrent_per_account >= 0,
+         "platform.max_concurrent_per_account must be >= 0"),
+        (platform.max_request_tokens >= 1, "platform.max_request_tokens must be >= 1"),
+    ]
+    s = config.server
+    checks += [
+        (s.max_body_bytes >= 0, "server.max_body_bytes must be >= 0"),
+        (s.body_timeout_seconds > 0, "server.body_timeout_seconds must be > 0"),
+        (s.prepare_concurrency >= 1, "server.prepare_concurrency must be >= 1"),
+        (s.prepare_timeout_seconds > 0, "server.prepare_timeout_seconds must be > 0"),
+        (s.limit_concurrency >= 1, "server.limit_concurrency must be >= 1"),
+        (s.timeout_keep_alive_seconds > 0, "server.timeout_keep_alive_seconds must be > 0"),
+        (s.graceful_shutdown_seconds >= 0, "server.graceful_shutdown_seconds must be >= 0"),
     ]
     r = config.router
     checks += [
@@ -322,6 +368,8 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
                                                  "platform"))
     if "router" in raw:
         config = replace(config, router=_build(RouterConfig, dict(raw["router"]), "router"))
+    if "server" in raw:
+        config = replace(config, server=_build(ServerConfig, dict(raw["server"]), "server"))
     if "models" in raw:
         if not isinstance(raw["models"], list):
             raise ConfigError("models must be an array of tables ([[models]])")
