@@ -15,6 +15,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
+
+DEFAULT_MAX_TOKENS_BOUND = 32768
+"""A completion's bound when neither the request nor the model's context sets one."""
+
 
 @dataclass(frozen=True)
 class ChatRequest:
@@ -50,6 +56,8 @@ class ChatRequest:
     separate_reasoning: bool = True
     stream: bool = False
     """Whether the client asked for a stream (an upstream is asked the same way)."""
+    cache_scope: str | None = None
+    """Who may share cached prompt prefixes with this request (the caller's account)."""
 
 
 @dataclass(frozen=True)
@@ -122,10 +130,49 @@ class StreamError(Exception):
     """A failure after the first delta; ends the stream with an error event."""
 
 
+PROMPT_OVERHEAD_TOKENS = 64
+"""What a chat template adds to any prompt besides its messages (a default system prompt,
+the generation prompt), at most."""
+MESSAGE_OVERHEAD_TOKENS = 8
+"""What it adds around one message, at most (beyond the message's JSON, which counts)."""
+TOOLS_OVERHEAD_TOKENS = 512
+"""What it adds when tools are given (instructions around their definitions), at most."""
+
+
+def json_bytes(value: Any) -> int:
+    return len(orjson.dumps(value))
+
+
 class Provider(ABC):
     """Answers chat completions for one catalog model."""
 
     model_id: str
+
+    def context_limit(self) -> int | None:
+        """The most tokens one request may hold, prompt and completion (None: unknown)."""
+        value = self.describe().get("context_length")
+        return value if isinstance(value, int) and value > 0 else None
+
+    def prompt_token_bound(self, request: ChatRequest) -> int:
+        """An upper bound of the request's prompt tokens, without rendering or tokenizing
+        it: no token is shorter than one UTF-8 byte, so the bytes of the messages, tools
+        and response format as JSON, plus the template's markup, capped by the context (a
+        longer prompt is refused before it runs)."""
+        bound = (json_bytes(request.messages) + PROMPT_OVERHEAD_TOKENS
+                 + MESSAGE_OVERHEAD_TOKENS * len(request.messages))
+        if request.tools:
+            bound += json_bytes(request.tools) + TOOLS_OVERHEAD_TOKENS
+        if request.response_format:
+            bound += json_bytes(request.response_format)
+        context = self.context_limit()
+        return bound if context is None else min(bound, context)
+
+    def max_tokens_bound(self, request: ChatRequest) -> int:
+        """An upper bound of one choice's completion tokens (before the prompt is known)."""
+        context = self.context_limit()
+        if request.max_tokens is not None:
+            return request.max_tokens if context is None else min(request.max_tokens, context)
+        return context if context is not None else DEFAULT_MAX_TOKENS_BOUND
 
     @abstractmethod
     def describe(self) -> dict[str, Any]:
