@@ -112,6 +112,13 @@ class LocalProvider(Provider):
             "pricing": {"input": 0, "cached_input": 0, "output": 0},
         }
 
+    def context_limit(self) -> int:
+        return self.context_per_sequence
+
+    def max_tokens_bound(self, request: ChatRequest) -> int:
+        room = self.context_per_sequence
+        return min(request.max_tokens or self.default_max_tokens or room, room)
+
     def _tool_tokens(self) -> ToolTokens | None:
         parser = TOOL_PARSERS.get(self.tool_family or "")
         if parser is None or not issubclass(parser, TaggedJsonToolParser):
