@@ -16,6 +16,7 @@ request without `stream` gets one JSON answer with the same faults where they ap
   tools         a tool call in three fragments (id and name, then two argument pieces)
   logprobs      the answer with OpenAI logprobs (two alternatives)
   toggle        like ok, but 500 while the tag is switched off (POST /control/TAG/off|on)
+  comments      (stream only) one content event, then an SSE comment every 10 ms for ever
 
 GET /requests returns every chat request body received (JSON list); DELETE clears it.
 """
@@ -94,6 +95,14 @@ async def _chat(writer: asyncio.StreamWriter, body: dict[str, Any]) -> None:
         return
     if name == "reasoning":
         out.append(_event({**base, "choices": [_choice({"reasoning": "thinking it over"})]}))
+    if name == "comments":
+        out.append(_event({**base, "choices": [_choice({"content": tag})]}))
+        writer.write(b"".join(out))
+        while not writer.is_closing():  # until the client goes away
+            writer.write(_chunk(b": keep-alive\n\n"))
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        return
     if name == "reset":
         out += [_event({**base, "choices": [_choice({"content": part})]}) for part in ("a", "b")]
         writer.write(b"".join(out))
