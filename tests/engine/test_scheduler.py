@@ -25,6 +25,11 @@ PLAIN = 7  # a token that ends nothing
 
 _prompt_bases = itertools.count(1)
 
+WHOLE = False
+"""`last_prompt_token_alone` for the tests that spell out step shapes with a prompt's end
+read in the same chunk as the rest of it (the rule that holds with the option off). The
+option's own tests, below, and the random workloads run it on, as the server does."""
+
 
 def make_scheduler(
     *,
@@ -34,6 +39,7 @@ def make_scheduler(
     context_per_sequence: int = 64,
     max_waiting: int = 8,
     prefix_caching: bool = True,
+    last_prompt_token_alone: bool = WHOLE,
 ) -> Scheduler:
     return Scheduler(SchedulerConfig(
         max_sequences=max_sequences,
@@ -42,16 +48,17 @@ def make_scheduler(
         context_per_sequence=context_per_sequence,
         max_waiting=max_waiting,
         prefix_caching=prefix_caching,
+        last_prompt_token_alone=last_prompt_token_alone,
     ))
 
 
 def make_seq(request_id: str, prompt_len: int = 0, max_tokens: int = 4, *,
-             prompt: list[int] | None = None) -> Sequence:
+             prompt: list[int] | None = None, scope: str | None = None) -> Sequence:
     """A sequence; without `prompt`, its prompt shares no token with any other sequence's."""
     if prompt is None:
         prompt = fresh(prompt_len)
     return Sequence(request_id, prompt, SamplingParams(max_tokens=max_tokens),
-                    eog_ids=frozenset({EOG}))
+                    eog_ids=frozenset({EOG}), cache_scope=scope)
 
 
 def fresh(n: int) -> list[int]:
@@ -347,6 +354,76 @@ def test_several_prefills_share_the_budget_in_arrival_order() -> None:
         ("a", 6, 1, True), ("b", 4, 2, True), ("c", 0, 6, True),
     ]
     assert output.num_tokens == 9 <= 10
+
+
+def prompt_shapes(scheduler: Scheduler, seq: Sequence, kv: KVModel | None = None
+                  ) -> list[tuple[int, int, bool]]:
+    """(start, length, sample) of each chunk of `seq` until its first sample."""
+    shapes = []
+    while seq.num_output == 0:
+        output, _ = run_step(scheduler, kv=kv)
+        shapes += [(c.start, len(c.tokens), c.sample) for c in output.chunks if c.seq is seq]
+    return shapes
+
+
+@pytest.mark.parametrize(
+    ("prompt_len", "budget", "shapes"),
+    [
+        (20, 8, [(0, 8, False), (8, 8, False), (16, 3, False), (19, 1, True)]),
+        (20, 64, [(0, 19, False), (19, 1, True)]),
+        (9, 8, [(0, 8, False), (8, 1, True)]),   # the prefix fills the budget exactly
+        (2, 8, [(0, 1, False), (1, 1, True)]),
+        (1, 8, [(0, 1, True)]),                  # nothing before it: one chunk
+    ],
+)
+def test_a_prompts_last_token_is_read_alone_after_the_rest(
+    prompt_len: int, budget: int, shapes: list[tuple[int, int, bool]]
+) -> None:
+    scheduler = make_scheduler(max_sequences=1, step_token_budget=budget,
+                               last_prompt_token_alone=True)
+    seq = make_seq("a", prompt_len)
+    scheduler.add(seq)
+    assert prompt_shapes(scheduler, seq) == shapes
+    assert seq.num_computed == prompt_len
+
+
+def test_without_the_option_the_prompt_ends_inside_its_last_chunk() -> None:
+    scheduler = make_scheduler(max_sequences=1, step_token_budget=64,
+                               last_prompt_token_alone=False)
+    seq = make_seq("a", 20)
+    scheduler.add(seq)
+    assert prompt_shapes(scheduler, seq) == [(0, 20, True)]
+
+
+@pytest.mark.parametrize("cached", ["", "abc", "abcdefgh", "abcdefghij", "abcdefghijXYZ"])
+def test_cold_and_warm_reads_sample_from_the_same_one_token_chunk(cached: str) -> None:
+    """Whatever the prefix cache holds, the logits sampled from come from the last prompt
+    token read alone at the same position: cold and warm reads take the same path."""
+    scheduler = make_scheduler(max_sequences=1, step_token_budget=4,
+                               last_prompt_token_alone=True)
+    kv = warm(scheduler, [cached]) if cached else KVModel()
+    seq = make_seq("new", prompt=toks("abcdefghij"))
+    scheduler.add(seq)
+    shapes = prompt_shapes(scheduler, seq, kv)
+    assert shapes[-1] == (9, 1, True)
+    assert all(not sample and start + n <= 9 for start, n, sample in shapes[:-1])
+    assert seq.num_cached == min(len(cached), 9) if cached else seq.num_cached == 0
+
+
+def test_the_last_prompt_token_joins_the_decode_tokens_of_the_next_step() -> None:
+    scheduler = make_scheduler(max_sequences=2, step_token_budget=16,
+                               last_prompt_token_alone=True)
+    decoder = make_seq("decoder", 1, max_tokens=20)
+    scheduler.add(decoder)
+    run_step(scheduler)
+    new = make_seq("new", 6)
+    scheduler.add(new)
+    output, _ = run_step(scheduler)
+    assert [(c.seq.request_id, c.start, len(c.tokens), c.sample) for c in output.chunks] == [
+        ("decoder", 1, 1, True), ("new", 0, 5, False)]
+    output, _ = run_step(scheduler)
+    assert [(c.seq.request_id, c.start, len(c.tokens), c.sample) for c in output.chunks] == [
+        ("decoder", 2, 1, True), ("new", 5, 1, True)]
 
 
 # -- finishing ------------------------------------------------------------------------------
@@ -1126,6 +1203,84 @@ def test_choices_of_a_request_read_their_prompt_once_only_with_prefix_caching(
     assert first.finish_reason is second.finish_reason is FinishReason.LENGTH
 
 
+# -- cache scopes: no reuse across accounts ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "reused"),
+    [("acct-a", "acct-a", 9), ("acct-a", "acct-b", 0), ("acct-a", None, 0),
+     (None, "acct-a", 0), (None, None, 9)],
+)
+def test_a_free_slots_cells_are_reused_only_within_their_scope(
+    first: str | None, second: str | None, reused: int
+) -> None:
+    scheduler = make_scheduler(max_sequences=2, step_token_budget=64)
+    kv = KVModel()
+    prompt = toks("a system prompt")
+    owner = make_seq("owner", prompt=prompt, max_tokens=1, scope=first)
+    scheduler.add(owner)
+    run_step(scheduler, kv=kv)
+    assert owner.finish_reason is FinishReason.LENGTH
+
+    probe = make_seq("probe", prompt=[*prompt[:9], *toks("!!!")], scope=second)
+    scheduler.add(probe)
+    output, _ = run_step(scheduler, kv=kv)
+    assert probe.num_cached == reused
+    assert output.chunks[0].start == reused
+    if not reused:   # another scope's cells are left alone, in their own slot
+        assert probe.slot == 1
+        assert slot_cache(scheduler)[0] == prompt
+
+
+def test_a_scope_does_not_see_cells_another_scope_left_in_any_free_slot() -> None:
+    scheduler = make_scheduler(max_sequences=3, step_token_budget=64)
+    kv = KVModel()
+    for rid, scope, text in [("a", "acct-a", "shared prefix, then a"),
+                             ("b", "acct-b", "shared prefix, then b")]:
+        seq = make_seq(rid, prompt=toks(text), max_tokens=1, scope=scope)
+        scheduler.add(seq)
+        run_step(scheduler, kv=kv)
+    probe = make_seq("probe", prompt=toks("shared prefix, then b!"), scope="acct-a")
+    scheduler.add(probe)
+    run_step(scheduler, kv=kv)
+    assert probe.num_cached == len("shared prefix, then ")   # its own cells, not b's longer
+    assert probe.slot == 0
+
+
+@pytest.mark.parametrize(("scope", "copied"), [("acct-a", True), ("acct-b", False)])
+def test_running_sequences_cells_are_copied_only_within_their_scope(
+    scope: str, copied: bool
+) -> None:
+    scheduler = make_scheduler(max_sequences=2, step_token_budget=64, kv_capacity=1024,
+                               context_per_sequence=256)
+    common = fresh(40)
+    first = make_seq("first", prompt=[*common, 1], max_tokens=8, scope="acct-a")
+    scheduler.add(first)
+    run_step(scheduler)
+    second = make_seq("second", prompt=[*common, 2], max_tokens=8, scope=scope)
+    scheduler.add(second)
+    output = scheduler.schedule()
+    assert bool(output.kv_copies) is copied
+    assert second.num_cached == (40 if copied else 0)
+
+
+@pytest.mark.parametrize(("scope", "waits"), [("acct-a", True), ("acct-b", False)])
+def test_a_sequence_waits_only_for_a_prefix_its_own_scope_is_reading(
+    scope: str, waits: bool
+) -> None:
+    scheduler = make_scheduler(max_sequences=2, step_token_budget=64, kv_capacity=1024,
+                               context_per_sequence=256)
+    common = fresh(100)
+    reader = make_seq("reader", prompt=[*common, 1], scope="acct-a")
+    scheduler.add(reader)
+    run_step(scheduler)   # reads the first 64 of 101 tokens; the next step leaves room
+    other = make_seq("other", prompt=[*common, 2], scope=scope)
+    scheduler.add(other)
+    output, _ = run_step(scheduler)
+    assert (other in scheduler.waiting) is waits
+    assert ("other" in chunk_ids(output)) is not waits
+
+
 # -- add_group ------------------------------------------------------------------------------------
 
 
@@ -1178,13 +1333,16 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def run_random_workload(seed: int, prefix_caching: bool) -> dict[str, int]:
-    """Drive a random workload, checking the invariants at every step; count what it did."""
+def run_random_workload(seed: int, prefix_caching: bool,
+                        alone: bool = True) -> dict[str, int]:
+    """Drive a random workload, checking the invariants at every step; count what it did.
+    Requests come from three cache scopes (two accounts and the shared None)."""
     rng = random.Random(seed)
     config = SchedulerConfig(max_sequences=rng.choice([3, 4]),
                              step_token_budget=rng.choice([4, 7, 16, 64, 64]),
                              kv_capacity=rng.choice([64, 128, 400]), context_per_sequence=64,
-                             max_waiting=6, prefix_caching=prefix_caching)
+                             max_waiting=6, prefix_caching=prefix_caching,
+                             last_prompt_token_alone=alone)
     scheduler = Scheduler(config)
     kv = KVModel(config.kv_capacity)
     # Prompts share prefixes: a few short system prompts, long ones (worth waiting for while
@@ -1204,7 +1362,9 @@ def run_random_workload(seed: int, prefix_caching: bool) -> dict[str, int]:
         prompt += [rng.randint(10, 60) for _ in range(rng.randint(0, 8))]
         return prompt[:54] or [rng.randint(10, 60)]
 
-    stats = {"copies": 0, "deferrals": 0, "groups": 0}
+    stats = {"copies": 0, "deferrals": 0, "groups": 0, "reuses": 0}
+    occupant_scope: dict[int, str | None] = {}
+    """The cache scope of the last sequence admitted to each slot."""
     cleared = 0
     admitted: set[str] = set()
     finished_ids: list[str] = []
@@ -1222,6 +1382,7 @@ def run_random_workload(seed: int, prefix_caching: bool) -> dict[str, int]:
             assert source not in new or source.num_computed == source.num_cached
             assert 0 < n <= min(source.num_computed, source.num_prompt)
             assert dest in new and dest.num_cached == n
+            assert source.cache_scope == dest.cache_scope
             assert dest.prompt_ids[:n] == source.prompt_ids[:n]
             assert dst not in destinations
             destinations.add(dst)
@@ -1232,17 +1393,28 @@ def run_random_workload(seed: int, prefix_caching: bool) -> dict[str, int]:
             assert all(keep == 0 for _, keep in output.kv_truncations)
         for chunk in output.chunks:
             seq = chunk.seq
+            assert seq.slot is not None
             if seq.request_id not in admitted:
                 admitted.add(seq.request_id)
                 assert chunk.start == seq.num_cached
                 assert 0 <= seq.num_cached < seq.num_prompt
                 assert seq.num_cached == 0 or prefix_caching
+                if seq.num_cached and seq.slot not in destinations:
+                    # A free slot's cells: left by a sequence of the same scope.
+                    assert occupant_scope[seq.slot] == seq.cache_scope
+                    stats["reuses"] += 1
+                occupant_scope[seq.slot] = seq.cache_scope
+            if alone and chunk.start < seq.num_prompt:
+                # The last prompt token is read alone; no prompt chunk reaches it otherwise.
+                end = chunk.start + len(chunk.tokens)
+                assert end < seq.num_prompt or (chunk.start, end) == (seq.num_prompt - 1,
+                                                                       seq.num_prompt)
         # Admission is first come, first served, but for a sequence left waiting while
         # another sequence reads a long prefix of its prompt: one passed over, or one left
         # with budget, a slot and KV room to spare (there were at least as many when it
         # was looked at).
         def waits_for_a_prefix(seq: Sequence) -> bool:
-            return any(other.is_prefilling
+            return any(other.is_prefilling and other.cache_scope == seq.cache_scope
                        and min(shared_prefix(other.prompt_ids, seq.prompt_ids),
                                seq.num_prompt - 1) >= SHARE_MIN_TOKENS
                        for other in scheduler.running)
@@ -1276,8 +1448,9 @@ def run_random_workload(seed: int, prefix_caching: bool) -> dict[str, int]:
     for _ in range(200):
         if rng.random() < 0.3:
             prompt = random_prompt()
+            scope = rng.choice(["a", "b", None])
             group = [make_seq(f"r{next_id + i}", prompt=list(prompt),
-                              max_tokens=rng.randint(1, 10))
+                              max_tokens=rng.randint(1, 10), scope=scope)
                      for i in range(rng.choice([1, 1, 1, 2, 3]))]
             next_id += len(group)
             waiting = list(scheduler.waiting)
@@ -1348,10 +1521,12 @@ def run_random_workload(seed: int, prefix_caching: bool) -> dict[str, int]:
     return stats
 
 
+@pytest.mark.parametrize("alone", [True, False])
 @pytest.mark.parametrize("prefix_caching", [True, False])
 @pytest.mark.parametrize("seed", range(20))
-def test_random_workload_keeps_the_invariants(seed: int, prefix_caching: bool) -> None:
-    run_random_workload(seed, prefix_caching)
+def test_random_workload_keeps_the_invariants(seed: int, prefix_caching: bool,
+                                              alone: bool) -> None:
+    run_random_workload(seed, prefix_caching, alone)
 
 
 def test_random_workloads_copy_and_wait_only_with_prefix_caching() -> None:
@@ -1361,6 +1536,7 @@ def test_random_workloads_copy_and_wait_only_with_prefix_caching() -> None:
     assert sum(s["groups"] for s in with_caching) > 0
     assert sum(s["copies"] for s in with_caching) > 0
     assert sum(s["deferrals"] for s in with_caching) > 0
+    assert sum(s["reuses"] for s in with_caching) > 0
     assert sum(s["copies"] + s["deferrals"] for s in without) == 0
 
 
@@ -1410,7 +1586,7 @@ def test_copies_from_running_sequences_need_min_copy_tokens(
         shared: int, min_copy: int, copied: bool) -> None:
     scheduler = Scheduler(SchedulerConfig(
         max_sequences=2, step_token_budget=256, kv_capacity=1024, context_per_sequence=512,
-        max_waiting=8, min_copy_tokens=min_copy))
+        max_waiting=8, min_copy_tokens=min_copy, last_prompt_token_alone=WHOLE))
     common = [500 + i for i in range(shared)]
     first = make_seq("first", prompt=[*common, 1, 2, 3], max_tokens=8)
     scheduler.add(first)
@@ -1425,7 +1601,7 @@ def test_copies_from_running_sequences_need_min_copy_tokens(
 def test_low_slots_first_packs_sequences_into_the_lowest_free_slots() -> None:
     scheduler = Scheduler(SchedulerConfig(
         max_sequences=4, step_token_budget=64, kv_capacity=1024, context_per_sequence=256,
-        max_waiting=8, low_slots_first=True))
+        max_waiting=8, low_slots_first=True, last_prompt_token_alone=WHOLE))
     seqs = [make_seq(f"s{i}", 4, max_tokens=1) for i in range(4)]
     for seq in seqs:
         scheduler.add(seq)
@@ -1446,7 +1622,7 @@ def test_low_slots_first_packs_sequences_into_the_lowest_free_slots() -> None:
 def test_free_slots_keep_at_most_max_cached_cells() -> None:
     scheduler = Scheduler(SchedulerConfig(
         max_sequences=4, step_token_budget=256, kv_capacity=4096, context_per_sequence=1024,
-        max_waiting=8, max_cached_cells=25))
+        max_waiting=8, max_cached_cells=25, last_prompt_token_alone=WHOLE))
     seqs = [make_seq(f"s{i}", 10, max_tokens=1) for i in range(4)]
     for seq in seqs:
         scheduler.add(seq)

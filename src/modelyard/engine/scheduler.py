@@ -20,6 +20,13 @@ more with a prompt still being read waits for that reading to finish instead of 
 twice; this is also how the `n` choices of one request read their prompt once. With no
 shared prefix a sequence takes the slot freed longest ago, so recently used prefixes live
 longest. Cached cells give way, oldest first, when an admission needs their room.
+
+Every sequence has a cache scope (e.g. its account): cells are reused, copied or waited
+for only between sequences of the same scope, so one tenant can neither read another's
+prompts through `cached_tokens` nor time them. The scope None is shared by all.
+
+A prompt's last token is read in a chunk of its own, in the step after the rest of the
+prompt (see `SchedulerConfig.last_prompt_token_alone`).
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ class SchedulerConfig:
     max_waiting: int
     prefix_caching: bool = True
     min_copy_tokens: int = 0
+    """Shortest prefix worth copying from a running sequence's slot: a copy between slots
+    moves the whole KV stream, so a short prefix is cheaper to read again."""
     max_cached_cells: int | None = None
     """Most KV cells free slots may keep for prefix caching (None: no bound). In a unified
     cache every token attends over the used range, so kept cells cost every step."""
@@ -61,8 +70,11 @@ class SchedulerConfig:
     """Prefer the lowest free slot (on ties and when nothing matches) over the one freed
     longest ago: with one KV stream per slot, llama.cpp's cost grows with the highest slot
     index in a batch, so keeping running sequences in low slots keeps steps cheap."""
-    """Shortest prefix worth copying from a running sequence's slot: a copy between slots
-    moves the whole KV stream, so a short prefix is cheaper to read again."""
+    last_prompt_token_alone: bool = True
+    """Read a prompt's last token in a chunk of its own, after the rest of the prompt. The
+    logits sampled from come from a one-token chunk whether the prefix before it was read
+    or found in the prefix cache, so a seed gives the same text either way (llama.cpp
+    takes a different kernel path for one token than for many, which moves the logits)."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,8 @@ class Scheduler:
         """Free slots, the one freed longest ago first."""
         self._slot_cache: dict[int, Tokens] = {}
         """Tokens whose KV cells a free slot still holds, from position 0."""
+        self._slot_scope: dict[int, str | None] = {}
+        """The cache scope of the sequence that left a free slot's cells."""
         self._slot_cells: dict[int, int] = {}
         """KV cells a slot may hold, at most: more than its sequence computed when it was
         aborted while a step ran, since that step's chunk wrote cells the scheduler ignores."""
@@ -116,13 +130,18 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.add_group([seq])
 
-    def add_group(self, seqs: list[Sequence]) -> None:
-        """Queue sequences together (the choices of one request): all of them or none."""
+    def check_fits(self, seqs: list[Sequence]) -> None:
+        """Raise ValueError if a sequence could never be admitted (reads the config only,
+        so any thread may call it)."""
         for seq in seqs:
             if seq.kv_reservation > min(self.config.kv_capacity,
                                         self.config.context_per_sequence):
                 raise ValueError(f"sequence needs {seq.kv_reservation} KV cells, more than "
                                  f"one sequence may hold")
+
+    def add_group(self, seqs: list[Sequence]) -> None:
+        """Queue sequences together (the choices of one request): all of them or none."""
+        self.check_fits(seqs)
         if len(self.waiting) + len(seqs) > self.config.max_waiting:
             raise QueueFullError(f"{len(self.waiting)} sequences are already waiting")
         for seq in seqs:
@@ -152,6 +171,7 @@ class Scheduler:
             if self.config.prefix_caching:
                 self._slot_cache[seq.slot] = np.asarray(seq.token_ids[: seq.num_computed],
                                                         dtype=np.int32)
+                self._slot_scope[seq.slot] = seq.cache_scope
             else:
                 self._truncations.append((seq.slot, 0))
                 self._slot_cells[seq.slot] = 0
@@ -163,6 +183,7 @@ class Scheduler:
     def forget_cached_cells(self) -> None:
         """The KV cache was cleared outside the scheduler: no free slot holds cells now."""
         self._slot_cache.clear()
+        self._slot_scope.clear()
         self._slot_cells = {seq.slot: 0 for seq in self.running if seq.slot is not None}
         self._truncations.clear()
         self._copies.clear()
@@ -225,14 +246,17 @@ class Scheduler:
         if not self.config.prefix_caching:
             return 0, source
         cap = seq.num_prompt - 1
+        scope = seq.cache_scope
         for slot in order:
             cached = self._slot_cache.get(slot)
-            shared = _common_prefix(cached, seq.prompt_array) if cached is not None else 0
-            shared = min(shared, cap)
+            if cached is None or self._slot_scope.get(slot) != scope:
+                continue
+            shared = min(_common_prefix(cached, seq.prompt_array), cap)
             if shared > best:
                 best, source = shared, ("free", slot)
         for other in self.running:
-            if other.slot is not None and other.num_computed > best:
+            if other.slot is not None and other.num_computed > best and \
+                    other.cache_scope == scope:
                 computed = other.prompt_array[: min(other.num_computed, other.num_prompt)]
                 shared = min(_common_prefix(computed, seq.prompt_array), cap)
                 if shared > best and shared >= self.config.min_copy_tokens:
@@ -244,7 +268,7 @@ class Scheduler:
         if not self.config.prefix_caching:
             return False
         for other in self.running:
-            if other.is_prefilling:
+            if other.is_prefilling and other.cache_scope == seq.cache_scope:
                 pending = min(_common_prefix(other.prompt_array, seq.prompt_array),
                               seq.num_prompt - 1)
                 if pending - reused >= SHARE_MIN_TOKENS and \
@@ -258,6 +282,7 @@ class Scheduler:
             min(self._free_slots) if self.config.low_slots_first else self._free_slots[0])
         self._free_slots.remove(slot)
         self._slot_cache.pop(slot, None)
+        self._slot_scope.pop(slot, None)
         if kind == "running" and reused > 0:
             if self._slot_cells.get(slot, 0) > 0:
                 self._truncations.append((slot, 0))
@@ -300,10 +325,11 @@ class Scheduler:
                 self._slot_cache.pop(slot, None)
                 excess -= cells
 
-    @staticmethod
-    def _add_prefill(output: SchedulerOutput, seq: Sequence, budget: int) -> int:
-        remaining = len(seq.token_ids) - seq.num_computed
-        n = min(budget, remaining)
+    def _add_prefill(self, output: SchedulerOutput, seq: Sequence, budget: int) -> int:
+        stop = len(seq.token_ids)
+        if self.config.last_prompt_token_alone and seq.num_computed < stop - 1:
+            stop -= 1  # the last prompt token comes in a later step, alone
+        n = min(budget, stop - seq.num_computed)
         end = seq.num_computed + n
         output.chunks.append(
             ScheduledChunk(seq, seq.num_computed, seq.token_ids[seq.num_computed:end],

@@ -67,6 +67,8 @@ class Sequence:
     slot: int | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
+    cache_scope: str | None = None
+    """Who may reuse this sequence's KV cells (e.g. its account); None is shared by all."""
 
     def __post_init__(self) -> None:
         if not self.token_ids:
