@@ -67,8 +67,9 @@ def _location(loc: tuple[int | str, ...]) -> str | None:
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
-        elif part in ("str", "list[str]", "function-after", "function-before") or "[" in part:
-            continue  # union-branch labels pydantic adds, not field names
+        elif (part in ("str", "int", "function-after", "function-before") or "[" in part
+              or part.startswith("constrained-") or part[:1].isupper()):
+            continue  # union-branch labels pydantic adds (types, model classes), not fields
         else:
             text += f".{part}" if text else part
     return text or None
@@ -77,15 +78,21 @@ def _location(loc: tuple[int | str, ...]) -> str | None:
 def from_validation_error(exc: ValidationError) -> APIError:
     """Map the first pydantic error to a 400 (type / missing) or 422 (value) APIError."""
     errors = exc.errors(include_url=False)
-    value_errors = [e for e in errors if e["type"] in _VALUE_ERROR_TYPES]
+    # A union such as `"auto" | {object}` reports both branches: for an object, the error
+    # inside the object says more than "should be 'auto'".
+    value_errors = sorted((e for e in errors if e["type"] in _VALUE_ERROR_TYPES),
+                          key=lambda e: e["type"] == "literal_error"
+                          and isinstance(e.get("input"), dict | list))
     first = value_errors[0] if value_errors else errors[0]
     status = 422 if value_errors else 400
     if first["type"] == "json_invalid":
-        return APIError(400, "the request body is not valid JSON", code="invalid_json")
+        reason = str(first.get("ctx", {}).get("error", "")) or first["msg"]
+        return APIError(400, f"the request body is not valid JSON: {reason[:200]}",
+                        code="invalid_json")
     if first["type"] in ("model_type", "model_attributes_type") and not first["loc"]:
         return APIError(400, "the request body must be a JSON object", code="invalid_json")
     param = _location(tuple(first["loc"]))
-    message = first["msg"]
+    message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "missing":
         message = f"missing required field '{param}'"
     elif param:

@@ -11,8 +11,18 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
+from modelyard.api import bounds
+from modelyard.api.bounds import has_control_characters, is_token_id, json_depth_exceeds, json_size
 from modelyard.api.errors import APIError
 
 logger = logging.getLogger(__name__)
@@ -20,6 +30,40 @@ logger = logging.getLogger(__name__)
 
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
+
+
+def _no_control_characters(value: str) -> str:
+    if has_control_characters(value):
+        raise ValueError("control characters are not allowed")
+    return value
+
+
+def _schema_within(max_bytes: int) -> AfterValidator:
+    def check(value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return value
+        if json_depth_exceeds(value, bounds.MAX_SCHEMA_DEPTH):
+            raise ValueError(f"nests deeper than {bounds.MAX_SCHEMA_DEPTH} levels")
+        if json_size(value) > max_bytes:
+            raise ValueError(f"is larger than {max_bytes} bytes as JSON")
+        return value
+    return AfterValidator(check)
+
+
+def _at_most(limit: int, what: str) -> BeforeValidator:
+    """A cap on a list's (or map's) length checked before its items are validated."""
+    def check(value: Any) -> Any:
+        if isinstance(value, list | dict) and len(value) > limit:
+            raise ValueError(f"at most {limit} {what}, got {len(value)}")
+        return value
+    return BeforeValidator(check)
+
+
+Identifier = Annotated[str, Field(max_length=bounds.MAX_ID_CHARS),
+                       AfterValidator(_no_control_characters)]
+"""A short opaque string: ids, `user`, `model`."""
+FunctionName = Annotated[str, Field(max_length=bounds.MAX_NAME_CHARS)]
+Count = Annotated[int, Field(ge=1, le=bounds.MAX_INT)]
 
 
 class TextPart(_Strict):
@@ -33,22 +77,27 @@ class ImagePart(_Strict):
 
 
 class FunctionCall(_Strict):
-    name: str
+    name: FunctionName
     arguments: str
 
 
 class ToolCall(_Strict):
-    id: str
+    id: Identifier
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
-    name: str | None = None
-    tool_calls: list[ToolCall] | None = None
-    tool_call_id: str | None = None
+    content: Annotated[
+        str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None,
+        _at_most(bounds.MAX_TEXT_PARTS, "content parts")] = None
+    # OpenAI's rule for participant names: no whitespace and none of < | \ / >.
+    name: Annotated[str, Field(min_length=1, max_length=bounds.MAX_NAME_CHARS,
+                               pattern=r"^[^\s<|\\/>]+$")] | None = None
+    tool_calls: Annotated[list[ToolCall] | None,
+                          _at_most(bounds.MAX_TOOL_CALLS, "tool calls")] = None
+    tool_call_id: Identifier | None = None
     reasoning_content: str | None = None
 
     @model_validator(mode="after")
@@ -56,6 +105,15 @@ class Message(_Strict):
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
             raise ValueError(f"a '{self.role}' message needs content")
         return self
+
+    def text_chars(self) -> int:
+        """Characters of the message's text: content, tool call arguments, reasoning."""
+        if isinstance(self.content, str):
+            size = len(self.content)
+        else:
+            size = sum(len(p.text) for p in self.content or () if isinstance(p, TextPart))
+        size += sum(len(call.function.arguments) for call in self.tool_calls or ())
+        return size + len(self.reasoning_content or "")
 
     def to_template_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"role": self.role}
@@ -73,8 +131,8 @@ class Message(_Strict):
 
 class FunctionDefinition(_Strict):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
+    description: Annotated[str, Field(max_length=bounds.MAX_DESCRIPTION_CHARS)] | None = None
+    parameters: Annotated[dict[str, Any] | None, _schema_within(bounds.MAX_SCHEMA_BYTES)] = None
     strict: bool | None = None
 
 
@@ -84,7 +142,7 @@ class Tool(_Strict):
 
 
 class ToolChoiceFunction(_Strict):
-    name: str
+    name: FunctionName
 
 
 class NamedToolChoice(_Strict):
@@ -94,8 +152,10 @@ class NamedToolChoice(_Strict):
 
 class JsonSchemaFormat(_Strict):
     name: str | None = None
-    description: str | None = None
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    description: Annotated[str, Field(max_length=bounds.MAX_DESCRIPTION_CHARS)] | None = None
+    schema_: Annotated[dict[str, Any] | None,
+                       _schema_within(bounds.MAX_RESPONSE_SCHEMA_BYTES)] = Field(
+        default=None, alias="schema")
     strict: bool | None = None
 
 
@@ -109,30 +169,35 @@ class StreamOptions(_Strict):
 
 
 class ChatCompletionRequest(_Strict):
-    model: str
-    messages: Annotated[list[Message], Field(min_length=1)]
+    model: Identifier
+    messages: Annotated[list[Message], Field(min_length=1, max_length=bounds.MAX_MESSAGES)]
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Count | None = None
+    max_completion_tokens: Count | None = None
     context_length_exceeded_behavior: Literal["truncate", "error"] = "truncate"
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    top_k: Annotated[int, Field(ge=-1, le=bounds.MAX_INT)] | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0, le=2)] | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]] | None,
+                          _at_most(bounds.MAX_LOGIT_BIAS, "entries")] = None
+    stop: (Annotated[str, Field(max_length=bounds.MAX_STOP_CHARS)]
+           | Annotated[list[Annotated[str, Field(max_length=bounds.MAX_STOP_CHARS)]],
+                       Field(max_length=bounds.MAX_STOP_STRINGS)]
+           | None) = None
     include_stop_str_in_output: bool | None = None
-    seed: int | None = None
+    # Every 64-bit seed, signed or not, as OpenAI accepts them.
+    seed: Annotated[int, Field(ge=bounds.SEED_MIN, le=bounds.SEED_MAX)] | None = None
     n: Annotated[int, Field(ge=1, le=128)] | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    user: str | None = None
+    user: Identifier | None = None
 
-    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tools: Annotated[list[Tool] | None, _at_most(bounds.MAX_TOOLS, "tools")] = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
@@ -140,6 +205,15 @@ class ChatCompletionRequest(_Strict):
     thinking_budget: Annotated[int, Field(ge=128, le=32768)] | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     separate_reasoning: bool | None = None
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _few_enough_messages(cls, value: Any) -> Any:
+        # Before each message is validated: 200,000 of them would take most of a second.
+        if isinstance(value, list) and len(value) > bounds.MAX_MESSAGES:
+            raise APIError(422, f"at most {bounds.MAX_MESSAGES} messages, got {len(value)}",
+                           param="messages", code="invalid_value")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
@@ -150,18 +224,15 @@ class ChatCompletionRequest(_Strict):
             raise APIError(422, "top_logprobs needs logprobs: true", param="top_logprobs",
                            code="invalid_value")
         for key in self.logit_bias or {}:
-            if not key.isdigit():
-                raise APIError(422, f"logit_bias keys are token ids, got '{key}'",
+            if not is_token_id(key):
+                shown = key if len(key) <= 20 else f"{key[:20]}…"
+                raise APIError(422, f"logit_bias keys are token ids (ASCII digits, at most "
+                               f"{bounds.MAX_TOKEN_ID}), got '{shown}'",
                                param="logit_bias", code="invalid_value")
-        for index, message in enumerate(self.messages):
-            if isinstance(message.content, list) and any(
-                isinstance(part, ImagePart) for part in message.content
-            ):
-                raise APIError(422, f"model '{self.model}' does not accept image input",
-                               param=f"messages[{index}].content", code="invalid_value")
-        if self.tool_choice not in (None, "none", "auto") and not self.tools:
-            raise APIError(422, "tool_choice needs tools", param="tool_choice",
-                           code="invalid_value")
+        self._check_messages()
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise APIError(422, "tool_choice is only allowed when tools are specified",
+                           param="tool_choice", code="invalid_value")
         if isinstance(self.tool_choice, NamedToolChoice) and self.tools and (
                 self.tool_choice.function.name not in {t.function.name for t in self.tools}):
             raise APIError(422, f"tool_choice names '{self.tool_choice.function.name}', which "
@@ -173,6 +244,24 @@ class ChatCompletionRequest(_Strict):
         if self.model_extra:
             logger.debug("ignoring unknown request fields: %s", sorted(self.model_extra))
         return self
+
+    def _check_messages(self) -> None:
+        total = 0
+        for index, message in enumerate(self.messages):
+            if isinstance(message.content, list) and any(
+                    isinstance(part, ImagePart) for part in message.content):
+                raise APIError(422, f"model '{self.model}' does not accept image input",
+                               param=f"messages[{index}].content", code="invalid_value")
+            chars = message.text_chars()
+            if chars > bounds.MAX_MESSAGE_CHARS:
+                raise APIError(422, f"a message has at most {bounds.MAX_MESSAGE_CHARS} "
+                               f"characters of text", param=f"messages[{index}].content",
+                               code="invalid_value")
+            total += chars
+            if total > bounds.MAX_TOTAL_CHARS:
+                raise APIError(422, f"the messages have at most {bounds.MAX_TOTAL_CHARS} "
+                               f"characters of text in all", param=f"messages[{index}].content",
+                               code="invalid_value")
 
     @property
     def choices(self) -> int:

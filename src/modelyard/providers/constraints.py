@@ -43,19 +43,80 @@ def _function_names(request: ChatRequest) -> list[str]:
 
 
 def _call_schema(request: ChatRequest, only: str | None) -> dict[str, Any]:
-    options = []
-    for tool in request.tools:
-        function = tool["function"]
-        if only is not None and function["name"] != only:
-            continue
+    """One schema for a call of any (or only the named) declared function. Each function's
+    `parameters` sits under `arguments` of its option, so definitions its references point
+    at (`$defs`, `definitions`) move to the combined schema's root, renamed per function,
+    and every local `$ref` is rewritten to match."""
+    options: list[dict[str, Any]] = []
+    definitions: dict[str, Any] = {}
+    tools = [tool["function"] for tool in request.tools
+             if only is None or tool["function"]["name"] == only]
+    for index, function in enumerate(tools):
         parameters = function.get("parameters") or {"type": "object", "properties": {}}
+        at = ["properties", "arguments"] if len(tools) == 1 else [
+            "anyOf", str(index), "properties", "arguments"]
+        parameters = _hoist_definitions(parameters, at, f"{index}.{function['name']}.",
+                                        definitions)
         options.append({
             "type": "object",
             "properties": {"name": {"const": function["name"]}, "arguments": parameters},
             "required": ["name", "arguments"],
             "additionalProperties": False,
         })
-    return options[0] if len(options) == 1 else {"anyOf": options}
+    schema = options[0] if len(options) == 1 else {"anyOf": options}
+    if definitions:
+        schema = {**schema, "$defs": definitions}
+    return schema
+
+
+_DEFINITION_KEYS = ("$defs", "definitions")
+
+
+def _hoist_definitions(parameters: dict[str, Any], at: list[str], prefix: str,
+                       definitions: dict[str, Any]) -> dict[str, Any]:
+    """`parameters` without its root definitions, which go to `definitions` named
+    `prefix + name`; local references rewritten for the schema's new place `at`."""
+
+    def pointer(reference: str) -> str:
+        if reference != "#" and not reference.startswith("#/"):
+            return reference  # an anchor or another document: left as written
+        parts = [_unescape(part) for part in reference[2:].split("/")] if reference != "#" \
+            else []
+        if len(parts) >= 2 and parts[0] in _DEFINITION_KEYS:
+            parts = ["$defs", _hoisted_name(prefix, parts[0], parts[1]), *parts[2:]]
+        else:
+            parts = [*at, *parts]
+        return "#" + "".join("/" + _escape(part) for part in parts)
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {key: (pointer(value) if key == "$ref" and isinstance(value, str)
+                          else rewrite(value)) for key, value in node.items()}
+        if isinstance(node, list):
+            return [rewrite(item) for item in node]
+        return node
+
+    for key in _DEFINITION_KEYS:
+        held = parameters.get(key)
+        if isinstance(held, dict):
+            for name, definition in held.items():
+                definitions[_hoisted_name(prefix, key, name)] = rewrite(definition)
+    result: dict[str, Any] = rewrite({key: value for key, value in parameters.items()
+                                      if key not in _DEFINITION_KEYS
+                                      or not isinstance(value, dict)})
+    return result
+
+
+def _hoisted_name(prefix: str, key: str, name: str) -> str:
+    return f"{prefix}{name}" if key == "$defs" else f"{prefix}{key}.{name}"
+
+
+def _escape(part: str) -> str:
+    return part.replace("~", "~0").replace("/", "~1")
+
+
+def _unescape(part: str) -> str:
+    return part.replace("~1", "/").replace("~0", "~")
 
 
 def _tool_constraint(request: ChatRequest, grammar: GrammarCompiler, tokens: ToolTokens,
@@ -102,7 +163,11 @@ def plan(request: ChatRequest, grammar: GrammarCompiler | None,
             elif choice == "none":
                 banned = (tool_tokens.open_id,)
             elif constraint is None or choice != "auto":
-                constraint = _tool_constraint(request, grammar, tool_tokens, choice)
+                try:
+                    constraint = _tool_constraint(request, grammar, tool_tokens, choice)
+                except GrammarError as exc:
+                    raise ProviderError(422, f"cannot enforce the tools' parameters: {exc}",
+                                        param="tools", code="unsupported_schema") from exc
             parse_tools = choice != "none"
     except GrammarError as exc:
         raise ProviderError(422, f"cannot enforce this schema: {exc}",
