@@ -13,6 +13,7 @@ from starlette.types import ASGIApp
 
 from modelyard import __version__
 from modelyard.api.app import create_app
+from modelyard.api.preparation import Preparation
 from modelyard.api.state import AppState
 from modelyard.config import Config
 from modelyard.engine.metrics import EngineMetrics
@@ -60,5 +61,10 @@ def build_app(config: Config, *, progress: bool = True) -> ASGIApp:
     state = AppState(providers=providers, registry=registry,
                      gate=service.accounts_gate(config, prices), prices=prices,
                      system_fingerprint=f"fp_{fingerprint[:10]}",
-                     usage_drain_seconds=config.router.usage_drain_seconds, engine=local)
+                     usage_drain_seconds=config.router.usage_drain_seconds, engine=local,
+                     max_body_bytes=config.server.max_body_bytes,
+                     body_timeout_s=config.server.body_timeout_seconds,
+                     max_request_tokens=config.platform.max_request_tokens,
+                     preparation=Preparation(config.server.prepare_concurrency,
+                                             config.server.prepare_timeout_seconds))
     return create_app(state)

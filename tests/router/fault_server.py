@@ -17,6 +17,12 @@ request without `stream` gets one JSON answer with the same faults where they ap
   logprobs      the answer with OpenAI logprobs (two alternatives)
   toggle        like ok, but 500 while the tag is switched off (POST /control/TAG/off|on)
   comments      (stream only) one content event, then an SSE comment every 10 ms for ever
+  continue      a "100 Continue" and a "103 Early Hints" head before the answer
+  hangup        read the request, then close the connection without answering
+  huge=N        a content event (or a whole answer's content) of N bytes, after one of TAG
+  nulllogprob   a logprobs entry with "logprob": null (streamed after one content event)
+  badtypes      content that is a number (streamed after one content event)
+  leak=N        status N with an error naming an internal URL, address and key
 
 GET /requests returns every chat request body received (JSON list); DELETE clears it.
 """
@@ -65,6 +71,9 @@ def _choice(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
     return {"index": 0, "delta": delta, "finish_reason": finish}
 
 
+LEAK = ("deployment http://10.9.8.7:8000/v1 (gpu-7.internal:8000) refused the key "
+        "sk-live-0123456789abcdef:\n\tmax_tokens is too large")
+
 USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18,
          "prompt_tokens_details": {"cached_tokens": 3}}
 
@@ -79,6 +88,16 @@ async def _chat(writer: asyncio.StreamWriter, body: dict[str, Any]) -> None:
     if name == "status":
         await _json(writer, int(arg), {"error": {"message": f"injected {arg}"}})
         return
+    if name == "leak":
+        await _json(writer, int(arg), {"error": {"message": LEAK, "param": "max_tokens",
+                                                 "type": "invalid_request_error"}})
+        return
+    if name == "hangup":
+        writer.close()  # the request was read: no answer
+        return
+    if name == "continue":
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n"
+                     b"HTTP/1.1 103 Early Hints\r\nlink: </hint>; rel=preload\r\n\r\n")
     if name == "toggle" and tag in FAILING:
         await _json(writer, 500, {"error": {"message": "switched off"}})
         return
@@ -95,6 +114,9 @@ async def _chat(writer: asyncio.StreamWriter, body: dict[str, Any]) -> None:
         return
     if name == "reasoning":
         out.append(_event({**base, "choices": [_choice({"reasoning": "thinking it over"})]}))
+    if name in BAD_EVENTS:
+        out.append(_event({**base, "choices": [_choice({"content": tag})]}))
+        out.append(_event({**base, "choices": [BAD_EVENTS[name](arg)]}))
     if name == "comments":
         out.append(_event({**base, "choices": [_choice({"content": tag})]}))
         writer.write(b"".join(out))
@@ -144,6 +166,13 @@ async def _chat(writer: asyncio.StreamWriter, body: dict[str, Any]) -> None:
     await writer.drain()
 
 
+BAD_EVENTS = {
+    "huge": lambda arg: _choice({"content": "x" * int(arg)}),
+    "nulllogprob": lambda arg: {**_choice({"content": "x"}), "logprobs": {"content": [
+        {"token": "x", "logprob": None, "bytes": [120], "top_logprobs": []}]}},
+    "badtypes": lambda arg: _choice({"content": 42}),
+}
+
 TOOL_FRAGMENTS = [
     {"index": 0, "id": "call_up1", "type": "function",
      "function": {"name": "get_weather", "arguments": ""}},
@@ -177,6 +206,12 @@ async def _whole(writer: asyncio.StreamWriter, model: str, name: str, arg: str,
     if name == "drip":
         await asyncio.sleep(0.02 * int(arg))
         message["content"] = tag * int(arg)
+    if name == "huge":
+        message["content"] = tag + "x" * int(arg)
+    if name == "nulllogprob":
+        choice["logprobs"] = {"content": [{"token": tag, "logprob": None, "top_logprobs": []}]}
+    if name == "badtypes":
+        message["content"] = 42
     if name == "reasoning":
         message["reasoning"] = "thinking it over"
     if name == "tools":

@@ -83,7 +83,7 @@ def test_a_request_the_engine_cannot_take_goes_upstream_and_reserves_for_both(
         async def prepare_chat(self, request: ChatRequest) -> PreparedChat:
             if request.max_tokens and request.max_tokens > 100:
                 raise ProviderError(422, "does not fit the engine's context")
-            return PreparedChat(request, 50, request.max_tokens or 8)
+            return PreparedChat(request, 5000, request.max_tokens or 8)
 
     async def main() -> tuple[list[str], int, int]:
         model = _catalog(fault, Small(model_id="engine"), local_weight=1000.0)
@@ -95,4 +95,4 @@ def test_a_request_the_engine_cannot_take_goes_upstream_and_reserves_for_both(
             await model.close()
     answers, prompt, _ = asyncio.run(main())
     assert answers == ["UP"] * 3
-    assert prompt == 50  # the engine's count is above the upstream's estimate: it is held
+    assert prompt == 5000  # the engine's count is above the upstream's bound: it is held

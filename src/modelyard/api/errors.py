@@ -22,7 +22,9 @@ _TYPES = {
     422: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
+    502: "server_error",
     503: "server_overloaded",
+    504: "server_error",
 }
 
 

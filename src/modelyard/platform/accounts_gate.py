@@ -2,9 +2,10 @@
 
 Keys are read from the database on every request unless `key_cache_seconds` is set, so a
 revocation takes effect at once on every gateway (with the cache: within that many
-seconds). A background task keeps this gateway's running reservations alive, releases
-expired ones (left by any gateway that crashed) at start and every `sweep_interval_seconds`,
-and deletes usage records past their retention.
+seconds). A background task keeps this gateway's running reservations (and, with Redis, its
+requests' in-flight slots) alive, releases expired ones (left by any gateway that crashed)
+at start and every `sweep_interval_seconds`, and deletes usage records past their
+retention.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from modelyard.config import PlatformConfig
 from modelyard.platform import keys, ledger
 from modelyard.platform.accounts import KeyRecord, find_key
 from modelyard.platform.database import Database
-from modelyard.platform.gate import Admission, Caller, Gate, Outcome, PlatformError
-from modelyard.platform.limits import Limiter, Limits, headers
+from modelyard.platform.gate import Admission, Caller, Gate, Outcome, PlatformError, Ticket
+from modelyard.platform.limits import Concurrency, Limiter, Limits, Slot, headers
 from modelyard.platform.money import Price, format_micros
-from modelyard.platform.redis_limits import LimiterUnavailable
+from modelyard.platform.redis_limits import SLOT_TTL_S, LimiterUnavailable
 from modelyard.platform.tables import utcnow
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,10 @@ class AccountsGate(Gate):
         self.prices = dict(prices)
         self.settings = settings
         self._live: set[str] = set()
+        self._slots: set[Slot] = set()
+        """Slots of running requests that expire unless kept (a shared limiter's)."""
+        self.concurrency = Concurrency(settings.max_concurrent_per_key or None,
+                                       settings.max_concurrent_per_account or None)
         self._key_cache: dict[str, tuple[float, KeyRecord | None]] = {}
         self._maintenance: asyncio.Task[None] | None = None
 
@@ -103,14 +108,66 @@ class AccountsGate(Gate):
             self._key_cache[key_id] = (now + ttl, record)
         return record
 
-    # -- may this run now, and who pays ------------------------------------------------------
+    # -- may this come in, may it run now, and who pays -------------------------------------
 
-    async def admit(self, caller: Caller, model: str, prompt_tokens: int,
-                    max_tokens: int) -> Admission:
+    async def check_in(self, caller: Caller) -> Ticket:
         if caller.key_id is None or caller.account_id is None:
             raise _unauthorized("invalid API key")
-        limits = Limits(caller.rpm, caller.tpm)
-        rate_headers: dict[str, str] = {}
+        ticket = Ticket(caller)
+        try:
+            if self.concurrency.any:
+                entry = await self.limiter.enter(caller.key_id, caller.account_id,
+                                                 self.concurrency)
+                if entry.slot is None:
+                    whose = "API key" if entry.full == "key" else "account"
+                    raise PlatformError(
+                        429, f"too many requests in flight for this {whose}: at most "
+                        f"{entry.limit} at once; retry when one has ended",
+                        code="concurrency_limit_exceeded", headers={"Retry-After": "1"})
+                ticket.slot = entry.slot
+                if entry.slot.id:
+                    self._slots.add(entry.slot)
+            if caller.rpm is not None or caller.tpm is not None:
+                # one request now, no tokens yet (their bound is known once the body is);
+                # the answer tells the state of both buckets for the headers
+                decision = await self.limiter.acquire(caller.key_id,
+                                                      Limits(caller.rpm, caller.tpm), 0)
+                rate_headers = headers(decision)
+                if not decision.allowed:
+                    raise PlatformError(
+                        429, "rate limit reached for this API key; retry after "
+                        f"{rate_headers['Retry-After']} s", code="rate_limit_exceeded",
+                        headers=rate_headers)
+                ticket.headers = rate_headers
+        except LimiterUnavailable as exc:
+            logger.error("rate limiter failed: %s", exc)
+            await self.check_out(ticket)
+            raise _unavailable("the rate limiter") from None
+        except BaseException:
+            await self.check_out(ticket)
+            raise
+        return ticket
+
+    async def check_out(self, ticket: Ticket) -> None:
+        if ticket.checked_out:
+            return
+        ticket.checked_out = True
+        slot: Slot | None = ticket.slot
+        if slot is None:
+            return
+        self._slots.discard(slot)
+        try:
+            await self.limiter.leave(slot)
+        except LimiterUnavailable as exc:
+            logger.warning("could not free a request's slot (it expires by itself): %s", exc)
+
+    async def admit(self, ticket: Ticket, model: str, prompt_tokens: int,
+                    max_tokens: int) -> Admission:
+        caller = ticket.caller
+        if caller.key_id is None or caller.account_id is None:
+            raise _unauthorized("invalid API key")
+        limits = Limits(tpm=caller.tpm)
+        rate_headers = dict(ticket.headers)
         tokens = prompt_tokens + max_tokens
         if limits.any:
             try:
@@ -118,15 +175,15 @@ class AccountsGate(Gate):
             except LimiterUnavailable as exc:
                 logger.error("rate limiter failed: %s", exc)
                 raise _unavailable("the rate limiter") from None
-            rate_headers = headers(decision)
+            rate_headers.update(headers(decision))
             if not decision.allowed:
-                message = (f"this request needs {tokens} tokens, more than the key's limit of "
-                           f"{caller.tpm} tokens per minute" if decision.too_large else
-                           "rate limit reached for this API key; retry after "
+                message = (f"this request may need {tokens} tokens, more than the key's limit "
+                           f"of {caller.tpm} tokens per minute" if decision.too_large else
+                           "token rate limit reached for this API key; retry after "
                            f"{rate_headers['Retry-After']} s")
                 raise PlatformError(429, message, code="rate_limit_exceeded",
                                     headers=rate_headers)
-            rate_headers = {k: v for k, v in rate_headers.items() if k != "Retry-After"}
+            rate_headers.pop("Retry-After", None)
         amount = self.prices.get(model, FREE).max_cost(prompt_tokens, max_tokens)
         reservation_id: str | None = None
         if amount > 0:
@@ -146,7 +203,7 @@ class AccountsGate(Gate):
                     code="insufficient_balance", headers=rate_headers)
             self._live.add(reservation_id)
         return Admission(caller, model, reservation_id, rate_headers, reserved=amount,
-                         max_tokens=max_tokens)
+                         max_tokens=max_tokens, prompt_tokens=prompt_tokens)
 
     async def _refund(self, caller: Caller, limits: Limits, tokens: int) -> None:
         if caller.key_id is None or limits.tpm is None:
@@ -175,8 +232,9 @@ class AccountsGate(Gate):
         finally:
             if admission.reservation_id is not None:
                 self._live.discard(admission.reservation_id)
-        unused = max(0, admission.max_tokens - used.completion_tokens)
-        await self._refund(caller, Limits(caller.rpm, caller.tpm), unused)
+        unused = (max(0, admission.prompt_tokens - used.prompt_tokens)
+                  + max(0, admission.max_tokens - used.completion_tokens))
+        await self._refund(caller, Limits(tpm=caller.tpm), unused)
 
     async def _settle(self, reservation_id: str | None, record: ledger.UsageRecord) -> None:
         for attempt in range(1, SETTLE_ATTEMPTS + 1):
@@ -203,6 +261,8 @@ class AccountsGate(Gate):
             try:
                 if self._live:
                     await ledger.extend(self.db, list(self._live), ttl)
+                if self._slots:
+                    await self.limiter.keep(list(self._slots), max(SLOT_TTL_S, 3 * tick))
                 if now >= next_sweep:
                     await ledger.release_expired(self.db)
                     next_sweep = now + sweep_every
@@ -213,6 +273,6 @@ class AccountsGate(Gate):
                         logger.info("deleted %d usage record(s) older than %d days", purged,
                                     days)
                     next_purge = now + PURGE_INTERVAL_S
-            except (SQLAlchemyError, OSError) as exc:
+            except (SQLAlchemyError, OSError, LimiterUnavailable) as exc:
                 logger.warning("platform maintenance failed, will retry: %s", exc)
             await asyncio.sleep(tick)

@@ -3,9 +3,15 @@ one of them, `router/local_route.py`): the Provider the chat route calls.
 
 `start_chat` picks a deployment by weight among those whose breaker lets requests
 through and that have a free slot, opens the upstream stream (up to its first event) and
-hands it on. A connection error, timeout, 429 or 5xx before that point is retried on
-another deployment; once the stream is handed on nothing is retried. No deployment
-available: 503 with Retry-After.
+hands it on. A failure before that point is tried on another deployment when the first
+cannot have produced an answer (no connection, an error status, a timeout: see
+`UpstreamError.retriable`); once the stream is handed on, or once an answer came that
+could not be read, nothing is retried. No deployment available: 503 with Retry-After.
+
+What a client reads of a failure names the request, never the deployment (its URL) or the
+upstream's answer: those are logged with the request id. A refusal of the client's own
+request (400, 422) passes on with the upstream's message sanitized; our own credentials
+refused (401, 403) or any other failure is a 502.
 """
 
 from __future__ import annotations
@@ -30,7 +36,6 @@ from modelyard.providers.base import (
 )
 from modelyard.providers.openai_compat import UpstreamDeployment, UpstreamError
 from modelyard.providers.profiles import build_body
-from modelyard.providers.upstream_stream import estimate_tokens
 from modelyard.router.balancer import choose
 from modelyard.router.breaker import Breaker
 from modelyard.router.local_route import LocalDeployment
@@ -84,20 +89,23 @@ class RoutedModel(Provider):
                                 for r in self.routes]}
 
     async def prepare_chat(self, request: ChatRequest) -> PreparedChat:
-        prompt = estimate_tokens(orjson.dumps(request.messages).decode()) + (
-            estimate_tokens(orjson.dumps(request.tools).decode()) if request.tools else 0)
+        # Whether the prompt fits is the upstream's to say (its tokenizer): refused here
+        # only when even a rough estimate (4 characters a token) cannot fit. What is
+        # reserved is a true upper bound (UTF-8 bytes), so no prompt costs more than it.
+        estimate = _rough_tokens(request)
+        prompt = self.prompt_token_bound(request)
         context = self.config.context_length
-        if prompt >= context:
-            raise ProviderError(422, f"the prompt (about {prompt} tokens) does not fit the "
+        if estimate >= context:
+            raise ProviderError(422, f"the prompt (about {estimate} tokens) does not fit the "
                                 f"context of {context} tokens", param="messages",
                                 code="context_length_exceeded")
-        max_tokens = request.max_tokens or self.config.default_max_tokens or context - prompt
-        if prompt + max_tokens > context:
+        max_tokens = request.max_tokens or self.config.default_max_tokens or context - estimate
+        if estimate + max_tokens > context:
             if not request.truncate_to_context:
-                raise ProviderError(422, f"prompt (about {prompt} tokens) + max_tokens "
+                raise ProviderError(422, f"prompt (about {estimate} tokens) + max_tokens "
                                     f"({max_tokens}) exceed the context of {context} tokens",
                                     param="max_tokens", code="context_length_exceeded")
-            max_tokens = context - prompt
+            max_tokens = context - estimate
         work: dict[str, Any] = {}
         for route in self.routes:  # a parameter no upstream can take is refused now
             deployment = route.deployment
@@ -114,6 +122,7 @@ class RoutedModel(Provider):
         return PreparedChat(request, prompt, max_tokens, work=work)
 
     async def start_chat(self, prepared: PreparedChat) -> AsyncIterator[ChatDelta]:
+        request_id = prepared.request.request_id
         tried: set[int] = set()
         last: UpstreamError | None = None
         for _ in range(self.router.max_attempts):
@@ -125,32 +134,40 @@ class RoutedModel(Provider):
             if route is None or not route.breaker.acquire(now):
                 break
             tried.add(self.routes.index(route))
-            route.deployment.active += 1
+            deployment = route.deployment
+            deployment.active += 1
             try:
-                stream = await route.deployment.open(prepared.work[route.deployment.name],
-                                                     prepared.prompt_tokens, route.ended)
+                stream = await deployment.open(prepared.work[deployment.name],
+                                               prepared.prompt_tokens, route.ended, request_id)
             except UpstreamError as exc:
-                route.deployment.active -= 1
-                last = exc
+                deployment.active -= 1
+                logger.warning("request %s: %s, deployment %s: %s", request_id,
+                               self.model_id, deployment.name, exc.message)
+                if exc.public is not None:  # the upstream answered: the request is refused
+                    route.breaker.success()
+                    self.metrics.tried(self.model_id, deployment.name, "refused")
+                    raise ProviderError(exc.status, exc.public, param=exc.param,
+                                        code=exc.code or "upstream_refused") from None
+                route.breaker.failure(time.monotonic())
                 if exc.retriable:
-                    route.breaker.failure(time.monotonic())
-                    self.metrics.tried(self.model_id, route.deployment.name, "retried")
-                    logger.warning("%s: %s", self.model_id, exc.message)
+                    self.metrics.tried(self.model_id, deployment.name, "retried")
+                    last = exc
                     continue
-                route.breaker.success()  # the upstream answered; the request was refused
-                self.metrics.tried(self.model_id, route.deployment.name, "refused")
-                raise ProviderError(400 if exc.status == 400 else 422, exc.message,
-                                    code="upstream_refused") from None
+                self.metrics.tried(self.model_id, deployment.name, "failed")
+                raise ProviderError(502, _failed(request_id), code="upstream_error") from None
             except BaseException:
-                route.deployment.active -= 1
+                deployment.active -= 1
                 route.breaker.release()
                 raise
             route.breaker.success()
-            self.metrics.tried(self.model_id, route.deployment.name, "ok")
+            self.metrics.tried(self.model_id, deployment.name, "ok")
             return stream
+        if last is not None and not last.transient:
+            raise ProviderError(502, _failed(request_id), code="upstream_error")
         if last is not None:
-            raise ProviderError(503, f"no deployment of {self.model_id} could answer: "
-                                f"{last.message}", code="upstream_unavailable", retry_after=1)
+            raise ProviderError(503, f"no deployment of {self.model_id} could answer "
+                                f"(request {request_id})", code="upstream_unavailable",
+                                retry_after=1)
         raise ProviderError(503, f"no deployment of {self.model_id} is available: all are "
                             "unhealthy or at their concurrency limit",
                             code="no_healthy_deployment", retry_after=self._retry_after())
@@ -163,6 +180,18 @@ class RoutedModel(Provider):
     async def close(self) -> None:
         for route in self.routes:
             await route.deployment.close()
+
+
+def _rough_tokens(request: ChatRequest) -> int:
+    """The prompt's size at 4 characters a token: what decides whether it fits."""
+    chars = len(orjson.dumps(request.messages).decode())
+    if request.tools:
+        chars += len(orjson.dumps(request.tools).decode())
+    return (chars + 3) // 4
+
+
+def _failed(request_id: str) -> str:
+    return f"the upstream deployment failed (request {request_id})"
 
 
 class AliasProvider(Provider):

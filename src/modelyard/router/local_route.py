@@ -44,13 +44,16 @@ class LocalDeployment:
         except ProviderError:
             return None
 
-    async def open(self, work: Any, prompt_estimate: int,
-                   on_end: Callable[[bool], None]) -> AsyncIterator[ChatDelta]:
+    async def open(self, work: Any, prompt_estimate: int, on_end: Callable[[bool], None],
+                   request_id: str = "") -> AsyncIterator[ChatDelta]:
         try:
             deltas = await self.provider.start_chat(work)
         except ProviderError as exc:
-            raise UpstreamError(exc.status, f"{self.name}: {exc.message}",
-                                retriable=exc.status >= 500) from None
+            # The engine's own refusals are modelyard's words: a client may read them.
+            retriable = exc.status >= 500
+            raise UpstreamError(exc.status, exc.message, retriable=retriable,
+                                public=None if retriable else exc.message, param=exc.param,
+                                code=exc.code) from None
         return _Tracked(deltas, on_end)
 
     async def close(self) -> None:

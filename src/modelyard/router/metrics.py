@@ -22,7 +22,8 @@ class RouterMetrics:
                             registry=r)
         self.tries = Counter("modelyard_deployment_tries",
                              "Requests sent to a deployment, by outcome before the first byte "
-                             "(ok, retried: failed and tried elsewhere, refused: a 4xx).",
+                             "(ok; retried: failed and tried elsewhere; refused: the client's "
+                             "request refused; failed: an answer that could not be read).",
                              ["model", "deployment", "outcome"], registry=r)
         self._tries: dict[tuple[str, str, str], Counter] = {}
 
