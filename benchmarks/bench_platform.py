@@ -54,7 +54,7 @@ from modelyard.api.state import AppState
 from modelyard.config import Config, ModelConfig, PlatformConfig
 from modelyard.platform import accounts as ops
 from modelyard.platform import service
-from modelyard.platform.gate import Admission, Caller, Gate, OpenGate, Outcome
+from modelyard.platform.gate import Admission, Caller, Gate, OpenGate, Outcome, Ticket
 from modelyard.providers.base import ChatDelta, ChatRequest, PreparedChat, Provider
 
 MODEL = "bench-model"
@@ -101,11 +101,21 @@ class TimingGate(Gate):
     def may_use(self, caller: Caller, model: str) -> bool:
         return self.inner.may_use(caller, model)
 
-    async def admit(self, caller: Caller, model: str, prompt_tokens: int,
+    async def check_in(self, caller: Caller) -> Ticket:
+        started = time.perf_counter()
+        ticket = await self.inner.check_in(caller)
+        self._auth[id(caller)] = self._auth.get(id(caller), 0.0) + time.perf_counter() - started
+        return ticket
+
+    async def check_out(self, ticket: Ticket) -> None:
+        await self.inner.check_out(ticket)
+
+    async def admit(self, ticket: Ticket, model: str, prompt_tokens: int,
                     max_tokens: int) -> Admission:
         started = time.perf_counter()
-        admission = await self.inner.admit(caller, model, prompt_tokens, max_tokens)
-        self.on_path.append(self._auth.pop(id(caller), 0.0) + time.perf_counter() - started)
+        admission = await self.inner.admit(ticket, model, prompt_tokens, max_tokens)
+        self.on_path.append(self._auth.pop(id(ticket.caller), 0.0)
+                            + time.perf_counter() - started)
         return admission
 
     async def settle(self, admission: Admission, outcome: Outcome) -> None:

@@ -16,6 +16,10 @@ from modelyard.platform.commands import add_commands, run
 from modelyard.platform.money import AmountError
 from modelyard.platform.service import PlatformUnavailable
 
+H11_MAX_INCOMPLETE_EVENT_BYTES = 64 * 1024
+"""The most bytes of a request line and headers buffered before they are complete (when
+uvicorn runs its h11 parser)."""
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modelyard",
@@ -42,8 +46,12 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = build_app(config)
+    limits = config.server
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
-                access_log=False)
+                access_log=False, limit_concurrency=limits.limit_concurrency,
+                timeout_keep_alive=max(1, round(limits.timeout_keep_alive_seconds)),
+                timeout_graceful_shutdown=round(limits.graceful_shutdown_seconds),
+                h11_max_incomplete_event_size=H11_MAX_INCOMPLETE_EVENT_BYTES)
     return 0
 
 

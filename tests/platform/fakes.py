@@ -24,9 +24,16 @@ class FakeProvider(Provider):
     def describe(self) -> dict[str, Any]:
         return {"context_length": 4096, "pricing": {"input": 0, "cached_input": 0, "output": 0}}
 
+    def prompt_token_bound(self, request: ChatRequest) -> int:
+        """Exact here (what prepare_chat counts), so tests can work out reservations."""
+        return sum(len(str(m.get("content") or "").split()) for m in request.messages)
+
+    def max_tokens_bound(self, request: ChatRequest) -> int:
+        return request.max_tokens or self.default_max_tokens
+
     async def prepare_chat(self, request: ChatRequest) -> PreparedChat:
-        words = sum(len(str(m.get("content") or "").split()) for m in request.messages)
-        return PreparedChat(request, words, request.max_tokens or self.default_max_tokens)
+        return PreparedChat(request, self.prompt_token_bound(request),
+                            self.max_tokens_bound(request))
 
     async def start_chat(self, prepared: PreparedChat) -> AsyncIterator[ChatDelta]:
         self.started += 1

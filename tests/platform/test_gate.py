@@ -4,6 +4,7 @@ settlement and the usage record, on SQLite (limits in memory) and PostgreSQL + R
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from datetime import timedelta
 
 from modelyard.config import PlatformConfig
@@ -15,6 +16,7 @@ from modelyard.platform.gate import PlatformError
 from modelyard.platform.limits import MemoryLimiter
 from modelyard.platform.tables import utcnow
 from modelyard.platform.usage import records
+from modelyard.providers.base import ChatDelta, ChatRequest, PreparedChat
 from tests.platform.harness import Backend, Harness, scenario
 
 
@@ -201,3 +203,127 @@ def test_an_unreachable_database_is_503_not_a_stack_trace() -> None:
         finally:
             await gate.close()
     asyncio.run(main())
+
+
+# -- the request's budget before its body, its bill whatever ends it ---------------------------
+
+
+def test_the_request_rate_is_checked_before_the_body_is_read(backend: Backend) -> None:
+    async def body(platform: Harness) -> None:
+        key = await platform.key("acme", 1000, rpm=1)
+        assert (await platform.chat(key)).status_code == 200
+        refused = await platform.client.post(
+            "/v1/chat/completions", content=b"{not json" * 1000,
+            headers={"Authorization": f"Bearer {key}"})
+        assert refused.status_code == 429  # not the 400 the body would get
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert "retry-after" in refused.headers
+    scenario(backend, body)
+
+
+def test_a_key_without_balance_is_refused_before_its_prompt_is_prepared(
+        backend: Backend) -> None:
+    async def body(platform: Harness) -> None:
+        key = await platform.key("broke", 0)
+        prepared: list[ChatRequest] = []
+        original = platform.provider.prepare_chat
+
+        async def counting(request: ChatRequest) -> PreparedChat:
+            prepared.append(request)
+            return await original(request)
+        platform.provider.prepare_chat = counting  # type: ignore[method-assign]
+        refused = await platform.chat(key, content="word " * 50_000)
+        assert refused.status_code == 402
+        assert refused.json()["error"]["type"] == "insufficient_balance"
+        assert prepared == []
+    scenario(backend, body)
+
+
+def test_a_failure_after_admission_is_a_500_that_settles_and_gives_everything_back(
+        backend: Backend) -> None:
+    async def body(platform: Harness) -> None:
+        key = await platform.key("acme", 1000, tpm=30)
+
+        async def broken(prepared: PreparedChat) -> AsyncIterator[ChatDelta]:
+            raise RuntimeError("secret internals")
+        platform.provider.start_chat = broken  # type: ignore[method-assign]
+        # Each request takes 3 + 20 of the key's 30 tokens a minute: without the refund of
+        # a failed request's tokens, the second would be refused.
+        for _ in range(3):
+            failed = await platform.chat(key, max_tokens=20)
+            assert failed.status_code == 500, failed.text
+            error = failed.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}
+            assert error["type"] == "server_error" and "secret" not in error["message"]
+            await platform.settled()
+        assert await account_row(platform, "acme") == (1000, 0, 0)
+        rows = await records(platform.db)
+        assert [(r.status, r.client_disconnected, r.cost) for r in rows] == [(500, False, 0)] * 3
+    scenario(backend, body)
+
+
+def test_a_stream_that_fails_midway_ends_with_an_error_event_and_is_billed_as_500(
+        backend: Backend) -> None:
+    async def body(platform: Harness) -> None:
+        key = await platform.key("acme", 1000)
+
+        async def two_then_fail(prepared: PreparedChat) -> AsyncIterator[ChatDelta]:
+            async def deltas() -> AsyncIterator[ChatDelta]:
+                yield ChatDelta("a", prepared.prompt_tokens, 1)
+                yield ChatDelta("b", prepared.prompt_tokens, 2)
+                raise ValueError("secret internals")
+            return deltas()
+        platform.provider.start_chat = two_then_fail  # type: ignore[method-assign]
+        response = await platform.chat(key, max_tokens=10, stream=True)
+        assert response.status_code == 200
+        events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert '"error"' in events[-2] and "secret" not in events[-2]
+        await platform.settled()
+        [row] = await records(platform.db)
+        assert (row.status, row.client_disconnected, row.completion_tokens, row.cost) == (
+            500, False, 2, 3 + 2 * 2)
+        assert await account_row(platform, "acme") == (1000 - 7, 0, 7)
+    scenario(backend, body)
+
+
+def test_requests_in_flight_are_limited_per_key_and_per_account(backend: Backend) -> None:
+    settings = PlatformConfig(max_concurrent_per_key=2, max_concurrent_per_account=3)
+
+    async def body(platform: Harness) -> None:
+        key = await platform.key("acme", 10_000)
+        other = await platform.key("acme")
+        running = [asyncio.create_task(platform.chat(key, max_tokens=10)) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        refused = await platform.chat(key)
+        assert refused.status_code == 429
+        error = refused.json()["error"]
+        assert (error["type"], error["code"]) == ("rate_limit_error",
+                                                  "concurrency_limit_exceeded")
+        assert refused.headers["retry-after"] == "1"
+        assert "API key" in error["message"]
+        running.append(asyncio.create_task(platform.chat(other, max_tokens=10)))
+        await asyncio.sleep(0.1)
+        by_account = await platform.chat(other)
+        assert by_account.status_code == 429
+        assert "account" in by_account.json()["error"]["message"]
+        assert [r.status_code for r in await asyncio.gather(*running)] == [200] * 3
+        assert platform.provider.started == 3
+        # every slot was given back: the key may run two at once again
+        again = await asyncio.gather(*[platform.chat(key) for _ in range(2)])
+        assert [r.status_code for r in again] == [200, 200]
+        if isinstance(platform.gate.limiter, MemoryLimiter):
+            assert platform.gate.limiter.in_flight(key.split("-")[2]) == 0
+    scenario(backend, body, delay_s=0.05, settings=settings)
+
+
+def test_several_choices_may_not_ask_for_more_than_the_request_cap(backend: Backend) -> None:
+    async def body(platform: Harness) -> None:
+        key = await platform.key("acme", 10_000)
+        platform.state.max_request_tokens = 100
+        refused = await platform.chat(key, n=4, max_tokens=26)
+        assert refused.status_code == 422
+        assert refused.json()["error"]["param"] == "n"
+        assert (await platform.chat(key, n=4, max_tokens=25)).status_code == 200
+        assert platform.provider.started == 1
+    scenario(backend, body)

@@ -9,7 +9,9 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from modelyard.platform import redis_limits
 from modelyard.platform.limits import (
+    Concurrency,
     Decision,
     Limiter,
     Limits,
@@ -184,3 +186,67 @@ def test_redis_limits_are_atomic_across_clients(redis_prefix: str) -> None:
                 await limiter.close()
 
     assert asyncio.run(scenario()) == 25
+
+
+# -- requests in flight, per key and per account ---------------------------------------------
+
+
+def test_requests_in_flight_are_counted_per_key_and_per_account(
+        make_limiter: Callable[[], Limiter]) -> None:
+    account, key, other_key = (secrets.token_hex(6) for _ in range(3))
+
+    async def scenario() -> None:
+        limiter = make_limiter()
+        try:
+            limits = Concurrency(key=2, account=3)
+            first = await limiter.enter(key, account, limits)
+            second = await limiter.enter(key, account, limits)
+            assert first.slot is not None and second.slot is not None
+            refused = await limiter.enter(key, account, limits)
+            assert (refused.slot, refused.full, refused.limit) == (None, "key", 2)
+            third = await limiter.enter(other_key, account, limits)
+            assert third.slot is not None  # another key of the account: the account's third
+            by_account = await limiter.enter(secrets.token_hex(6), account, limits)
+            assert (by_account.slot, by_account.full, by_account.limit) == (None, "account", 3)
+            await limiter.leave(first.slot)
+            again = await limiter.enter(key, account, limits)
+            assert again.slot is not None  # the slot given back is free again
+            for slot in (second.slot, third.slot, again.slot):
+                await limiter.leave(slot)
+            unlimited = [await limiter.enter(key, account, Concurrency()) for _ in range(10)]
+            assert all(entry.slot is not None for entry in unlimited)
+        finally:
+            await limiter.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_crashed_gateways_slots_expire_in_redis(redis_prefix: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gateway that dies never calls `leave`: its slots go after their TTL, unless a
+    running gateway keeps them."""
+    monkeypatch.setattr(redis_limits, "SLOT_TTL_S", 1)
+    account, key = secrets.token_hex(6), secrets.token_hex(6)
+
+    async def scenario() -> None:
+        crashed = RedisLimiter(REDIS_URL, redis_prefix)
+        alive = RedisLimiter(REDIS_URL, redis_prefix)
+        try:
+            limits = Concurrency(key=1)
+            held = await alive.enter(key, account, Concurrency())
+            assert held.slot is not None
+            lost = await crashed.enter(secrets.token_hex(6), account, Concurrency())
+            assert lost.slot is not None
+            assert (await crashed.enter(key, account, limits)).slot is None  # held's
+            for _ in range(3):
+                await asyncio.sleep(0.5)
+                await alive.keep([held.slot], 1)
+            assert (await crashed.enter(key, account, limits)).slot is None  # kept alive
+            await alive.leave(held.slot)
+            entry = await crashed.enter(key, account, Concurrency(account=1))
+            assert entry.slot is not None  # `lost` expired: the account has room for one
+        finally:
+            await crashed.close()
+            await alive.close()
+
+    asyncio.run(scenario())

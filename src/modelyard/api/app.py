@@ -30,6 +30,7 @@ def create_app(state: AppState) -> ASGIApp:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.gate.start()
         yield
+        state.preparation.close()
         await state.drain()
         for provider in state.closing_order():
             await provider.close()

@@ -1,36 +1,45 @@
-"""POST /v1/chat/completions: validate, authorize, admit, run, stream, settle.
+"""POST /v1/chat/completions, from the key's check-in to the bill.
 
-Every admitted request is settled exactly once, however it ends: a full answer, an error,
-or a client that went away (billed for the tokens it was sent). Settlement runs as a
-background task, so a cancelled request task cannot skip it.
+The order keeps every cost behind the limit that pays for it: the key's request rate and
+requests in flight are checked before its body is read (`check_in`); the body is read
+within a size cap and a deadline; the prompt's and completion's token counts are bounded
+without rendering anything, and the token rate and balance are charged for those bounds
+(`admit`); only then is the request prepared (rendered, tokenized, its grammar compiled),
+off the event loop (`preparation.py`), and run.
+
+From admission on, one try/finally owns the bill: whatever ends the request (its answer,
+a refusal, an error in the model or in modelyard, the client going away, the server
+shutting down) settles it exactly once with the status it really ended with, and the ticket
+is checked out exactly once after that. The work itself runs in a task of its own, which a
+disconnect cancels (stream or not), so an abandoned request stops generating and pays for
+the tokens generated until then. Settlement runs as a background task, so a cancelled
+request cannot skip it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
+from starlette.types import Receive, Scope, Send
 
-from modelyard.api.errors import APIError, error_body, from_validation_error
-from modelyard.api.event_stream import EventStream
-from modelyard.api.responses import (
-    SSE_DONE,
-    ChoiceResult,
-    Completion,
-    sse,
-    tool_call_body,
-    usage,
-)
-from modelyard.api.routes import json_response
+from modelyard.api.errors import APIError, from_validation_error
+from modelyard.api.openapi import request_body
+from modelyard.api.reply import Reply, read_body
+from modelyard.api.responses import SSE_DONE, ChoiceResult, Completion, tool_call_body, usage
 from modelyard.api.schema import ChatCompletionRequest
 from modelyard.api.state import AppState
-from modelyard.platform.gate import Admission, Caller, Outcome, PlatformError, Usage
+from modelyard.platform.gate import Admission, Caller, Outcome, PlatformError, Ticket, Usage
 from modelyard.providers.base import ChatDelta, ChatRequest, ProviderError, StreamError
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter()
 
@@ -43,9 +52,11 @@ def _parse(body: bytes) -> ChatCompletionRequest:
     return payload
 
 
-def _to_chat_request(payload: ChatCompletionRequest, request_id: str) -> ChatRequest:
+def _to_chat_request(payload: ChatCompletionRequest, request_id: str,
+                     account_id: str | None = None) -> ChatRequest:
     return ChatRequest(
         request_id=request_id,
+        cache_scope=account_id,
         messages=[m.to_template_dict() for m in payload.messages],
         max_tokens=payload.requested_max_tokens,
         temperature=payload.temperature,
@@ -77,9 +88,14 @@ def _to_chat_request(payload: ChatCompletionRequest, request_id: str) -> ChatReq
     )
 
 
+CLIENT_CLOSED = 499
+"""The status recorded for a request whose client went away before its answer was sent
+(nginx's "client closed request"); a stream that was cut records the 200 it was sent."""
+
+
 @dataclass
 class _Bill:
-    """What a request has used so far, for its settlement."""
+    """What a request has used so far and how it ended, for its settlement."""
 
     state: AppState
     admission: Admission
@@ -87,6 +103,9 @@ class _Bill:
     started: float
     first_token_at: float | None = None
     last: ChatDelta | None = None
+    status: int = 500
+    """How the request ended: until something better is known, a failure of modelyard's."""
+    client_disconnected: bool = False
     settled: bool = False
 
     def sent(self, delta: ChatDelta) -> None:
@@ -96,7 +115,7 @@ class _Bill:
             delta = dataclasses.replace(delta, cached_tokens=self.last.cached_tokens)
         self.last = delta
 
-    def settle(self, status: int, *, client_disconnected: bool = False) -> None:
+    def settle(self) -> None:
         if self.settled:
             return
         self.settled = True
@@ -104,9 +123,9 @@ class _Bill:
         used = Usage(last.prompt_tokens, last.cached_tokens, last.completion_tokens,
                      last.reasoning_tokens) if last else Usage()
         ttft = self.first_token_at - self.started if self.first_token_at else None
-        outcome = Outcome(used, status, time.monotonic() - self.started, ttft, self.user,
+        outcome = Outcome(used, self.status, time.monotonic() - self.started, ttft, self.user,
                           estimated=bool(last and last.usage_estimated),
-                          client_disconnected=client_disconnected)
+                          client_disconnected=self.client_disconnected)
         self.state.run_in_background(self.state.gate.settle(self.admission, outcome))
 
 
@@ -117,55 +136,161 @@ def _as_api_error(exc: ProviderError | PlatformError) -> APIError:
     return APIError(exc.status, exc.message, param=exc.param, code=exc.code, headers=headers)
 
 
+def _internal_error(exc: BaseException) -> APIError:
+    """A bug: logged with a request id; the client gets only the id."""
+    request_id = os.urandom(16).hex()
+    logger.error("request %s failed", request_id, exc_info=exc)
+    return APIError(500, f"internal server error (request {request_id})", code="server_error")
+
+
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/api/v1/chat/completions"})
 
 
-@router.post("/v1/chat/completions")
-@router.post("/api/v1/chat/completions")
+class _ChatExchange(Response):
+    """The whole exchange as an ASGI response (what the FastAPI route answers with)."""
+
+    def __init__(self, state: AppState) -> None:
+        super().__init__()
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await handle_chat(self.state, scope, receive, send)
+
+
+@router.post("/v1/chat/completions", openapi_extra=request_body(ChatCompletionRequest))
+@router.post("/api/v1/chat/completions", openapi_extra=request_body(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     """The route as FastAPI sees it (its schema, its 405s); requests themselves take
-    `ChatLane`, which calls `answer_chat` directly."""
-    return await answer_chat(request.app.state.modelyard, request.state.caller,
-                             await request.body())
+    `ChatLane`, which calls `handle_chat` directly."""
+    return _ChatExchange(request.app.state.modelyard)
 
 
-async def answer_chat(state: AppState, caller: Caller, body: bytes) -> Response:
-    """A chat completion request's answer: a JSON body or an SSE stream."""
-    payload = _parse(body)
-    provider = state.providers.get(payload.model)
-    if provider is None or not state.gate.may_use(caller, payload.model):
-        raise APIError(404, f"the model '{payload.model}' does not exist or you do not have "
-                       f"access to it", param="model", code="model_not_found")
-    request_id = f"chatcmpl-{os.urandom(16).hex()}"
-    started = time.monotonic()
+async def handle_chat(state: AppState, scope: Scope, receive: Receive, send: Send) -> None:
+    """One chat completion request, from its check-in to its settlement."""
+    caller: Caller = scope["state"]["caller"]
+    reply = Reply(send)
     try:
-        prepared = await provider.prepare_chat(_to_chat_request(payload, request_id))
+        ticket = await state.gate.check_in(caller)
+    except PlatformError as exc:
+        await reply.error(_as_api_error(exc))
+        return
+    except Exception as exc:
+        await reply.error(_internal_error(exc))
+        return
+    try:
+        try:
+            body = await read_body(receive, scope["headers"], state.max_body_bytes,
+                                   state.body_timeout_s)
+        except APIError as exc:
+            await reply.error(exc)
+            return
+        await _Run(state, ticket, reply).serve(body, receive)
+    finally:
+        await state.gate.check_out(ticket)
+
+
+@dataclass
+class _Run:
+    """One request after its body was read: the work, and the watch for the client."""
+
+    state: AppState
+    ticket: Ticket
+    reply: Reply
+    bill: _Bill | None = None
+    deltas: AsyncIterator[ChatDelta] | None = None
+    client_gone: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+
+    async def serve(self, body: bytes, receive: Receive) -> None:
+        loop = asyncio.get_running_loop()
+        work = loop.create_task(self._work(body))
+        watch = loop.create_task(self._watch(receive, work))
+        try:
+            await work
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not self.client_gone or (current is not None and current.cancelling()):
+                self._ended(503)  # the server is shutting down
+                raise
+        finally:
+            watch.cancel()
+            await self._finish()
+
+    async def _watch(self, receive: Receive, work: asyncio.Task[None]) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not self.reply.finished:
+            self.client_gone = True
+            work.cancel()
+
+    def _ended(self, status: int) -> None:
+        if self.bill is not None and self.bill.status == 500:
+            self.bill.status = status
+
+    async def _work(self, body: bytes) -> None:
+        try:
+            await self._answer(body)
+        except (ProviderError, PlatformError) as exc:
+            await self._fail(_as_api_error(exc))
+        except APIError as exc:
+            await self._fail(exc)
+        except StreamError as exc:
+            await self._fail(APIError(500, str(exc), code="server_error"))
+        except asyncio.CancelledError:
+            if self.bill is not None and self.client_gone:
+                self.bill.client_disconnected = True
+                self.bill.status = 200 if self.reply.started else CLIENT_CLOSED
+            raise
+        except Exception as exc:  # a bug: a 500 (or the stream's error event), billed
+            await self._fail(_internal_error(exc))
+
+    async def _fail(self, error: APIError) -> None:
+        if self.bill is not None:
+            self.bill.status = error.status
+        error.headers = {**self.headers, **error.headers}
+        await self.reply.error(error)
+
+    async def _answer(self, body: bytes) -> None:
+        state = self.state
+        payload = _parse(body)
+        caller = self.ticket.caller
+        provider = state.providers.get(payload.model)
+        if provider is None or not state.gate.may_use(caller, payload.model):
+            raise APIError(404, f"the model '{payload.model}' does not exist or you do not "
+                           f"have access to it", param="model", code="model_not_found")
+        request_id = f"chatcmpl-{os.urandom(16).hex()}"
+        started = time.monotonic()
+        request = _to_chat_request(payload, request_id, caller.account_id)
+        n = payload.choices
+        prompt_bound = provider.prompt_token_bound(request)
+        max_bound = provider.max_tokens_bound(request)
+        if n > 1 and n * max_bound > state.max_request_tokens:
+            raise APIError(422, f"n ({n}) x max_tokens ({max_bound}) exceeds the "
+                           f"{state.max_request_tokens} completion tokens a request may ask "
+                           "for; lower n or max_tokens", param="n", code="request_too_large")
         # n choices may each generate max_tokens: the most the request can cost.
-        admission = await state.gate.admit(caller, payload.model, prepared.prompt_tokens,
-                                           prepared.max_tokens * payload.choices)
-    except (ProviderError, PlatformError) as exc:
-        raise _as_api_error(exc) from None
-    bill = _Bill(state, admission, payload.user, started)
-    try:
-        deltas = await provider.start_chat(prepared)
-    except ProviderError as exc:
-        bill.settle(exc.status)
-        error = _as_api_error(exc)
-        error.headers.update(admission.headers)
-        raise error from None
-    completion = Completion(request_id, int(time.time()), payload.model,
-                            state.system_fingerprint)
-    if payload.stream:
-        include_usage = bool(payload.stream_options and payload.stream_options.include_usage)
-        return EventStream(_stream(completion, deltas, payload.choices, include_usage, bill),
-                           headers={"Cache-Control": "no-cache", **admission.headers})
-    return await _collect(completion, deltas, payload.choices, bool(payload.logprobs), bill)
+        admission = await state.gate.admit(self.ticket, payload.model, prompt_bound,
+                                           max_bound * n)
+        self.headers = admission.headers
+        self.bill = _Bill(state, admission, payload.user, started)
+        prepared = await state.preparation.prepare(provider, request, prompt_bound)
+        if prepared.prompt_tokens > prompt_bound or prepared.max_tokens > max_bound:
+            logger.warning("%s: %d prompt and %d completion tokens exceed their bounds (%d, "
+                           "%d); the charge is capped at the reservation", payload.model,
+                           prepared.prompt_tokens, prepared.max_tokens, prompt_bound,
+                           max_bound)
+        self.deltas = await provider.start_chat(prepared)
+        completion = Completion(request_id, int(time.time()), payload.model,
+                                state.system_fingerprint)
+        if payload.stream:
+            include_usage = bool(payload.stream_options and payload.stream_options.include_usage)
+            await self._stream(completion, self.deltas, n, include_usage, self.bill)
+        else:
+            await self._collect(completion, self.deltas, n, bool(payload.logprobs), self.bill)
 
-
-async def _collect(completion: Completion, deltas: AsyncIterator[ChatDelta], n: int,
-                   logprobs: bool, bill: _Bill) -> Response:
-    choices = [ChoiceResult(i, logprobs=[] if logprobs else None) for i in range(n)]
-    try:
+    async def _collect(self, completion: Completion, deltas: AsyncIterator[ChatDelta], n: int,
+                       logprobs: bool, bill: _Bill) -> None:
+        choices = [ChoiceResult(i, logprobs=[] if logprobs else None) for i in range(n)]
         async for delta in deltas:
             choice = choices[delta.index]
             choice.parts.append(delta.text)
@@ -177,60 +302,56 @@ async def _collect(completion: Completion, deltas: AsyncIterator[ChatDelta], n: 
             if choice.logprobs is not None and delta.logprobs:
                 choice.logprobs.extend(delta.logprobs)
             bill.sent(delta)
-        bill.settle(200)
-    except StreamError as exc:
-        bill.settle(500)
-        raise APIError(500, str(exc), code="server_error") from None
-    finally:
-        bill.settle(200, client_disconnected=True)  # cancelled: the client went away
-        await _close(deltas)
-    last = bill.last
-    if last is None:
-        raise APIError(500, "the model produced no output", code="server_error")
-    return json_response(
-        completion.body(choices, usage(last.prompt_tokens, last.completion_tokens,
-                                       last.cached_tokens, last.reasoning_tokens)),
-        headers=bill.admission.headers)
-
-
-async def _stream(completion: Completion, deltas: AsyncIterator[ChatDelta], n: int,
-                  include_usage: bool, bill: _Bill) -> AsyncGenerator[bytes, None]:
-    try:
-        for index in range(n):
-            yield completion.chunk({"role": "assistant", "content": ""}, index=index)
-        try:
-            async for delta in deltas:
-                if delta.reasoning:
-                    yield completion.chunk({"reasoning_content": delta.reasoning},
-                                           index=delta.index)
-                if delta.text or delta.logprobs:
-                    yield completion.chunk({"content": delta.text}, index=delta.index,
-                                           logprobs=delta.logprobs)
-                if delta.tool_calls:
-                    yield completion.chunk(
-                        {"tool_calls": [tool_call_body(call) for call in delta.tool_calls]},
-                        index=delta.index)
-                if delta.finish_reason is not None:
-                    yield completion.chunk({}, delta.finish_reason, index=delta.index)
-                bill.sent(delta)  # reached only once the chunk was handed to the client
-        except StreamError as exc:
-            bill.settle(500)
-            yield sse(error_body(500, str(exc), code="server_error"))
-            yield SSE_DONE
-            return
         last = bill.last
-        bill.settle(200)
+        if last is None:
+            raise APIError(500, "the model produced no output", code="server_error")
+        bill.status = 200
+        await self.reply.json(
+            completion.body(choices, usage(last.prompt_tokens, last.completion_tokens,
+                                           last.cached_tokens, last.reasoning_tokens)),
+            headers=self.headers)
+
+    async def _stream(self, completion: Completion, deltas: AsyncIterator[ChatDelta], n: int,
+                      include_usage: bool, bill: _Bill) -> None:
+        reply = self.reply
+        await reply.open_stream(self.headers)
+        for index in range(n):
+            await reply.chunk(completion.chunk({"role": "assistant", "content": ""},
+                                               index=index))
+        async for delta in deltas:
+            if delta.reasoning:
+                await reply.chunk(completion.chunk({"reasoning_content": delta.reasoning},
+                                                   index=delta.index))
+            if delta.text or delta.logprobs:
+                await reply.chunk(completion.chunk({"content": delta.text}, index=delta.index,
+                                                   logprobs=delta.logprobs))
+            if delta.tool_calls:
+                await reply.chunk(completion.chunk(
+                    {"tool_calls": [tool_call_body(call) for call in delta.tool_calls]},
+                    index=delta.index))
+            if delta.finish_reason is not None:
+                await reply.chunk(completion.chunk({}, delta.finish_reason, index=delta.index))
+            bill.sent(delta)  # reached only once the chunk was handed to the client
+        last = bill.last
+        bill.status = 200
         if include_usage and last is not None:
-            yield completion.usage_chunk(usage(last.prompt_tokens, last.completion_tokens,
-                                               last.cached_tokens, last.reasoning_tokens))
-        yield SSE_DONE
-    finally:
+            await reply.chunk(completion.usage_chunk(usage(
+                last.prompt_tokens, last.completion_tokens, last.cached_tokens,
+                last.reasoning_tokens)))
+        await reply.close_stream(SSE_DONE)
+
+    async def _finish(self) -> None:
+        """Settle the bill and stop the model, whatever happened."""
+        bill, deltas = self.bill, self.deltas
+        if bill is None:
+            return
         drain = getattr(deltas, "drain_usage", None)
-        if drain is not None and not bill.settled:
+        if self.client_gone and drain is not None and not bill.settled:
             # an upstream goes on generating: read its usage (bounded) for the bill
-            bill.state.run_in_background(_settle_after_drain(drain, bill))
-        else:
-            bill.settle(200, client_disconnected=True)  # the client went away mid-stream
+            self.state.run_in_background(_settle_after_drain(drain, bill))
+            return
+        bill.settle()
+        if deltas is not None:
             await _close(deltas)
 
 
@@ -241,7 +362,7 @@ async def _settle_after_drain(drain: Callable[[float], Awaitable[ChatDelta | Non
         if counts is not None:
             bill.sent(counts)
     finally:
-        bill.settle(200, client_disconnected=True)
+        bill.settle()
 
 
 async def _close(deltas: AsyncIterator[ChatDelta]) -> None:

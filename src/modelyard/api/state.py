@@ -11,6 +11,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from modelyard.api.preparation import Preparation
+from modelyard.api.reply import body_cap
 from modelyard.platform.gate import Gate, OpenGate
 from modelyard.platform.money import Price
 from modelyard.providers.base import Provider
@@ -29,7 +31,19 @@ class AppState:
     started: int = field(default_factory=lambda: int(time.time()))
     engine: Provider | None = None
     """The built-in engine's provider when it runs, listed under its own id or not."""
+    max_body_bytes: int = 0
+    """The largest chat request body read (a 413 beyond); 0: derived from the contexts."""
+    body_timeout_s: float = 30.0
+    """How long a chat request's body may take to arrive (a 408 beyond)."""
+    max_request_tokens: int = 32768
+    """The most completion tokens a request with several choices may ask for in all."""
+    preparation: Preparation = field(default_factory=Preparation)
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes == 0:
+            contexts = [provider.context_limit() for provider in self.closing_order()]
+            self.max_body_bytes = body_cap([c for c in contexts if c is not None])
 
     def run_in_background(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         """Run work that must finish even if the request's own task is cancelled."""

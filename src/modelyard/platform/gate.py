@@ -1,16 +1,20 @@
 """The Gate interface: the platform's checkpoints on a request's path.
 
-The HTTP layer asks the gate, in order: who is calling (`authenticate`), may they use this
-model (`may_use`), may this request run now and at what maximum cost (`admit`: rate limits,
-then a balance reservation), and, after the response or its failure, what it really cost
-(`settle`). `OpenGate` is the embedded default with no keys or money; the accounts-backed
-gate plugs in behind the same interface.
+The HTTP layer asks the gate, in order: who is calling (`authenticate`), may this request
+come in at all (`check_in`, before its body is read: the key's request rate and its and its
+account's requests in flight), may they use this model (`may_use`), may it run and at what
+maximum cost (`admit`: the token rate, then a balance reservation, from upper bounds of the
+prompt and completion that cost nothing to compute), and, after the response or its
+failure, what it really cost (`settle`) and that it is over (`check_out`, exactly once per
+ticket, whether or not the request was admitted). `OpenGate` is the embedded default with
+no keys or money; the accounts-backed gate plugs in behind the same interface.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class PlatformError(Exception):
@@ -39,6 +43,19 @@ class Caller:
     tpm: int | None = None
 
 
+@dataclass
+class Ticket:
+    """A request let in before its body is read (`check_in`): what it holds of its key's
+    limits until `check_out`."""
+
+    caller: Caller
+    headers: dict[str, str] = field(default_factory=dict)
+    """x-ratelimit-* headers of the request rate."""
+    slot: Any = None
+    """The gate's hold on the request's place in flight, if any."""
+    checked_out: bool = False
+
+
 @dataclass(frozen=True)
 class Admission:
     """A request allowed to run: its reservation and the headers to send back."""
@@ -50,6 +67,8 @@ class Admission:
     reserved: int = 0
     """The maximum cost held, in micro-units."""
     max_tokens: int = 0
+    prompt_tokens: int = 0
+    """The prompt's upper bound the token rate was charged for."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +85,9 @@ class Outcome:
 
     usage: Usage
     status: int
-    """HTTP status of the response (200 also for a stream whose client went away)."""
+    """HTTP status the request ended with: the response's, 200 for a stream whose client
+    went away, the status of the error event that ended a stream, 499 when the client went
+    away before a non-streamed answer was sent."""
     latency_s: float
     ttft_s: float | None = None
     user: str | None = None
@@ -83,10 +104,19 @@ class Gate(ABC):
     def may_use(self, caller: Caller, model: str) -> bool:
         return caller.allowed_models is None or model in caller.allowed_models
 
+    async def check_in(self, caller: Caller) -> Ticket:
+        """Before the body is read: the request rate and the requests in flight (429)."""
+        return Ticket(caller)
+
+    async def check_out(self, ticket: Ticket) -> None:
+        """The request is over (answered, refused or abandoned); idempotent."""
+        ticket.checked_out = True
+
     @abstractmethod
-    async def admit(self, caller: Caller, model: str, prompt_tokens: int,
+    async def admit(self, ticket: Ticket, model: str, prompt_tokens: int,
                     max_tokens: int) -> Admission:
-        """Apply rate limits (429) and reserve the maximum cost (402), or raise."""
+        """Apply the token rate (429) and reserve the maximum cost (402), or raise.
+        `prompt_tokens` and `max_tokens` are upper bounds (all choices together)."""
 
     @abstractmethod
     async def settle(self, admission: Admission, outcome: Outcome) -> None:
@@ -110,9 +140,9 @@ class OpenGate(Gate):
                                 code="invalid_api_key")
         return Caller()
 
-    async def admit(self, caller: Caller, model: str, prompt_tokens: int,
+    async def admit(self, ticket: Ticket, model: str, prompt_tokens: int,
                     max_tokens: int) -> Admission:
-        return Admission(caller, model)
+        return Admission(ticket.caller, model)
 
     async def settle(self, admission: Admission, outcome: Outcome) -> None:
         return None

@@ -6,14 +6,18 @@ limit and then proceeds at the steady rate; there is no window edge to game. A r
 takes 1 from the request bucket and `prompt_tokens + max_tokens` from the token bucket,
 from both or from neither; after it ends, the tokens it did not generate go back.
 
-`MemoryLimiter` keeps the buckets in the process (the default, one gateway). The Redis
-limiter (`redis_limits.py`) runs the same arithmetic in a Lua script, so the limit holds
-across gateways.
+Besides the rates, a key and its account may each have only so many requests in flight
+at once: `enter` takes a `Slot` in both counts (or refuses), `leave` gives it back.
+
+`MemoryLimiter` keeps the buckets and counts in the process (the default, one gateway). The
+Redis limiter (`redis_limits.py`) runs the same arithmetic in Lua scripts, so the limits
+hold across gateways.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -30,6 +34,36 @@ class Limits:
     @property
     def any(self) -> bool:
         return self.rpm is not None or self.tpm is not None
+
+
+@dataclass(frozen=True)
+class Concurrency:
+    """The most requests in flight at once for a key and for its account (None: any)."""
+
+    key: int | None = None
+    account: int | None = None
+
+    @property
+    def any(self) -> bool:
+        return self.key is not None or self.account is not None
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One request's place in its key's and its account's in-flight counts."""
+
+    key_id: str
+    account_id: str
+    id: str
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What `enter` answered: a slot, or which count is full ("key" or "account")."""
+
+    slot: Slot | None
+    full: str | None = None
+    limit: int = 0
 
 
 @dataclass(frozen=True)
@@ -98,6 +132,17 @@ class Limiter(ABC):
     async def refund(self, key_id: str, limits: Limits, tokens: int) -> None:
         """Give back tokens a request took but did not use."""
 
+    @abstractmethod
+    async def enter(self, key_id: str, account_id: str, limits: Concurrency) -> Entry:
+        """Count one more request in flight for the key and its account, or refuse."""
+
+    @abstractmethod
+    async def leave(self, slot: Slot) -> None:
+        """The request holding `slot` ended (call once per slot)."""
+
+    async def keep(self, slots: list[Slot], ttl_s: float) -> None:  # noqa: B027
+        """Keep running requests' slots from expiring (only slots kept elsewhere expire)."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections at shutdown."""
 
@@ -109,6 +154,31 @@ class MemoryLimiter(Limiter):
         self._clock = clock or time.monotonic
         self._requests: dict[str, Bucket] = {}
         self._tokens: dict[str, Bucket] = {}
+        self._in_flight: dict[str, int] = {}
+        """By key id and by "account:" + account id."""
+
+    def in_flight(self, key_id: str) -> int:
+        return self._in_flight.get(key_id, 0)
+
+    async def enter(self, key_id: str, account_id: str, limits: Concurrency) -> Entry:
+        counts = self._in_flight
+        account = "account:" + account_id
+        if limits.key is not None and counts.get(key_id, 0) >= limits.key:
+            return Entry(None, "key", limits.key)
+        if limits.account is not None and counts.get(account, 0) >= limits.account:
+            return Entry(None, "account", limits.account)
+        counts[key_id] = counts.get(key_id, 0) + 1
+        counts[account] = counts.get(account, 0) + 1
+        return Entry(Slot(key_id, account_id, ""))
+
+    async def leave(self, slot: Slot) -> None:
+        counts = self._in_flight
+        for name in (slot.key_id, "account:" + slot.account_id):
+            left = counts.get(name, 0) - 1
+            if left > 0:
+                counts[name] = left
+            else:
+                counts.pop(name, None)
 
     async def acquire(self, key_id: str, limits: Limits, tokens: int) -> Decision:
         now = self._clock()
@@ -156,3 +226,8 @@ def headers(decision: Decision) -> dict[str, str]:
         retry = SECONDS_PER_MINUTE if decision.too_large else decision.retry_after_s
         out["Retry-After"] = str(max(1, math.ceil(retry)))
     return out
+
+
+def slot_id() -> str:
+    """A new slot's id (for limiters that name their slots)."""
+    return os.urandom(8).hex()

@@ -5,6 +5,11 @@ decision is atomic however many gateways ask at once; the clock is Redis's own (
 so gateways' clocks never disagree about a refill. Both buckets of a key share a hash tag,
 so they live on one Redis Cluster slot. Idle buckets expire after two minutes (a full
 bucket needs one).
+
+Requests in flight are members of two sorted sets (the key's and its account's, which share
+the account's hash tag), scored by when they expire: a gateway keeps pushing its own
+requests' expiry forward (`keep`), so one that crashed leaves nothing behind for longer
+than `SLOT_TTL_S`.
 """
 
 from __future__ import annotations
@@ -14,9 +19,20 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from modelyard.platform.limits import Decision, Limiter, Limits, bucket_state
+from modelyard.platform.limits import (
+    Concurrency,
+    Decision,
+    Entry,
+    Limiter,
+    Limits,
+    Slot,
+    bucket_state,
+    slot_id,
+)
 
 BUCKET_TTL_S = 120
+SLOT_TTL_S = 60
+"""How long a request's slot outlives the last sign of life of its gateway."""
 
 _REFILL = """
 local now_parts = redis.call('TIME')
@@ -64,6 +80,35 @@ store(KEYS[2], math.min(tpm, level(KEYS[2], tpm) + tonumber(ARGV[3])))
 return 1
 """
 
+ENTER = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
+local limits = {tonumber(ARGV[1]), tonumber(ARGV[2])}
+for i = 1, 2 do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', string.format('%.6f', now))
+end
+for i = 1, 2 do
+  if limits[i] > 0 and redis.call('ZCARD', KEYS[i]) >= limits[i] then return i end
+end
+local ttl = tonumber(ARGV[4])
+for i = 1, 2 do
+  redis.call('ZADD', KEYS[i], string.format('%.6f', now + ttl), ARGV[3])
+  redis.call('EXPIRE', KEYS[i], math.ceil(ttl) + 1)
+end
+return 0
+"""
+
+KEEP = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
+local ttl = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  redis.call('ZADD', KEYS[i], 'XX', string.format('%.6f', now + ttl), ARGV[i + 1])
+  redis.call('EXPIRE', KEYS[i], math.ceil(ttl) + 1)
+end
+return 1
+"""
+
 
 class LimiterUnavailable(RuntimeError):
     """Redis could not be reached or answered an error."""
@@ -75,6 +120,8 @@ class RedisLimiter(Limiter):
         self._prefix = prefix
         self._acquire = self._redis.register_script(ACQUIRE)
         self._refund = self._redis.register_script(REFUND)
+        self._enter = self._redis.register_script(ENTER)
+        self._keep = self._redis.register_script(KEEP)
 
     def _keys(self, key_id: str) -> list[str]:
         tag = f"{self._prefix}:ratelimit:{{{key_id}}}"
@@ -102,6 +149,45 @@ class RedisLimiter(Limiter):
         try:
             await self._refund(keys=self._keys(key_id),
                                args=[0, limits.tpm, tokens, BUCKET_TTL_S])
+        except RedisError as exc:
+            raise LimiterUnavailable(str(exc)) from exc
+
+    def _slot_keys(self, key_id: str, account_id: str) -> list[str]:
+        tag = f"{self._prefix}:inflight:{{{account_id}}}"
+        return [f"{tag}:key:{key_id}", f"{tag}:account"]
+
+    async def enter(self, key_id: str, account_id: str, limits: Concurrency) -> Entry:
+        slot = Slot(key_id, account_id, slot_id())
+        try:
+            full = int(await self._enter(
+                keys=self._slot_keys(key_id, account_id),
+                args=[limits.key or 0, limits.account or 0, slot.id, SLOT_TTL_S]))
+        except RedisError as exc:
+            raise LimiterUnavailable(str(exc)) from exc
+        if full == 1:
+            return Entry(None, "key", limits.key or 0)
+        if full == 2:
+            return Entry(None, "account", limits.account or 0)
+        return Entry(slot)
+
+    async def leave(self, slot: Slot) -> None:
+        key_set, account_set = self._slot_keys(slot.key_id, slot.account_id)
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.zrem(key_set, slot.id)
+                pipe.zrem(account_set, slot.id)
+                await pipe.execute()
+        except RedisError as exc:
+            raise LimiterUnavailable(str(exc)) from exc
+
+    async def keep(self, slots: list[Slot], ttl_s: float = SLOT_TTL_S) -> None:
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for slot in slots:
+                    keys = self._slot_keys(slot.key_id, slot.account_id)
+                    await self._keep(keys=keys, args=[ttl_s, slot.id, slot.id],
+                                     client=pipe)
+                await pipe.execute()
         except RedisError as exc:
             raise LimiterUnavailable(str(exc)) from exc
 

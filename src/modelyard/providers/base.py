@@ -17,7 +17,6 @@ from typing import Any
 
 import orjson
 
-
 DEFAULT_MAX_TOKENS_BOUND = 32768
 """A completion's bound when neither the request nor the model's context sets one."""
 
@@ -57,7 +56,8 @@ class ChatRequest:
     stream: bool = False
     """Whether the client asked for a stream (an upstream is asked the same way)."""
     cache_scope: str | None = None
-    """Who may share cached prompt prefixes with this request (the caller's account)."""
+    """Who may share prefix-cache cells with this request (the caller's account); None
+    shares with every request that also has none."""
 
 
 @dataclass(frozen=True)
