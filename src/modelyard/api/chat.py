@@ -2,10 +2,12 @@
 
 The order keeps every cost behind the limit that pays for it: the key's request rate and
 requests in flight are checked before its body is read (`check_in`); the body is read
-within a size cap and a deadline; the prompt's and completion's token counts are bounded
-without rendering anything, and the token rate and balance are charged for those bounds
-(`admit`); only then is the request prepared (rendered, tokenized, its grammar compiled),
-off the event loop (`preparation.py`), and run.
+within a size cap and a deadline; the prompt's token count is bounded without rendering
+anything. A small request without tools or a response format is then prepared at once (it
+costs less than a millisecond) and admitted for its exact counts; any other is admitted
+first, the token rate and balance charged for upper bounds of its prompt and completion
+(`admit`), and only then prepared (rendered, tokenized, its grammar compiled), off the
+event loop, a few at a time, within a time budget (`preparation.py`).
 
 From admission on, one try/finally owns the bill: whatever ends the request (its answer,
 a refusal, an error in the model or in modelyard, the client going away, the server
@@ -32,12 +34,19 @@ from starlette.types import Receive, Scope, Send
 
 from modelyard.api.errors import APIError, from_validation_error
 from modelyard.api.openapi import request_body
+from modelyard.api.preparation import cheap
 from modelyard.api.reply import Reply, read_body
 from modelyard.api.responses import SSE_DONE, ChoiceResult, Completion, tool_call_body, usage
 from modelyard.api.schema import ChatCompletionRequest
 from modelyard.api.state import AppState
 from modelyard.platform.gate import Admission, Caller, Outcome, PlatformError, Ticket, Usage
-from modelyard.providers.base import ChatDelta, ChatRequest, ProviderError, StreamError
+from modelyard.providers.base import (
+    ChatDelta,
+    ChatRequest,
+    PreparedChat,
+    ProviderError,
+    StreamError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -262,23 +271,29 @@ class _Run:
         started = time.monotonic()
         request = _to_chat_request(payload, request_id, caller.account_id)
         n = payload.choices
-        prompt_bound = provider.prompt_token_bound(request)
-        max_bound = provider.max_tokens_bound(request)
-        if n > 1 and n * max_bound > state.max_request_tokens:
-            raise APIError(422, f"n ({n}) x max_tokens ({max_bound}) exceeds the "
+        prompt_tokens = provider.prompt_token_bound(request)
+        prepared: PreparedChat | None = None
+        if cheap(request, prompt_tokens):  # exact counts for less than a thread costs
+            prepared = await provider.prepare_chat(request)
+            prompt_tokens, max_tokens = prepared.prompt_tokens, prepared.max_tokens
+        else:  # upper bounds now; the work once the request is paid for, off the loop
+            max_tokens = provider.max_tokens_bound(request)
+        if n > 1 and n * max_tokens > state.max_request_tokens:
+            raise APIError(422, f"n ({n}) x max_tokens ({max_tokens}) exceeds the "
                            f"{state.max_request_tokens} completion tokens a request may ask "
                            "for; lower n or max_tokens", param="n", code="request_too_large")
         # n choices may each generate max_tokens: the most the request can cost.
-        admission = await state.gate.admit(self.ticket, payload.model, prompt_bound,
-                                           max_bound * n)
+        admission = await state.gate.admit(self.ticket, payload.model, prompt_tokens,
+                                           max_tokens * n)
         self.headers = admission.headers
         self.bill = _Bill(state, admission, payload.user, started)
-        prepared = await state.preparation.prepare(provider, request, prompt_bound)
-        if prepared.prompt_tokens > prompt_bound or prepared.max_tokens > max_bound:
-            logger.warning("%s: %d prompt and %d completion tokens exceed their bounds (%d, "
-                           "%d); the charge is capped at the reservation", payload.model,
-                           prepared.prompt_tokens, prepared.max_tokens, prompt_bound,
-                           max_bound)
+        if prepared is None:
+            prepared = await state.preparation.prepare(provider, request)
+            if prepared.prompt_tokens > prompt_tokens or prepared.max_tokens > max_tokens:
+                logger.warning("%s: %d prompt and %d completion tokens exceed their bounds "
+                               "(%d, %d); the charge is capped at the reservation",
+                               payload.model, prepared.prompt_tokens, prepared.max_tokens,
+                               prompt_tokens, max_tokens)
         self.deltas = await provider.start_chat(prepared)
         completion = Completion(request_id, int(time.time()), payload.model,
                                 state.system_fingerprint)

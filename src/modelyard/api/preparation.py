@@ -9,7 +9,8 @@ the cause. A thread cannot be stopped, so the work of a request refused that way
 in its worker, but it holds no more than that worker, and requests still waiting are dropped.
 
 Small requests without tools or a response format (what nearly every request is) are
-prepared on the event loop: their preparation costs less than the hand-over to a thread.
+`cheap`: their preparation costs less than the hand-over to a thread, so they are prepared
+on the event loop, before admission, and reserve their exact cost.
 
 `prepare_chat` is a coroutine for the providers' sake, but must not wait on anything: in a
 worker it runs to its end without an event loop.
@@ -26,9 +27,9 @@ from modelyard.providers.base import ChatRequest, PreparedChat, Provider, Provid
 
 T = TypeVar("T")
 
-INLINE_PROMPT_BOUND = 4096
+CHEAP_PROMPT_BOUND = 4096
 """Prompts bounded by this many tokens, without tools or a response format, are prepared on
-the event loop."""
+the event loop (in well under a millisecond)."""
 
 RETRY_AFTER_SECONDS = 1
 
@@ -58,11 +59,8 @@ class Preparation:
                 self.concurrency, thread_name_prefix="modelyard-prepare")
         return self._pool
 
-    async def prepare(self, provider: Provider, request: ChatRequest,
-                      prompt_bound: int) -> PreparedChat:
-        if (prompt_bound <= INLINE_PROMPT_BOUND and not request.tools
-                and request.response_format is None):
-            return await provider.prepare_chat(request)
+    async def prepare(self, provider: Provider, request: ChatRequest) -> PreparedChat:
+        """`provider.prepare_chat(request)` in a worker thread, within the time budget."""
         future = self._executor().submit(lambda: drive(provider.prepare_chat(request)))
         waited = asyncio.wrap_future(future)
         waited.add_done_callback(_retrieve)  # also when nobody waits for it any more
@@ -90,3 +88,9 @@ class Preparation:
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
+
+
+def cheap(request: ChatRequest, prompt_bound: int) -> bool:
+    """Whether preparing the request costs too little to be worth a thread or a bound."""
+    return (prompt_bound <= CHEAP_PROMPT_BOUND and not request.tools
+            and request.response_format is None)
