@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from modelyard.api.errors import APIError, from_validation_error
+from modelyard.api.openapi import request_body
 from modelyard.api.routes import json_response
 from modelyard.api.state import AppState
 from modelyard.platform import accounts as ops
@@ -146,7 +147,7 @@ async def list_accounts(request: Request) -> Response:
     return _listing([account_json(a) for a in found])
 
 
-@router.post("/accounts")
+@router.post("/accounts", openapi_extra=request_body(NewAccount))
 async def create_account(request: Request) -> Response:
     db = _database(request)
     body = await _body(request, NewAccount)
@@ -159,7 +160,7 @@ async def get_account(request: Request, name: str) -> Response:
     return json_response(account_json(await _run(ops.get_account(_database(request), name))))
 
 
-@router.post("/accounts/{name}/topup")
+@router.post("/accounts/{name}/topup", openapi_extra=request_body(TopUp))
 async def top_up(request: Request, name: str) -> Response:
     db = _database(request)
     body = await _body(request, TopUp)
@@ -173,7 +174,7 @@ async def list_keys(request: Request, account: str | None = None) -> Response:
     return _listing([key_json(k) for k in found])
 
 
-@router.post("/keys")
+@router.post("/keys", openapi_extra=request_body(NewKey))
 async def create_key(request: Request) -> Response:
     db = _database(request)
     body = await _body(request, NewKey)
