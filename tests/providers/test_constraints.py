@@ -143,7 +143,7 @@ def test_tools_with_defs_compile_under_every_tool_choice(
     assert work.constraint is not None
 
 
-def test_auto_with_a_response_format_still_compiles(
+def test_required_with_a_response_format_compiles(
         compiler: tuple[GrammarCompiler, ToolTokens]) -> None:
     grammar, tokens = compiler
     fmt = {"type": "json_schema", "json_schema": {"schema": WeatherQuery.model_json_schema()}}

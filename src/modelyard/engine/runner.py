@@ -11,6 +11,7 @@ import ctypes
 import os
 import sys
 import threading
+import warnings
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,18 +127,32 @@ class LlamaRunner:
 
     # -- vocabulary ----------------------------------------------------------------------
 
-    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+    def tokenize(self, text: str, *, add_special: bool = True, special: bool = True) -> list[int]:
+        """`special`: control tokens' text becomes those tokens (template markup); False
+        keeps it text (what a client wrote)."""
         data = text.encode("utf-8")
         capacity = len(data) + 8
         buffer = (llama_cpp.llama_token * capacity)()
         n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, capacity,
-                                     add_special, True)
+                                     add_special, special)
         if n < 0:
             capacity = -n
             buffer = (llama_cpp.llama_token * capacity)()
             n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, capacity,
-                                         add_special, True)
+                                         add_special, special)
         return list(buffer[:n])
+
+    def control_token_texts(self) -> list[str]:
+        """The texts that tokenize to a control (or unknown) token only when special tokens
+        are parsed: `<|im_start|>`, `<|endoftext|>` ..."""
+        mask = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+        texts = []
+        for token in range(self.n_vocab):
+            if llama_cpp.llama_vocab_get_attr(self._vocab, token) & mask:
+                raw = llama_cpp.llama_vocab_get_text(self._vocab, token)
+                if raw:
+                    texts.append(raw.decode("utf-8", "replace"))
+        return texts
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes a token stands for; special tokens (end of turn and such) give b''."""
@@ -170,7 +185,10 @@ class LlamaRunner:
 
     def grammar_tokenizer(self) -> llguidance.LLTokenizer:
         """The vocabulary as llguidance needs it for constrained decoding (about a second)."""
-        return llguidance.llamacpp.lltokenizer_from_vocab(self._vocab)
+        with warnings.catch_warnings():
+            # llguidance reads token attributes through a name llama-cpp-python deprecates
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return llguidance.llamacpp.lltokenizer_from_vocab(self._vocab)
 
     def chat_template(self) -> str | None:
         template = llama_cpp.llama_model_chat_template(self._model, None)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from modelyard.chat.reasoning import reasoning_tags
+from modelyard.chat.shield import Prompt, SpecialTextShield
 from modelyard.chat.template import ChatTemplate, TemplateError
 from modelyard.chat.tool_parsers import TOOL_PARSERS, TaggedJsonToolParser, tool_family
 from modelyard.config import Config, SamplingDefaults
@@ -89,6 +90,7 @@ class LocalProvider(Provider):
             bos_token=self.runner.token_text(self.runner.bos_id),
             eos_token=self.runner.token_text(self.runner.eos_id),
         )
+        self.shield = SpecialTextShield(self.runner.control_token_texts())
         self.grammar = GrammarCompiler(self.runner.grammar_tokenizer(), self.runner.n_vocab)
         self.tool_family = tool_family(self.template.source)
         self.tool_tokens = self._tool_tokens()
@@ -129,15 +131,22 @@ class LocalProvider(Provider):
             return None  # the tags are not single tokens: no constrained calls
         return ToolTokens(opening[0], closing[0])
 
-    def render_prompt(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+    def render_prompt(self, messages: list[dict[str, Any]], **kwargs: Any) -> Prompt:
+        """The template's rendering, cut into its own markup and the request's text (see
+        chat/shield.py: special-token text in the request stays text)."""
         try:
-            return self.template.render(messages, **kwargs)
+            return self.shield.render(self.template.render, messages, **kwargs)
         except TemplateError as exc:
             raise ProviderError(422, str(exc), param="messages", code="invalid_value") from exc
 
-    def tokenize_prompt(self, prompt: str) -> list[int]:
-        add_bos = self.runner.add_bos and not self.template_starts_with_bos(prompt)
-        return self.runner.tokenize(prompt, add_special=add_bos)
+    def tokenize_prompt(self, prompt: Prompt) -> list[int]:
+        """Markup with special tokens parsed, the request's special-token text as text."""
+        add_bos = self.runner.add_bos and not self.template_starts_with_bos(prompt.text)
+        ids: list[int] = []
+        for index, piece in enumerate(prompt.pieces):
+            ids += self.runner.tokenize(piece.text, add_special=add_bos and index == 0,
+                                        special=piece.special)
+        return ids
 
     def template_starts_with_bos(self, prompt: str) -> bool:
         bos = self.runner.token_text(self.runner.bos_id)
@@ -183,7 +192,8 @@ class LocalProvider(Provider):
         bias.update({token: float("-inf") for token in work.banned_tokens})
         params = dataclasses.replace(params, logit_bias=bias,
                                      thinking_budget=work.thinking_budget)
-        inside = self.think_tags is not None and prompt.rstrip().endswith(self.think_tags.open)
+        inside = (self.think_tags is not None
+                  and prompt.text.rstrip().endswith(self.think_tags.open))
         return PreparedChat(request, len(prompt_ids), params.max_tokens,
                             _LocalWork(prompt_ids, params, work, inside))
 
