@@ -67,6 +67,12 @@ def gateway(server: RunningServer, api_key: str, fault: str,
             _model("fault/logprobs", _deployment(fault, "logprobs:L")),
             _model("fault/drip", _deployment(fault, "drip=40:D")),
             _model("fault/capped", _deployment(fault, "drip=40:C", max_concurrency=1)),
+            _model("fault/comments", _deployment(fault, "comments:P", total_timeout=1.0)),
+            _model("fault/continue", _deployment(fault, "continue:K")),
+            _model("fault/hangup", _deployment(fault, "hangup")),
+            _model("fault/nulllogprob", _deployment(fault, "nulllogprob:Q")),
+            *(_model(f"fault/leak-{status}", _deployment(fault, f"leak={status}"))
+              for status in (400, 401, 500)),
         ])
     os.environ["MODELYARD_TEST_UPSTREAM_KEY"] = api_key
     try:
@@ -87,6 +93,12 @@ def sdk(gateway: RunningServer) -> Iterator[openai.OpenAI]:
 def _received(fault: str) -> list[dict[str, Any]]:
     received: list[dict[str, Any]] = httpx.get(f"{fault}/requests", timeout=5).json()
     return received
+
+
+def _message(error: openai.APIStatusError) -> str:
+    """The error body's own message (the SDK's `message` adds the status before it)."""
+    message: str = error.body["message"]  # type: ignore[index]
+    return message
 
 
 def _say(sdk: openai.OpenAI, model: str, **kwargs: Any) -> str:
@@ -154,25 +166,87 @@ def test_a_reset_mid_stream_ends_with_an_error_event_and_is_not_retried(
     text = ""
     stream = sdk.chat.completions.create(model="fault/reset", stream=True,
                                          messages=[{"role": "user", "content": "hi"}])
-    with pytest.raises(openai.APIError, match="connection failed"):
+    with pytest.raises(openai.APIError, match=r"the upstream deployment failed \(request "
+                       r"chatcmpl-[0-9a-f]+\)"):
         for chunk in stream:
             text += chunk.choices[0].delta.content or "" if chunk.choices else ""
     assert text == "ab"
     assert len(_received(fault)) == 1
 
 
-def test_failures_before_the_first_byte(sdk: openai.OpenAI) -> None:
+def test_failures_before_the_first_byte(sdk: openai.OpenAI, fault: str) -> None:
     # A stream must start within the first-token timeout; a whole answer (the client did
-    # not stream, nor is the upstream asked to) must come within the total timeout.
-    cases = [("fault/malformed", False), ("fault/malformed", True), ("fault/429", False),
-             ("fault/429", True), ("fault/slow", True), ("fault/slow-whole", False)]
+    # not stream, nor is the upstream asked to) must come within the total timeout. An
+    # upstream that hangs up after reading the request is not asked again.
+    cases = [("fault/429", False), ("fault/429", True), ("fault/slow", True),
+             ("fault/slow-whole", False), ("fault/hangup", False), ("fault/hangup", True)]
     for model, stream in cases:
+        httpx.delete(f"{fault}/requests", timeout=5)
         with pytest.raises(openai.APIStatusError) as failed:
             _say(sdk, model, stream=stream) if not stream else list(
                 sdk.chat.completions.create(model=model, stream=True,
                                             messages=[{"role": "user", "content": "hi"}]))
         assert failed.value.status_code == 503, model
         assert failed.value.response.headers["retry-after"]
+        assert len(_received(fault)) == 1, model
+    # An answer that came but cannot be read was generated: a 502, not asked again.
+    for stream in (False, True):
+        with pytest.raises(openai.APIStatusError) as failed:
+            _say(sdk, "fault/malformed", stream=stream) if not stream else list(
+                sdk.chat.completions.create(model="fault/malformed", stream=True,
+                                            messages=[{"role": "user", "content": "hi"}]))
+        assert failed.value.status_code == 502
+        assert failed.value.type == "server_error" and failed.value.code == "upstream_error"
+        assert _message(failed.value).startswith("the upstream deployment failed (request ")
+
+
+def test_upstream_errors_reach_clients_without_the_upstreams_details(
+        sdk: openai.OpenAI, fault: str) -> None:
+    """An upstream's base URL and raw error body stay in the gateway's log: a refusal of
+    the client's own request passes on sanitized, our key refused is a 502, a failure a
+    503, each naming the request."""
+    leaked = ("10.9.8.7", "gpu-7", "sk-live", "http", fault.removeprefix("http://"))
+    expected = {400: (400, "the upstream rejected the request: "), 401: (502, "the upstream "
+                "deployment failed (request chatcmpl-"), 500: (503, "no deployment of "
+                "fault/leak-500 could answer (request chatcmpl-")}
+    for status, (answer, prefix) in expected.items():
+        with pytest.raises(openai.APIStatusError) as failed:
+            _say(sdk, f"fault/leak-{status}")
+        assert failed.value.status_code == answer, status
+        message = _message(failed.value)
+        assert message.startswith(prefix), message
+        assert not any(word in message for word in leaked), message
+        if status == 400:  # the refusal's own words, sanitized, are kept for the client
+            assert message.endswith("max_tokens is too large")
+            assert failed.value.body["param"] == "max_tokens"  # type: ignore[index]
+
+
+def test_an_upstream_breaking_its_stream_ends_it_with_the_error_event(
+        sdk: openai.OpenAI, gateway: RunningServer) -> None:
+    """SSE comments for ever past the total timeout, and an event with `"logprob": null`:
+    the stream ends with SPEC.md's error event, and the request is settled (its usage
+    record written), so no reservation is left behind."""
+    for model, match in (("fault/comments", "timed out"), ("fault/nulllogprob", "failed")):
+        text = ""
+        started = time.monotonic()
+        stream = sdk.chat.completions.create(model=model, stream=True, logprobs=True,
+                                             messages=[{"role": "user", "content": "hi"}])
+        with pytest.raises(openai.APIError, match=f"the upstream deployment {match}"):
+            for chunk in stream:
+                text += chunk.choices[0].delta.content or "" if chunk.choices else ""
+        assert text in ("P", "Q") and time.monotonic() - started < 10
+        deadline = time.monotonic() + 10
+        while True:
+            records = gateway.admin("GET", "/usage/records?account=upstreams&limit=1")["data"]
+            if records and records[0]["model"] == model:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert records[0]["status"] >= 500 and records[0]["client_disconnected"] is False
+    with pytest.raises(openai.APIStatusError) as failed:  # whole: an unreadable answer
+        _say(sdk, "fault/nulllogprob", logprobs=True)
+    assert failed.value.status_code == 502
+    assert _say(sdk, "fault/continue") == "K"  # 100 Continue and 103 heads skipped
 
 
 def test_vllm_profile_translation_on_the_upstreams_bytes(sdk: openai.OpenAI,
