@@ -34,7 +34,7 @@ def announce_admin_key(key: str) -> None:
 
 
 def build_app(config: Config, *, progress: bool = True) -> ASGIApp:
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # its own user's only
     admin_key = asyncio.run(service.prepare(config, create_admin=True))
     if admin_key is not None:
         announce_admin_key(admin_key)
@@ -59,7 +59,7 @@ def build_app(config: Config, *, progress: bool = True) -> ASGIApp:
                                             model.cached_input_price)
     fingerprint = hashlib.sha256(f"{__version__}:{fingerprint_source}".encode()).hexdigest()
     state = AppState(providers=providers, registry=registry,
-                     gate=service.accounts_gate(config, prices), prices=prices,
+                     gate=service.accounts_gate(config, prices, registry), prices=prices,
                      system_fingerprint=f"fp_{fingerprint[:10]}",
                      usage_drain_seconds=config.router.usage_drain_seconds, engine=local,
                      max_body_bytes=config.server.max_body_bytes,

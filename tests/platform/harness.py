@@ -83,9 +83,10 @@ async def harness(backend: Backend, *, price: Price = PRICE, delay_s: float = 0.
     finally:
         await setup.close()
     provider = FakeProvider(delay_s=delay_s, answer_tokens=answer_tokens)
+    registry = CollectorRegistry()
     gate = AccountsGate(Database(backend.database_url), backend.limiter(), {"fake": price},
-                        settings or PlatformConfig())
-    state = AppState(providers={"fake": provider}, registry=CollectorRegistry(), gate=gate,
+                        settings or PlatformConfig(), registry)
+    state = AppState(providers={"fake": provider}, registry=registry, gate=gate,
                      prices={"fake": price})
     app = create_app(state)
     if start:

@@ -8,21 +8,45 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from modelyard.platform.money import AmountError, Price, format_micros, to_micros
+from modelyard.platform.money import (
+    MAX_PRICE_UNITS,
+    AmountError,
+    Price,
+    format_micros,
+    to_micros,
+)
 
 
 @pytest.mark.parametrize(("text", "micros"), [
     ("0", 0), ("1", 1_000_000), ("12.5", 12_500_000), ("0.000001", 1), (3, 3_000_000),
-    (0.1, 100_000), ("1e-6", 1), (" 2.25 ", 2_250_000), (Decimal("7.000010"), 7_000_010),
+    (0.1, 100_000), (1e-05, 10), (" 2.25 ", 2_250_000), (Decimal("7.000010"), 7_000_010),
+    (".5", 500_000), ("1000000000000", 10**18), (10**12, 10**18), (1e12, 10**18),
 ])
 def test_amounts_parse_exactly(text: str | int | float | Decimal, micros: int) -> None:
     assert to_micros(text) == micros
 
 
-@pytest.mark.parametrize("text", ["1.0000001", "-1", "abc", "", "nan", "inf", True])
-def test_bad_amounts_are_refused(text: str | bool) -> None:
+@pytest.mark.parametrize("text", [
+    "1.0000001", "-1", "abc", "", "nan", "inf", True, "1e-6", "1E3", "1e309",
+    "\u0661\u0660", "\u0663",
+    "10\x00", "0x10", "1_000", "1 000", "\u200b1", "1000000000000.000001", "9" * 5000,
+    10**12 + 1, -(10**400), 10**400, float("inf"), float("-inf"), float("nan"), 1e300,
+    Decimal("1e999999"), Decimal("NaN"), Decimal("-0.5"), None, [1],
+], ids=lambda value: repr(value)[:24])
+def test_bad_amounts_are_refused(text: object) -> None:
+    """No exponent, no other script's digits (Decimal reads Arabic-Indic "10" as 10),
+    nothing past 10^12 units: every amount fits a 64-bit column with room for the sums."""
     with pytest.raises(AmountError):
-        to_micros(text)
+        to_micros(text)  # type: ignore[arg-type]
+
+
+def test_prices_are_bounded() -> None:
+    assert Price.from_units(MAX_PRICE_UNITS, 0).input == MAX_PRICE_UNITS * 1_000_000
+    for prices in [(MAX_PRICE_UNITS + 1, 0), (0, "1e7"), (0, 0, float("inf"))]:
+        with pytest.raises(AmountError):
+            Price.from_units(*prices)
+    # The largest price on a million-token prompt stays far inside a 64-bit integer.
+    assert Price.from_units(MAX_PRICE_UNITS, MAX_PRICE_UNITS).max_cost(10**6, 10**6) < 2**62
 
 
 @pytest.mark.parametrize(("micros", "text"), [

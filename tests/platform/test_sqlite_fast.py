@@ -5,6 +5,7 @@ blocking the event loop, and the WAL is checkpointed and starts over under stead
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -48,7 +49,7 @@ def test_rows_written_on_the_hot_path_read_back_through_sqlalchemy(tmp_path: Pat
         # sweeper (which must not release a live reservation).
         assert expires_at - created_at == timedelta(seconds=60)  # type: ignore[operator]
         assert await ledger.release_expired(db) == 0
-        assert await ledger.settle(db, held, record(account.id, 120, 5)) == 120
+        assert (await ledger.settle(db, held, record(account.id, 120, 5))).charged == 120
 
         def usage_row(connection: Connection) -> tuple[object, ...]:
             row = connection.execute(select(usage)).one()
@@ -110,3 +111,23 @@ def test_the_wal_is_checkpointed_and_starts_over(tmp_path: Path,
     # 600 commits, checkpointed every 20: the log is reused instead of growing with them
     # (without checkpoints it grows by the same amount every round).
     assert max(sizes) < 1.5 * sizes[1], sizes
+
+
+def test_the_database_file_and_its_directory_are_private(tmp_path: Path) -> None:
+    """Finding 10: they were created readable by every local user (umask 022: 0644/0755)."""
+    folder = tmp_path / "data" / "platform"
+
+    async def body(db: Database) -> None:
+        account = await ops.create_account(db, "acme", 1000)
+        held = await ledger.reserve(db, account.id, "k0", 10, 60)  # the hot path's files too
+        await ledger.settle(db, held, record(account.id, 5))
+        files = {path.name: path.stat().st_mode & 0o777 for path in folder.iterdir()}
+        assert {"platform.db", "platform.db-wal", "platform.db-shm"} <= set(files), files
+        assert set(files.values()) == {0o600}, files
+
+    previous = os.umask(0o022)
+    try:
+        _run(folder / "platform.db", body)
+    finally:
+        os.umask(previous)
+    assert folder.stat().st_mode & 0o777 == 0o700

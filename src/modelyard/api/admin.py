@@ -7,12 +7,22 @@ with six decimals, and micro-units alongside (`*_micros`); times are UTC ISO 860
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable
 from datetime import datetime
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
+from sqlalchemy.exc import SQLAlchemyError
 
 from modelyard.api.errors import APIError, from_validation_error
 from modelyard.api.openapi import request_body
@@ -27,6 +37,7 @@ from modelyard.platform.gate import Caller
 from modelyard.platform.money import AmountError, format_micros, to_micros
 from modelyard.platform.usage import GROUPINGS, UsageRow, UsageTotals
 
+logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/admin")
 T = TypeVar("T")
 Model = TypeVar("Model", bound=BaseModel)
@@ -36,13 +47,17 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+Amount = StrictStr | StrictInt | StrictFloat
+"""Currency units: decimal text (`"12.5"`) or a JSON number; bounds in `money.to_micros`."""
+
+
 class NewAccount(_Body):
     name: str = Field(min_length=1, max_length=200)
-    balance: str | int | float = "0"
+    balance: Amount = "0"
 
 
 class TopUp(_Body):
-    amount: str | int | float
+    amount: Amount
 
 
 class NewKey(_Body):
@@ -79,6 +94,10 @@ async def _run(operation: Awaitable[T]) -> T:
         raise APIError(exc.status, exc.message,
                        code={404: "not_found", 409: "conflict"}.get(exc.status,
                                                                      "invalid_value")) from None
+    except (SQLAlchemyError, OSError) as exc:
+        logger.error("admin operation failed on the platform database: %s", exc)
+        raise APIError(503, "the platform database is unavailable; try again shortly",
+                       code="service_unavailable", headers={"Retry-After": "1"}) from None
 
 
 def _micros(value: str | int | float, what: str) -> int:
@@ -123,7 +142,8 @@ def totals_json(row: UsageTotals) -> dict[str, Any]:
     return {"group": row.group, "requests": row.requests, "prompt_tokens": row.prompt_tokens,
             "cached_tokens": row.cached_tokens, "completion_tokens": row.completion_tokens,
             "reasoning_tokens": row.reasoning_tokens, "cost": format_micros(row.cost),
-            "cost_micros": row.cost}
+            "cost_micros": row.cost, "uncollected": format_micros(row.uncollected),
+            "uncollected_micros": row.uncollected}
 
 
 def record_json(row: UsageRow) -> dict[str, Any]:
@@ -133,6 +153,8 @@ def record_json(row: UsageRow) -> dict[str, Any]:
             "completion_tokens": row.completion_tokens,
             "reasoning_tokens": row.reasoning_tokens, "cost": format_micros(row.cost),
             "cost_micros": row.cost, "reserved_micros": row.reserved,
+            "uncollected": format_micros(row.uncollected),
+            "uncollected_micros": row.uncollected, "degraded": row.degraded,
             "latency_ms": row.latency_ms, "ttft_ms": row.ttft_ms, "status": row.status,
             "estimated": row.estimated, "client_disconnected": row.client_disconnected}
 

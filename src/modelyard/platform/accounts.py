@@ -18,12 +18,15 @@ from sqlalchemy.exc import IntegrityError
 
 from modelyard.platform import keys
 from modelyard.platform.database import Database
+from modelyard.platform.money import MAX_AMOUNT_MICROS, MAX_CREDITED_MICROS, format_micros
 from modelyard.platform.sqlite_fast import RawConnection
-from modelyard.platform.tables import accounts, api_keys, credits, utcnow
+from modelyard.platform.tables import accounts, api_keys, credits, storable, utcnow
 
 ADMIN_ACCOUNT = "admin"
 MAX_LIMIT = 2**31 - 1
 """The largest RPM or TPM a key may have (a 32-bit column)."""
+NAME_MAX = 200
+"""Account, key and model names (their columns)."""
 
 
 class AdminError(Exception):
@@ -99,6 +102,29 @@ def parse_when(value: str, *, what: str = "date") -> datetime:
     return when
 
 
+def _text(value: str, what: str) -> str:
+    """A name to store: 1 to NAME_MAX characters, no control characters (422)."""
+    value = value.strip()
+    if not value or not storable(value, NAME_MAX, control=True):
+        raise AdminError(422, f"{what} must be 1 to {NAME_MAX} characters, none of them "
+                              "control characters")
+    return value
+
+
+def known_name(name: str) -> str:
+    """A name to look up: one that could never have been stored names nothing (404),
+    without asking a database that might refuse the text itself (PostgreSQL and NUL)."""
+    if not storable(name, NAME_MAX, control=True):
+        raise AdminError(404, f"no account named {name[:NAME_MAX]!r}")
+    return name
+
+
+def _known_key(key_id: str) -> str:
+    if len(key_id) != keys.ID_LENGTH or not storable(key_id, keys.ID_LENGTH, control=True):
+        raise AdminError(404, f"no key with id {key_id[:2 * keys.ID_LENGTH]!r}")
+    return key_id
+
+
 def _account(row: Any) -> Account:
     return Account(row.id, row.name, row.balance, row.reserved, row.credited, row.spent,
                    row.created_at)
@@ -140,11 +166,11 @@ def _new_account(connection: Connection, name: str, balance: int) -> Account:
 
 
 async def create_account(db: Database, name: str, balance: int = 0) -> Account:
-    name = name.strip()
-    if not name or len(name) > 200:
-        raise AdminError(422, "an account name must be 1 to 200 characters")
+    name = _text(name, "an account name")
     if balance < 0:
         raise AdminError(422, "the balance must not be negative")
+    if balance > MAX_AMOUNT_MICROS:
+        raise AdminError(422, f"the balance must be at most {format_micros(MAX_AMOUNT_MICROS)}")
     try:
         return await db.write(_new_account, name, balance)
     except IntegrityError:
@@ -152,12 +178,18 @@ async def create_account(db: Database, name: str, balance: int = 0) -> Account:
 
 
 def _top_up(connection: Connection, name: str, amount: int, note: str) -> Account:
+    # Bounded in the statement itself (no sum computed that could overflow the column):
+    # concurrent top-ups cannot carry a balance past the bound between a check and a write.
     account_id = connection.execute(
-        update(accounts).where(accounts.c.name == name)
+        update(accounts).where(accounts.c.name == name,
+                               accounts.c.balance <= MAX_AMOUNT_MICROS - amount,
+                               accounts.c.credited <= MAX_CREDITED_MICROS - amount)
         .values(balance=accounts.c.balance + amount, credited=accounts.c.credited + amount)
         .returning(accounts.c.id)).scalar_one_or_none()
     if account_id is None:
-        raise AdminError(404, f"no account named {name!r}")
+        _account_by_name(connection, name)  # 404 when there is no such account
+        raise AdminError(422, f"this top-up would take the account's balance past "
+                              f"{format_micros(MAX_AMOUNT_MICROS)}")
     connection.execute(insert(credits).values(
         account_id=account_id, amount=amount, note=note, created_at=utcnow()))
     return _account_by_name(connection, name)
@@ -166,11 +198,13 @@ def _top_up(connection: Connection, name: str, amount: int, note: str) -> Accoun
 async def top_up(db: Database, name: str, amount: int, note: str = "top-up") -> Account:
     if amount <= 0:
         raise AdminError(422, "a top-up must be a positive amount")
-    return await db.write(_top_up, name, amount, note)
+    if amount > MAX_AMOUNT_MICROS:
+        raise AdminError(422, f"a top-up must be at most {format_micros(MAX_AMOUNT_MICROS)}")
+    return await db.write(_top_up, known_name(name), amount, _text(note, "a note"))
 
 
 async def get_account(db: Database, name: str) -> Account:
-    return await db.read(_account_by_name, name)
+    return await db.read(_account_by_name, known_name(name))
 
 
 def _list_accounts(connection: Connection) -> list[Account]:
@@ -205,10 +239,13 @@ async def create_key(db: Database, account: str, *, models: list[str] | None = N
         if limit is not None and not 1 <= limit <= MAX_LIMIT:
             raise AdminError(422, f"{what} must be between 1 and {MAX_LIMIT}")
     if models is not None:
-        models = sorted({m.strip() for m in models if m.strip()})
+        models = sorted({_text(m, "a model id") for m in models if m.strip()})
         if not models:
             raise AdminError(422, "models must name at least one model")
-    return await db.write(_new_key, account, models, rpm, tpm, expires_at, name, is_admin)
+    if name is not None:
+        name = _text(name, "a key name") if name.strip() else None
+    return await db.write(_new_key, known_name(account), models, rpm, tpm, expires_at, name,
+                          is_admin)
 
 
 def _keys(connection: Connection, account: str | None, key_id: str | None) -> list[KeyInfo]:
@@ -222,6 +259,8 @@ def _keys(connection: Connection, account: str | None, key_id: str | None) -> li
 
 
 async def list_keys(db: Database, account: str | None = None) -> list[KeyInfo]:
+    if account is not None and not storable(account, NAME_MAX, control=True):
+        return []
     return await db.read(_keys, account, None)
 
 
@@ -236,7 +275,7 @@ def _revoke(connection: Connection, key_id: str) -> KeyInfo:
 
 
 async def revoke_key(db: Database, key_id: str) -> KeyInfo:
-    return await db.write(_revoke, key_id)
+    return await db.write(_revoke, _known_key(key_id))
 
 
 _AUTH_QUERY = select(api_keys.c.id, api_keys.c.account_id, api_keys.c.digest,

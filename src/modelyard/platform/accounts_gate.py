@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping
 from datetime import timedelta
 
+from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import SQLAlchemyError
 
 from modelyard.config import PlatformConfig
@@ -27,11 +28,11 @@ from modelyard.platform.gate import Admission, Caller, Gate, Outcome, PlatformEr
 from modelyard.platform.limits import Concurrency, Limiter, Limits, Slot, headers
 from modelyard.platform.money import Price, format_micros
 from modelyard.platform.redis_limits import SLOT_TTL_S, LimiterUnavailable
+from modelyard.platform.settlement_queue import SettlementMetrics, SettlementQueue
 from modelyard.platform.tables import utcnow
 
 logger = logging.getLogger(__name__)
 
-SETTLE_ATTEMPTS = 5
 PURGE_INTERVAL_S = 3600.0
 FREE = Price()
 
@@ -47,8 +48,10 @@ def _unavailable(what: str) -> PlatformError:
 
 class AccountsGate(Gate):
     def __init__(self, db: Database, limiter: Limiter, prices: Mapping[str, Price],
-                 settings: PlatformConfig) -> None:
+                 settings: PlatformConfig, registry: CollectorRegistry | None = None) -> None:
         self.db = db
+        self.settlements = SettlementQueue(db, SettlementMetrics(registry))
+        """Settlements the database refused, retried by the maintenance loop."""
         self.limiter = limiter
         self.prices = dict(prices)
         self.settings = settings
@@ -70,6 +73,7 @@ class AccountsGate(Gate):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._maintenance
             self._maintenance = None
+        await self.settlements.flush()
         await self.limiter.close()
         await self.db.close()
 
@@ -237,17 +241,7 @@ class AccountsGate(Gate):
         await self._refund(caller, Limits(tpm=caller.tpm), unused)
 
     async def _settle(self, reservation_id: str | None, record: ledger.UsageRecord) -> None:
-        for attempt in range(1, SETTLE_ATTEMPTS + 1):
-            try:
-                await ledger.settle(self.db, reservation_id, record)
-                return
-            except (SQLAlchemyError, OSError) as exc:
-                if attempt == SETTLE_ATTEMPTS:
-                    logger.error("settling a request of key %s failed (%s); its reservation "
-                                 "will be released when it expires and its usage is not "
-                                 "recorded", record.key_id, exc)
-                    return
-                await asyncio.sleep(0.05 * 2 ** attempt)
+        await self.settlements.settle(reservation_id, record)  # kept and retried if it fails
 
     # -- background work --------------------------------------------------------------------
 
@@ -259,8 +253,10 @@ class AccountsGate(Gate):
         while True:
             now = time.monotonic()
             try:
-                if self._live:
-                    await ledger.extend(self.db, list(self._live), ttl)
+                await self.settlements.retry()
+                held = [*self._live, *self.settlements.held()]  # pending ones kept alive too
+                if held:
+                    await ledger.extend(self.db, held, ttl)
                 if self._slots:
                     await self.limiter.keep(list(self._slots), max(SLOT_TTL_S, 3 * tick))
                 if now >= next_sweep:

@@ -20,6 +20,8 @@ advisory lock, or SQLite's write lock, so that gateways starting together migrat
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -83,8 +85,7 @@ class Database:
         if self.dialect == "sqlite":
             database = make_url(self.url).database or ""
             if database and database != ":memory:":
-                Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-                self._sqlite_file = str(Path(database).expanduser())
+                self._sqlite_file = str(_private_file(Path(database).expanduser()))
             self._sqlite = create_engine(
                 self.url, pool_size=1, max_overflow=0,
                 connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
@@ -201,6 +202,16 @@ class Database:
                 return operation(connection, *args)
         with self._sqlite.begin() as connection:
             return operation(connection, *args)
+
+
+def _private_file(path: Path) -> Path:
+    """Create the database file readable by its owner only (0600), in a directory of its
+    own user's (0700) if it has to create that too; SQLite gives the `-wal` and `-shm`
+    files it makes beside it the database file's mode."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    return path
 
 
 def _checkpoint(connection: Connection) -> None:

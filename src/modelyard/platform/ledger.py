@@ -3,11 +3,17 @@
 - `reserve`: one conditional UPDATE (`balance - reserved >= amount`) holds a request's
   maximum cost; the database serializes concurrent reservations on the account's row, so
   no interleaving of requests, threads or gateways can hold more than the balance.
-- `settle`: deletes the reservation, charges the real cost (never more than was
-  reserved), releases the rest and writes the usage record, in one transaction. The
-  DELETE decides who releases a reservation: the sweeper never releases one that was
-  settled, and a settle that finds its reservation swept charges only what the free
-  balance covers.
+- `settle`: deletes the reservation, charges the real cost, releases the rest and writes
+  the usage record, in one transaction. The DELETE decides who releases a reservation: the
+  sweeper never releases one that was settled. A cost above the reservation (an estimate
+  that fell short, or a reservation the sweeper released) is charged from the account's
+  free balance as far as it goes: a balance never goes below zero, and what it could not
+  cover is recorded as `uncollected` on the usage record, never dropped silently.
+- The usage record cannot undo the charge: it is written in a savepoint, and one the
+  database refuses (a `user` too long for its column, a NUL) is written again without its
+  optional fields, marked `degraded`.
+- A settlement retried after a failure whose commit went unseen finds its own usage
+  record (by `settlement_id`) and does nothing: a request is charged once.
 - `release_expired`: the sweeper. A reservation carries an expiry that its gateway keeps
   pushing forward (`extend`) while the request runs; one left by a crashed gateway
   expires and is released here, by whichever gateway sweeps first.
@@ -19,18 +25,21 @@ the sum of every usage record's `cost`.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection
 
 from modelyard.platform.database import Database
 from modelyard.platform.sqlite_fast import RawConnection
-from modelyard.platform.tables import accounts, reservations, usage, utcnow
+from modelyard.platform.tables import accounts, reservations, storable, usage, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +57,29 @@ class UsageRecord:
     completion_tokens: int
     reasoning_tokens: int
     cost: int
-    """The real cost in micro-units; the charge is capped at the reservation."""
+    """The real cost in micro-units; the charge is capped at what the account can cover."""
     latency_s: float
     ttft_s: float | None
     status: int
     estimated: bool = False
     client_disconnected: bool = False
+    settlement_id: str = field(default_factory=lambda: os.urandom(16).hex())
+    """Names this settlement in the ledger, so that a retry of it charges nothing twice."""
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """What a settlement did."""
+
+    charged: int
+    uncollected: int = 0
+    """Cost the account could not cover, in micro-units."""
+    degraded: bool = False
+    """The usage record was written without its optional fields."""
+    recorded: bool = True
+    """False only when not even the reduced usage record could be written."""
+    already: bool = False
+    """A retry that found the settlement already done (its first try had committed)."""
 
 
 _HOLD = (update(accounts)
@@ -67,12 +93,19 @@ _CHARGE_HELD = (update(accounts).where(accounts.c.id == bindparam("account"))
                 .values(balance=accounts.c.balance - bindparam("charge"),
                         reserved=accounts.c.reserved - bindparam("held"),
                         spent=accounts.c.spent + bindparam("charge")))
+_AVAILABLE = (select((accounts.c.balance - accounts.c.reserved).label("available"))
+              .where(accounts.c.id == bindparam("account")).with_for_update())
 _CHARGE_FREE = (update(accounts)
                 .where(accounts.c.id == bindparam("account"),
                        accounts.c.balance - accounts.c.reserved >= bindparam("charge"))
                 .values(balance=accounts.c.balance - bindparam("charge"),
                         spent=accounts.c.spent + bindparam("charge")))
+_SETTLED = (select(usage.c.cost, usage.c.uncollected)
+            .where(usage.c.settlement_id == bindparam("settlement")))
 _RECORD = insert(usage)
+USER_MAX = 256
+"""The usage record's `user` column."""
+MODEL_MAX = 200
 _EXTEND = (update(reservations).where(reservations.c.id.in_(bindparam("ids", expanding=True)))
            .values(expires_at=bindparam("until")))
 
@@ -97,42 +130,99 @@ async def reserve(db: Database, account_id: str, key_id: str, amount: int,
 
 
 def _settle(connection: Connection | RawConnection, reservation_id: str | None,
-            record: UsageRecord) -> int:
+            record: UsageRecord, retry: bool) -> Settlement:
+    if retry:
+        done = connection.execute(_SETTLED, {"settlement": record.settlement_id}).first()
+        if done is not None:
+            return Settlement(int(done.cost), int(done.uncollected), already=True)
     held: int | None = None
     if reservation_id is not None:
         held = connection.execute(_TAKE_RESERVATION,
                                   {"reservation": reservation_id}).scalar_one_or_none()
+    charged = 0
     if held is not None:
-        charge = min(record.cost, held)
-        connection.execute(_CHARGE_HELD, {"account": record.account_id, "charge": charge,
+        charged = min(record.cost, held)
+        connection.execute(_CHARGE_HELD, {"account": record.account_id, "charge": charged,
                                           "held": held})
-    elif record.cost > 0:
-        # No reservation (free at admission, or released by the sweeper after its gateway
-        # stalled past the expiry): charge only what the account can cover.
-        charged = connection.execute(_CHARGE_FREE, {"account": record.account_id,
-                                                    "charge": record.cost})
-        charge = record.cost if charged.rowcount == 1 else 0
-        if charge != record.cost:
-            logger.warning("usage of key %s (cost %d) left unbilled: its reservation had "
-                           "expired and the balance could not cover it", record.key_id,
-                           record.cost)
-    else:
-        charge = 0
-    connection.execute(_RECORD, {
+    if record.cost > charged:
+        # More than was held (an estimate that fell short), or nothing held (free at
+        # admission, or released by the sweeper after its gateway stalled past the
+        # expiry): the rest comes from the free balance, as far as it goes. The row is
+        # locked (FOR UPDATE; SQLite's write lock), so what was read is what is charged.
+        available = connection.execute(
+            _AVAILABLE, {"account": record.account_id}).scalar_one_or_none()
+        extra = min(record.cost - charged, max(int(available or 0), 0))
+        if extra > 0:
+            connection.execute(_CHARGE_FREE, {"account": record.account_id, "charge": extra})
+            charged += extra
+    uncollected = record.cost - charged
+    if uncollected:
+        logger.warning("usage of key %s cost %d, %d more than its account could cover",
+                       record.key_id, record.cost, uncollected)
+    degraded, recorded = _record(connection, _usage_row(record, charged, held, uncollected))
+    return Settlement(charged, uncollected, degraded, recorded)
+
+
+def _usage_row(record: UsageRecord, charged: int, held: int | None,
+               uncollected: int) -> dict[str, Any]:
+    return {
         "created_at": utcnow(), "key_id": record.key_id, "account_id": record.account_id,
         "model": record.model, "user": record.user, "prompt_tokens": record.prompt_tokens,
         "cached_tokens": record.cached_tokens, "completion_tokens": record.completion_tokens,
-        "reasoning_tokens": record.reasoning_tokens, "cost": charge, "reserved": held or 0,
+        "reasoning_tokens": record.reasoning_tokens, "cost": charged, "reserved": held or 0,
         "latency_ms": record.latency_s * 1000,
         "ttft_ms": None if record.ttft_s is None else record.ttft_s * 1000,
         "status": record.status, "estimated": record.estimated,
-        "client_disconnected": record.client_disconnected})
-    return charge
+        "client_disconnected": record.client_disconnected,
+        "settlement_id": record.settlement_id, "uncollected": uncollected, "degraded": False}
 
 
-async def settle(db: Database, reservation_id: str | None, record: UsageRecord) -> int:
-    """Charge the real cost, release the reservation, write the usage row; the charge."""
-    return await db.hot_write(_settle, reservation_id, record)
+@contextmanager
+def _savepoint(connection: Connection | RawConnection) -> Iterator[None]:
+    if isinstance(connection, RawConnection):
+        with connection.savepoint():
+            yield
+    else:
+        with connection.begin_nested():
+            yield
+
+
+def _record(connection: Connection | RawConnection, row: dict[str, Any]) -> tuple[bool, bool]:
+    """Write the usage row without ever undoing the charge before it: (degraded, written).
+
+    A `user` the column cannot hold is left out up front; any other refusal of the row
+    is undone alone (a savepoint) and the row written again with only what the ledger
+    needs. A connection that broke fails the whole transaction, charge included, which
+    its caller retries."""
+    degraded = row["user"] is not None and not storable(row["user"], USER_MAX)
+    if degraded:
+        row = {**row, "user": None, "degraded": True}
+    try:
+        with _savepoint(connection):
+            connection.execute(_RECORD, row)
+        return degraded, True
+    except Exception as exc:  # whatever the row's fault, the money stands
+        logger.warning("usage record of key %s refused (%s); writing it without its "
+                       "optional fields", row["key_id"], exc)
+    latency = float(row["latency_ms"])
+    reduced = {**row, "user": None, "ttft_ms": None, "degraded": True,
+               "model": "".join(c for c in row["model"][:MODEL_MAX] if c.isprintable()),
+               "latency_ms": latency if math.isfinite(latency) else 0.0}
+    try:
+        with _savepoint(connection):
+            connection.execute(_RECORD, reduced)
+        return True, True
+    except Exception:
+        logger.exception("usage record of key %s could not be written; its charge of %d "
+                         "stands", row["key_id"], row["cost"])
+        return True, False
+
+
+async def settle(db: Database, reservation_id: str | None, record: UsageRecord, *,
+                 retry: bool = False) -> Settlement:
+    """Charge the real cost, release the reservation, write the usage row. `retry`: an
+    earlier try may have committed unseen; if it did, do nothing again."""
+    return await db.hot_write(_settle, reservation_id, record, retry)
 
 
 def _extend(connection: Connection, ids: list[str], ttl_s: float) -> None:

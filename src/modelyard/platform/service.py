@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -74,10 +75,11 @@ async def prepare(config: Config, *, create_admin: bool = False) -> str | None:
     return admin_key
 
 
-def accounts_gate(config: Config, model_prices: Mapping[str, Price] | None = None
-                  ) -> AccountsGate:
+def accounts_gate(config: Config, model_prices: Mapping[str, Price] | None = None,
+                  registry: CollectorRegistry | None = None) -> AccountsGate:
     """The gate for `modelyard serve`; `model_prices` (default: the config's model) must
-    name every priced model the server answers for: a model missing there is free."""
+    name every priced model the server answers for: a model missing there is free. Its
+    metrics go to `registry`."""
     return AccountsGate(open_database(config), limiter(config),
                         prices(config) if model_prices is None else model_prices,
-                        config.platform)
+                        config.platform, registry)

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import sqlite3
 from collections import namedtuple
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -108,6 +109,18 @@ class RawConnection:
             if isinstance(values[i], datetime):
                 values[i] = sqlite_time(values[i])
         return RawResult(self.connection.execute(compiled.sql, values), compiled)
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """What `Connection.begin_nested` is: statements undone alone if the block raises."""
+        self.connection.execute("SAVEPOINT modelyard_nested")
+        try:
+            yield
+        except BaseException:
+            self.connection.execute("ROLLBACK TO modelyard_nested")
+            self.connection.execute("RELEASE modelyard_nested")
+            raise
+        self.connection.execute("RELEASE modelyard_nested")
 
 
 class FastSQLite:

@@ -9,6 +9,7 @@ may reserve. `credited` and `spent` are running totals, so that at any time
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import UTC, datetime
 
 from sqlalchemy import (
@@ -35,6 +36,19 @@ ROW_ID = BigInteger().with_variant(Integer, "sqlite")
 
 def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def storable(value: str, max_length: int, *, control: bool = False) -> bool:
+    """Whether a text column of `max_length` holds `value` on every database: no NUL
+    (PostgreSQL refuses it), no lone surrogate (not UTF-8), and with `control`, no other
+    control character either."""
+    if len(value) > max_length:
+        return False
+    for char in value:
+        category = unicodedata.category(char)
+        if category == "Cs" or char == "\x00" or (control and category == "Cc"):
+            return False
+    return True
 
 
 accounts = Table(
@@ -102,4 +116,10 @@ usage = Table(
     Column("status", Integer, nullable=False),
     Column("estimated", Boolean, nullable=False),
     Column("client_disconnected", Boolean, nullable=False),
+    # One per settlement, so that a retried settlement never charges twice.
+    Column("settlement_id", String(32), index=True, unique=True),
+    # Cost the account could not cover (micro-units); `cost` is what was charged.
+    Column("uncollected", BigInteger, nullable=False, server_default="0"),
+    # Written without optional fields (such as `user`) that the database would refuse.
+    Column("degraded", Boolean, nullable=False, server_default=false()),
 )

@@ -10,10 +10,11 @@ from sqlalchemy import String, cast, func, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
-from modelyard.platform.accounts import AdminError
+from modelyard.platform.accounts import AdminError, known_name
 from modelyard.platform.database import Database
-from modelyard.platform.tables import accounts, usage
+from modelyard.platform.tables import accounts, storable, usage
 
+KEY_ID_MAX = 12
 Grouping = Literal["day", "model", "key", "account"]
 GROUPINGS: tuple[Grouping, ...] = ("day", "model", "key", "account")
 
@@ -27,6 +28,8 @@ class UsageTotals:
     completion_tokens: int
     reasoning_tokens: int
     cost: int
+    uncollected: int = 0
+    """Cost the accounts could not cover (micro-units), beside the `cost` charged."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class UsageRow:
     status: int
     estimated: bool
     client_disconnected: bool
+    uncollected: int = 0
+    degraded: bool = False
 
 
 def _filters(since: datetime | None, account_id: str | None,
@@ -66,7 +71,7 @@ def _account_id(connection: Connection, name: str | None) -> str | None:
     if name is None:
         return None
     found = connection.execute(
-        select(accounts.c.id).where(accounts.c.name == name)).scalar_one_or_none()
+        select(accounts.c.id).where(accounts.c.name == known_name(name))).scalar_one_or_none()
     if found is None:
         raise AdminError(404, f"no account named {name!r}")
     return str(found)
@@ -97,6 +102,7 @@ def _totals(connection: Connection, by: Grouping, since: datetime | None,
         func.coalesce(func.sum(usage.c.completion_tokens), 0).label("completion_tokens"),
         func.coalesce(func.sum(usage.c.reasoning_tokens), 0).label("reasoning_tokens"),
         func.coalesce(func.sum(usage.c.cost), 0).label("cost"),
+        func.coalesce(func.sum(usage.c.uncollected), 0).label("uncollected"),
     ).where(*_filters(since, account_id)).group_by(group)
     if by == "account":
         query = query.select_from(usage.join(accounts, accounts.c.id == usage.c.account_id))
@@ -104,7 +110,8 @@ def _totals(connection: Connection, by: Grouping, since: datetime | None,
     rows = connection.execute(query).all()
     return [UsageTotals(str(row.group), int(row.requests), int(row.prompt_tokens),
                         int(row.cached_tokens), int(row.completion_tokens),
-                        int(row.reasoning_tokens), int(row.cost)) for row in rows]
+                        int(row.reasoning_tokens), int(row.cost), int(row.uncollected))
+            for row in rows]
 
 
 async def records(db: Database, *, account: str | None = None, key_id: str | None = None,
@@ -116,11 +123,14 @@ async def records(db: Database, *, account: str | None = None, key_id: str | Non
 def _records(connection: Connection, account: str | None, key_id: str | None,
              since: datetime | None, limit: int) -> list[UsageRow]:
     account_id = _account_id(connection, account)
+    if key_id is not None and not storable(key_id, KEY_ID_MAX, control=True):
+        return []  # no key has such an id (and PostgreSQL would refuse the text)
     query = (select(usage).where(*_filters(since, account_id, key_id))
              .order_by(usage.c.id.desc()).limit(limit))
     rows = connection.execute(query).all()
     return [UsageRow(row.id, row.created_at, row.key_id, row.account_id, row.model, row.user,
                      row.prompt_tokens, row.cached_tokens, row.completion_tokens,
                      row.reasoning_tokens, row.cost, row.reserved, row.latency_ms, row.ttft_ms,
-                     row.status, bool(row.estimated), bool(row.client_disconnected))
+                     row.status, bool(row.estimated), bool(row.client_disconnected),
+                     int(row.uncollected), bool(row.degraded))
             for row in rows]
