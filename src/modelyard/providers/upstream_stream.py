@@ -112,6 +112,8 @@ class UpstreamStream:
                 while not self._pending and not self._done:
                     await self._read_event()
             except Exception as exc:  # whatever the upstream did: the stream's error event
+                self._done = True
+                self._pending.clear()
                 await self._end(failed=True)
                 raise self.failure(exc) from None
         if self._pending:
