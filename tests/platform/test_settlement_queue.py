@@ -137,14 +137,20 @@ def test_a_settlement_survives_a_database_outage(postgres: str) -> None:
 
 
 def test_a_reservation_lookup_during_an_outage_answers_503(postgres: str) -> None:
-    """With the key cached, the request gets as far as its reservation, which fails."""
+    """With the key cached, the request gets as far as its reservation, which fails; an
+    admin call as far as its query."""
     async def body(platform: Harness, proxy: TcpProxy) -> None:
         key = await platform.key("acme", 1000)
+        admin = {"Authorization": f"Bearer {platform.admin_key}"}
         assert (await platform.chat(key)).status_code == 200
+        assert (await platform.client.get("/admin/accounts", headers=admin)).status_code == 200
         await platform.settled()
         with proxy.down():
             refused = await platform.chat(key)
             assert_unavailable(refused.status_code, dict(refused.headers), refused.json())
+            # The admin API too (its key cached as well): a 503, not a 500.
+            listed = await platform.client.get("/admin/accounts", headers=admin)
+            assert_unavailable(listed.status_code, dict(listed.headers), listed.json())
         assert (await platform.chat(key)).status_code == 200
     with_proxy(postgres, body, PlatformConfig(key_cache_seconds=60))
 
