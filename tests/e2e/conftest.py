@@ -33,6 +33,11 @@ max_sequences = 8
 context_per_sequence = 2048
 step_token_budget = 256
 max_waiting = 64
+
+[platform]
+# the race of test_platform.py sends 200 requests of one key at once
+max_concurrent_per_key = 1000
+max_concurrent_per_account = 1000
 """
 
 

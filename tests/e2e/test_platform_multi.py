@@ -44,6 +44,9 @@ threads = 1
 reservation_ttl_seconds = {RESERVATION_TTL_SECONDS}
 sweep_interval_seconds = 0.5
 redis_prefix = "{prefix}"
+# the race sends 200 requests of one key at once
+max_concurrent_per_key = 1000
+max_concurrent_per_account = 1000
 """
 
 

@@ -2,10 +2,10 @@
 
 The order keeps every cost behind the limit that pays for it: the key's request rate and
 requests in flight are checked before its body is read (`check_in`); the body is read
-within a size cap and a deadline; the prompt's token count is bounded without rendering
-anything. A small request without tools or a response format is then prepared at once (it
-costs less than a millisecond) and admitted for its exact counts; any other is admitted
-first, the token rate and balance charged for upper bounds of its prompt and completion
+within a size cap and a deadline. A small request (a body of at most 16 KiB) without tools
+or a response format is then prepared at once (it costs less than a millisecond) and
+admitted for its exact counts; any other is admitted first, the token rate and balance
+charged for upper bounds of its prompt and completion that cost nothing to compute
 (`admit`), and only then prepared (rendered, tokenized, its grammar compiled), off the
 event loop, a few at a time, within a time budget (`preparation.py`).
 
@@ -271,12 +271,12 @@ class _Run:
         started = time.monotonic()
         request = _to_chat_request(payload, request_id, caller.account_id)
         n = payload.choices
-        prompt_tokens = provider.prompt_token_bound(request)
         prepared: PreparedChat | None = None
-        if cheap(request, prompt_tokens):  # exact counts for less than a thread costs
+        if cheap(request, len(body)):  # exact counts for less than a thread costs
             prepared = await provider.prepare_chat(request)
             prompt_tokens, max_tokens = prepared.prompt_tokens, prepared.max_tokens
         else:  # upper bounds now; the work once the request is paid for, off the loop
+            prompt_tokens = provider.prompt_token_bound(request)
             max_tokens = provider.max_tokens_bound(request)
         if n > 1 and n * max_tokens > state.max_request_tokens:
             raise APIError(422, f"n ({n}) x max_tokens ({max_tokens}) exceeds the "

@@ -27,9 +27,9 @@ from modelyard.providers.base import ChatRequest, PreparedChat, Provider, Provid
 
 T = TypeVar("T")
 
-CHEAP_PROMPT_BOUND = 4096
-"""Prompts bounded by this many tokens, without tools or a response format, are prepared on
-the event loop (in well under a millisecond)."""
+CHEAP_BODY_BYTES = 16 * 1024
+"""Requests whose body is at most this large, without tools or a response format, are
+prepared on the event loop (in well under a millisecond)."""
 
 RETRY_AFTER_SECONDS = 1
 
@@ -90,7 +90,7 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-def cheap(request: ChatRequest, prompt_bound: int) -> bool:
+def cheap(request: ChatRequest, body_bytes: int) -> bool:
     """Whether preparing the request costs too little to be worth a thread or a bound."""
-    return (prompt_bound <= CHEAP_PROMPT_BOUND and not request.tools
+    return (body_bytes <= CHEAP_BODY_BYTES and not request.tools
             and request.response_format is None)
