@@ -327,3 +327,21 @@ def test_several_choices_may_not_ask_for_more_than_the_request_cap(backend: Back
         assert (await platform.chat(key, n=4, max_tokens=25)).status_code == 200
         assert platform.provider.started == 1
     scenario(backend, body)
+
+
+def test_a_key_may_carry_its_own_limit_of_requests_in_flight(backend: Backend) -> None:
+    async def body(platform: Harness) -> None:
+        await ops.create_account(platform.db, "acme", 10_000)
+        created = await platform.client.post(
+            "/admin/keys", json={"account": "acme", "max_concurrent": 1},
+            headers={"Authorization": f"Bearer {platform.admin_key}"})
+        assert created.status_code == 201 and created.json()["max_concurrent"] == 1
+        single = created.json()["key"]
+        default = await platform.key("acme")
+        running = asyncio.create_task(platform.chat(single, max_tokens=10))
+        await asyncio.sleep(0.1)
+        assert (await platform.chat(single)).status_code == 429  # its own limit: 1
+        both = await asyncio.gather(*[platform.chat(default, max_tokens=3) for _ in range(2)])
+        assert [r.status_code for r in both] == [200, 200]  # the default: 2
+        assert (await running).status_code == 200
+    scenario(backend, body, delay_s=0.05, settings=PlatformConfig(max_concurrent_per_key=2))

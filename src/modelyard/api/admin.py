@@ -65,6 +65,7 @@ class NewKey(_Body):
     models: list[str] | None = None
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
+    max_concurrent: int | None = Field(default=None, ge=1)
     expires: str | None = None
     name: str | None = Field(default=None, max_length=200)
     admin: bool = False
@@ -134,8 +135,9 @@ def key_json(key: KeyInfo) -> dict[str, Any]:
     return {"object": "api_key", "id": key.id, "account": key.account,
             "account_id": key.account_id, "name": key.name, "admin": key.is_admin,
             "models": None if key.models is None else list(key.models), "rpm": key.rpm,
-            "tpm": key.tpm, "expires_at": _time(key.expires_at),
-            "revoked_at": _time(key.revoked_at), "created_at": _time(key.created_at)}
+            "tpm": key.tpm, "max_concurrent": key.max_concurrent,
+            "expires_at": _time(key.expires_at), "revoked_at": _time(key.revoked_at),
+            "created_at": _time(key.created_at)}
 
 
 def totals_json(row: UsageTotals) -> dict[str, Any]:
@@ -203,7 +205,8 @@ async def create_key(request: Request) -> Response:
     expires = _when(body.expires, "expires")
     created = await _run(ops.create_key(db, body.account, models=body.models, rpm=body.rpm,
                                         tpm=body.tpm, expires_at=expires, name=body.name,
-                                        is_admin=body.admin))
+                                        is_admin=body.admin,
+                                        max_concurrent=body.max_concurrent))
     return json_response({**key_json(created.info), "key": created.text}, 201)
 
 

@@ -67,6 +67,8 @@ class KeyInfo:
     expires_at: datetime | None
     revoked_at: datetime | None
     created_at: datetime
+    max_concurrent: int | None = None
+    """Requests in flight at once; None: the configured default."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class KeyRecord:
     tpm: int | None
     expires_at: datetime | None
     revoked: bool
+    max_concurrent: int | None = None
 
 
 def parse_when(value: str, *, what: str = "date") -> datetime:
@@ -137,13 +140,13 @@ def _models(raw: str | None) -> tuple[str, ...] | None:
 _KEY_COLUMNS = (api_keys.c.id, api_keys.c.account_id, accounts.c.name.label("account"),
                 api_keys.c.name, api_keys.c.is_admin, api_keys.c.models, api_keys.c.rpm,
                 api_keys.c.tpm, api_keys.c.expires_at, api_keys.c.revoked_at,
-                api_keys.c.created_at)
+                api_keys.c.created_at, api_keys.c.max_concurrent)
 
 
 def _key_info(row: Any) -> KeyInfo:
     return KeyInfo(row.id, row.account_id, row.account, row.name, bool(row.is_admin),
                    _models(row.models), row.rpm, row.tpm, row.expires_at, row.revoked_at,
-                   row.created_at)
+                   row.created_at, row.max_concurrent)
 
 
 def _account_by_name(connection: Connection, name: str) -> Account:
@@ -218,24 +221,26 @@ async def list_accounts(db: Database) -> list[Account]:
 
 def _new_key(connection: Connection, account: str, models: list[str] | None, rpm: int | None,
              tpm: int | None, expires_at: datetime | None, name: str | None,
-             is_admin: bool) -> CreatedKey:
+             is_admin: bool, max_concurrent: int | None = None) -> CreatedKey:
     owner = _account_by_name(connection, account)
     created = keys.new_key()
     now = utcnow()
     connection.execute(insert(api_keys).values(
         id=created.id, account_id=owner.id, digest=created.digest, name=name,
         is_admin=is_admin, models=None if models is None else json.dumps(models), rpm=rpm,
-        tpm=tpm, expires_at=expires_at, revoked_at=None, created_at=now))
+        tpm=tpm, max_concurrent=max_concurrent, expires_at=expires_at, revoked_at=None,
+        created_at=now))
     info = KeyInfo(created.id, owner.id, owner.name, name, is_admin,
-                   None if models is None else tuple(models), rpm, tpm, expires_at, None, now)
+                   None if models is None else tuple(models), rpm, tpm, expires_at, None, now,
+                   max_concurrent)
     return CreatedKey(info, created.text)
 
 
 async def create_key(db: Database, account: str, *, models: list[str] | None = None,
                      rpm: int | None = None, tpm: int | None = None,
                      expires_at: datetime | None = None, name: str | None = None,
-                     is_admin: bool = False) -> CreatedKey:
-    for what, limit in (("rpm", rpm), ("tpm", tpm)):
+                     is_admin: bool = False, max_concurrent: int | None = None) -> CreatedKey:
+    for what, limit in (("rpm", rpm), ("tpm", tpm), ("max_concurrent", max_concurrent)):
         if limit is not None and not 1 <= limit <= MAX_LIMIT:
             raise AdminError(422, f"{what} must be between 1 and {MAX_LIMIT}")
     if models is not None:
@@ -245,7 +250,7 @@ async def create_key(db: Database, account: str, *, models: list[str] | None = N
     if name is not None:
         name = _text(name, "a key name") if name.strip() else None
     return await db.write(_new_key, known_name(account), models, rpm, tpm, expires_at, name,
-                          is_admin)
+                          is_admin, max_concurrent)
 
 
 def _keys(connection: Connection, account: str | None, key_id: str | None) -> list[KeyInfo]:
@@ -280,7 +285,8 @@ async def revoke_key(db: Database, key_id: str) -> KeyInfo:
 
 _AUTH_QUERY = select(api_keys.c.id, api_keys.c.account_id, api_keys.c.digest,
                      api_keys.c.is_admin, api_keys.c.models, api_keys.c.rpm, api_keys.c.tpm,
-                     api_keys.c.expires_at, api_keys.c.revoked_at).where(
+                     api_keys.c.expires_at, api_keys.c.revoked_at,
+                     api_keys.c.max_concurrent).where(
     api_keys.c.id == bindparam("key_id"))
 
 
@@ -291,7 +297,7 @@ def _find_key(connection: Connection | RawConnection, key_id: str) -> KeyRecord 
     models = _models(row.models)
     return KeyRecord(row.id, row.account_id, row.digest, bool(row.is_admin),
                      None if models is None else frozenset(models), row.rpm, row.tpm,
-                     row.expires_at, row.revoked_at is not None)
+                     row.expires_at, row.revoked_at is not None, row.max_concurrent)
 
 
 async def find_key(db: Database, key_id: str) -> KeyRecord | None:

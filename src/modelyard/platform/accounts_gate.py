@@ -92,7 +92,7 @@ class AccountsGate(Gate):
         if record.expires_at is not None and record.expires_at <= utcnow():
             raise _unauthorized("this API key has expired")
         return Caller(record.id, record.account_id, record.is_admin, record.models,
-                      record.rpm, record.tpm)
+                      record.rpm, record.tpm, record.max_concurrent)
 
     async def _find(self, key_id: str) -> KeyRecord | None:
         ttl = self.settings.key_cache_seconds
@@ -119,9 +119,10 @@ class AccountsGate(Gate):
             raise _unauthorized("invalid API key")
         ticket = Ticket(caller)
         try:
-            if self.concurrency.any:
-                entry = await self.limiter.enter(caller.key_id, caller.account_id,
-                                                 self.concurrency)
+            concurrency = self.concurrency if caller.max_concurrent is None else Concurrency(
+                caller.max_concurrent, self.concurrency.account)
+            if concurrency.any:
+                entry = await self.limiter.enter(caller.key_id, caller.account_id, concurrency)
                 if entry.slot is None:
                     whose = "API key" if entry.full == "key" else "account"
                     raise PlatformError(

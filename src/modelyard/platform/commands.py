@@ -53,6 +53,9 @@ def add_commands(commands: Any) -> None:
     new.add_argument("--models", help="comma-separated model ids the key may use (default all)")
     new.add_argument("--rpm", type=int, help="requests per minute")
     new.add_argument("--tpm", type=int, help="tokens (prompt + max_tokens) per minute")
+    new.add_argument("--max-concurrent", type=int,
+                     help="requests in flight at once (default: [platform] "
+                          "max_concurrent_per_key)")
     new.add_argument("--expires", help="expiry: a date or ISO time, UTC")
     new.add_argument("--name", help="a label")
     new.add_argument("--admin", action="store_true", help="an admin key")
@@ -117,8 +120,9 @@ def _accounts_out(found: list[Account], as_json: bool) -> str:
 def _key_json(key: KeyInfo) -> dict[str, Any]:
     return {"id": key.id, "account": key.account, "name": key.name, "admin": key.is_admin,
             "models": None if key.models is None else list(key.models), "rpm": key.rpm,
-            "tpm": key.tpm, "expires_at": _when(key.expires_at),
-            "revoked_at": _when(key.revoked_at), "created_at": _when(key.created_at)}
+            "tpm": key.tpm, "max_concurrent": key.max_concurrent,
+            "expires_at": _when(key.expires_at), "revoked_at": _when(key.revoked_at),
+            "created_at": _when(key.created_at)}
 
 
 def _keys_out(found: list[KeyInfo], as_json: bool) -> str:
@@ -148,7 +152,8 @@ async def _create_key(db: Database, args: argparse.Namespace) -> str:
     models = None if args.models is None else args.models.split(",")
     expires = None if args.expires is None else ops.parse_when(args.expires, what="--expires")
     created = await ops.create_key(db, args.account, models=models, rpm=args.rpm, tpm=args.tpm,
-                                   expires_at=expires, name=args.name, is_admin=args.admin)
+                                   expires_at=expires, name=args.name, is_admin=args.admin,
+                                   max_concurrent=args.max_concurrent)
     if args.json:
         return json.dumps({"key": created.text, "id": created.info.id})
     return (f"{_keys_out([created.info], False)}\n\n"

@@ -41,6 +41,8 @@ class Caller:
     """None: every model."""
     rpm: int | None = None
     tpm: int | None = None
+    max_concurrent: int | None = None
+    """The key's own limit of requests in flight (None: the gate's default)."""
 
 
 @dataclass

@@ -82,6 +82,7 @@ api_keys = Table(
     Column("models", Text),
     Column("rpm", Integer),
     Column("tpm", Integer),
+    Column("max_concurrent", Integer),  # requests in flight; None: the configured default
     Column("expires_at", DateTime),
     Column("revoked_at", DateTime),
     Column("created_at", DateTime, nullable=False),
