@@ -168,3 +168,10 @@ def test_special_token_text_in_content_is_read_as_text(client: openai.OpenAI,
         assert attack.prompt_tokens - plain.prompt_tokens == injected + text_tokens("system")
     finally:
         vocab.close()
+
+
+@pytest.mark.parametrize("seed", [-1, -(2**63), 2**64 - 1])
+def test_every_64_bit_seed_is_accepted(client: openai.OpenAI, seed: int) -> None:
+    reply = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2,
+                                           temperature=1, seed=seed, user="u" * 256)
+    assert reply.choices[0].finish_reason in ("stop", "length")
