@@ -249,7 +249,7 @@ def logit_bias_superscript(target: Target, full: bool) -> Answer:
 
 def logit_bias_long_key(target: Target, full: bool) -> Answer:
     response, seconds = _chat_json(
-        target, "rich", _hello(target.model, max_tokens=1, logit_bias={"7" * 4300: 5}))
+        target, "rich", _hello(target.model, max_tokens=1, logit_bias={"7" * 4301: 5}))
     return _judged(response, seconds, {422})
 
 
@@ -359,7 +359,7 @@ def prefix_probe(target: Target, full: bool) -> Answer:
     """A second account sends the first account's system prompt: it must not be told how
     much of it is cached."""
     secret = " ".join(f"Rule {i}: the vault code is {i * 7919 % 10007}." for i in range(
-        40 if full else 20))
+        40 if full else 12))
     messages = [{"role": "system", "content": secret}, {"role": "user", "content": "hi"}]
     body = {"model": target.model, "messages": messages, "max_tokens": 1}
     cached = []
@@ -384,7 +384,7 @@ ATTACKS = [
     Attack("special-token text in content", "200, tokenized as text", special_token_text,
            uses_engine=True),
     Attack('logit_bias key "²"', "422", logit_bias_superscript, uses_engine=True),
-    Attack("logit_bias key of 4,300 digits", "422", logit_bias_long_key, uses_engine=True),
+    Attack("logit_bias key of 4,301 digits", "422", logit_bias_long_key, uses_engine=True),
     Attack("seed -1", "200, reservation released", seed_minus_one, uses_engine=True),
     Attack("seed 2^64", "422", seed_out_of_range),
     Attack("user with a NUL", "422", user_with_nul),

@@ -11,6 +11,7 @@ gateway: a TCP proxy (tests/platform/tcp_proxy.py) sits between the gateway and 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,10 @@ RESERVATION_TTL_S = 2.0
 OUTAGE_S = 10.0 if LONG else 3.0
 RECOVERY_S = 5.0
 """Within this long after the service is back, every request succeeds again."""
+HOW = ["stop", "blackhole"] if LONG or os.environ.get("MODELYARD_ADVERSARIAL_PARTITION") \
+    else ["stop"]
+"""How a service goes away: its proxy stops (connections refused and reset), or goes
+silent (a network partition: nothing arrives, the client's own timeouts must end the wait)."""
 
 
 @pytest.fixture(scope="module")
@@ -67,16 +72,16 @@ redis_prefix = "{redis_prefix}"
 
 
 def _outage(gateway: RunningServer, proxy: TcpProxy, key: str, prefix: str,
-            fault: str) -> list[Sent]:
-    """Steady load; the proxy stopped for OUTAGE_S in the middle; load on for a while
-    after it is back."""
+            fault: str, how: str) -> list[Sent]:
+    """Steady load; the service away for OUTAGE_S in the middle (the proxy stopped, or
+    silent: `how`); load on for a while after it is back."""
     httpx.delete(f"{fault}/requests", timeout=5)
 
     async def scenario() -> list[Sent]:
         load = Steady(gateway.base_url, key, MODEL, workers=4, prefix=prefix)
         load.start()
         await asyncio.sleep(1.0)
-        await asyncio.to_thread(proxy.stop)
+        await asyncio.to_thread(proxy.stop if how == "stop" else proxy.blackhole)
         await asyncio.sleep(OUTAGE_S)
         await asyncio.to_thread(proxy.start)
         await asyncio.sleep(RECOVERY_S + 1.0)
@@ -85,10 +90,12 @@ def _outage(gateway: RunningServer, proxy: TcpProxy, key: str, prefix: str,
     return asyncio.run(scenario())
 
 
-def _check_answers(sent: list[Sent], back_at: float) -> None:
+def _check_answers(sent: list[Sent], back_at: float, how: str) -> None:
     assert any(s.succeeded for s in sent if s.ended < back_at - OUTAGE_S), "no load before"
+    unanswered = [s.id for s in sent if s.status is None]
+    assert not unanswered, f"requests never answered: {unanswered[:10]}"
     refused = [s for s in sent if s.status != 200]
-    assert refused, "the outage refused no request"
+    assert refused or how == "blackhole", "the outage refused no request"
     for s in refused:
         assert s.status == 503, (s.status, s.problems)
         assert not s.problems, s.problems
@@ -100,7 +107,9 @@ def _check_answers(sent: list[Sent], back_at: float) -> None:
 def _check_books(database_url: str, sent: list[Sent], fault: str, prefix: str) -> None:
     ledger = wait_for_ledger(database_url, wait_s=RESERVATION_TTL_S + 15)
     record(faults_injected=1, requests_under_fault=len(sent),
-           money_unaccounted=ledger.money_unaccounted)
+           money_unaccounted=ledger.money_unaccounted,
+           succeeded_unbilled=sum(ledger.records_by_user[s.id] != 1
+                                  for s in sent if s.succeeded))
     assert not ledger.violations, ledger.violations
     _check_billed(ledger, sent, fault, prefix)
 
@@ -119,23 +128,25 @@ def _check_billed(ledger: Ledger, sent: list[Sent], fault: str, prefix: str) -> 
     assert not unbilled, f"the upstream served requests that were never billed: {unbilled}"
 
 
+@pytest.mark.parametrize("how", HOW)
 def test_postgres_unreachable_mid_load(gateway: RunningServer, proxies: tuple[TcpProxy, TcpProxy],
-                                       postgres_url: str, fault: str) -> None:
+                                       postgres_url: str, fault: str, how: str) -> None:
     pg, _ = proxies
-    key = gateway.create_key("pg-outage", balance="1000")
+    key = gateway.create_key(f"pg-{how}", balance="1000")
     started = time.monotonic()
-    sent = _outage(gateway, pg, key, "pg", fault)
-    _check_answers(sent, back_at=started + 1.0 + OUTAGE_S)
+    sent = _outage(gateway, pg, key, f"pg{how}", fault, how)
+    _check_answers(sent, started + 1.0 + OUTAGE_S, how)
     # settlements refused during the outage are written once the database is back
-    _check_books(postgres_url, sent, fault, "pg-")
+    _check_books(postgres_url, sent, fault, f"pg{how}-")
 
 
+@pytest.mark.parametrize("how", HOW)
 def test_redis_unreachable_mid_load_fails_closed(
         gateway: RunningServer, proxies: tuple[TcpProxy, TcpProxy], postgres_url: str,
-        fault: str) -> None:
+        fault: str, how: str) -> None:
     _, redis = proxies
-    key = gateway.create_key("redis-outage", balance="1000", rpm=100_000)
+    key = gateway.create_key(f"redis-{how}", balance="1000", rpm=100_000)
     started = time.monotonic()
-    sent = _outage(gateway, redis, key, "redis", fault)
-    _check_answers(sent, back_at=started + 1.0 + OUTAGE_S)
-    _check_books(postgres_url, sent, fault, "redis-")
+    sent = _outage(gateway, redis, key, f"redis{how}", fault, how)
+    _check_answers(sent, started + 1.0 + OUTAGE_S, how)
+    _check_books(postgres_url, sent, fault, f"redis{how}-")

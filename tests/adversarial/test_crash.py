@@ -88,11 +88,11 @@ async def _load_and_kill(doomed: RunningServer, survivor: RunningServer,
 def _check_books(database_url: str, sent: list[Sent]) -> None:
     # the dead gateway's reservations expire after the TTL and are swept
     ledger = wait_for_ledger(database_url, wait_s=RESERVATION_TTL_S + SWEEP_S + 20)
-    record(faults_injected=1, requests_under_fault=len(sent),
-           money_unaccounted=ledger.money_unaccounted)
-    assert not ledger.violations, ledger.violations
     succeeded = [s.id for s in sent if s.succeeded]
     unbilled = [i for i in succeeded if ledger.records_by_user[i] != 1]
+    record(faults_injected=1, requests_under_fault=len(sent),
+           money_unaccounted=ledger.money_unaccounted, succeeded_unbilled=len(unbilled))
+    assert not ledger.violations, ledger.violations
     assert not unbilled, f"requests that succeeded but were not billed once: {unbilled[:10]}"
     twice = [i for i, n in ledger.records_by_user.items() if n > 1]
     assert not twice, f"requests billed more than once: {twice[:10]}"

@@ -24,7 +24,7 @@ from tests.adversarial.attacks import (
     hostile_config,
     make_target,
 )
-from tests.adversarial.harness import HealthWatch
+from tests.adversarial.harness import HealthWatch, record
 from tests.adversarial.ledger_invariant import assert_ledger_holds
 from tests.e2e.server import RunningServer, running_server
 from tests.router.fault_process import running_fault_server
@@ -49,6 +49,7 @@ def test_an_attack_gets_its_answer_and_health_keeps_answering(
     server, target = hostile
     with HealthWatch(server.base_url) as health:
         answer = attack.run(target, False)
+    record(attacks=1, attacks_answered_right=int(answer.ok))
     assert answer.ok, (f"{attack.name}: expected {attack.expected}, got {answer.status} "
                        f"after {answer.seconds:.1f} s ({answer.note})")
     assert health.failures == 0, f"/health failed {health.failures} times during it"

@@ -5,8 +5,9 @@ URL pointed at the proxy), then:
 
 - `stop()`: the proxy stops listening and resets every open connection, as a crashed or
   unreachable service does (new connections are refused);
-- `blackhole()`: connections are accepted and kept but nothing is forwarded either way, as
-  a network partition does (the client waits for its own timeouts);
+- `blackhole()`: connections are accepted and kept but nothing moves either way, as in a
+  network partition (the client waits for its own timeouts); once `start()` heals it, what
+  was sent arrives, as TCP's retransmissions would deliver it;
 - `start()`: forward again, on the same port.
 
 It runs its own event loop on a daemon thread, so it works beside a test's own code and
@@ -43,6 +44,8 @@ class TcpProxy:
         self._thread.start()
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        """Set while forwarding; a partition (blackhole) clears it."""
 
     @classmethod
     def for_url(cls, url: str) -> TcpProxy:
@@ -97,33 +100,34 @@ class TcpProxy:
 
     async def _start(self) -> None:
         self.mode = "forward"
+        self._flowing.set()
         if self._server is None:
             self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port,
                                                       reuse_address=True, backlog=512)
 
     async def _stop(self) -> None:
         self.mode = "stopped"
+        self._flowing.clear()
         if self._server is not None:
             self._server.close()
             self._server = None
-        self._reset_all()
+        for writer in list(self._open):
+            writer.transport.abort()  # an RST, not an orderly close
+        self._open.clear()
 
     async def _blackhole(self) -> None:
         await self._start()
         self.mode = "blackhole"
-        # Open connections go silent: their pumps drop what they read from now on.
-
-    def _reset_all(self) -> None:
-        for writer in list(self._open):
-            writer.transport.abort()  # an RST, not an orderly close
-        self._open.clear()
+        self._flowing.clear()  # every pump waits: bytes stay in the sockets' buffers
 
     async def _accept(self, client_reader: asyncio.StreamReader,
                       client_writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         self._open.add(client_writer)
+        await self._flowing.wait()  # a connection made during a partition waits too
         if self.mode != "forward":
-            await self._swallow(client_reader, client_writer)
+            self._open.discard(client_writer)
+            client_writer.transport.abort()
             return
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
@@ -141,22 +145,15 @@ class TcpProxy:
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while data := await reader.read(CHUNK):
-                if self.mode != "forward":
-                    continue  # a partition: what was sent never arrives
+            while True:
+                await self._flowing.wait()  # during a partition nothing moves, nothing is lost
+                data = await reader.read(CHUNK)
+                if not data:
+                    break
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
-            if self.mode == "forward" and writer.can_write_eof():
+            if writer.can_write_eof():
                 writer.write_eof()
         except (ConnectionError, OSError):
             writer.transport.abort()  # one side failed: so does the other
-
-    async def _swallow(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while await reader.read(CHUNK):
-                pass
-        except ConnectionError:
-            pass
-        finally:
-            self._open.discard(writer)
-            writer.transport.abort()
