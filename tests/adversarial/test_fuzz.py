@@ -31,7 +31,7 @@ from tests.e2e.server import RunningServer, running_server
 from tests.router.fault_process import running_fault_server
 
 MODEL = "fault/instant"
-EXAMPLES = 400 if LONG else 15
+EXAMPLES = 150 if LONG else 15
 """Examples per operation and kind (twice that for the chat body that fits the schema, a
 fifth for the /api/v1 aliases of routes fuzzed under /v1 too)."""
 CHAT = ["/v1/chat/completions", "/api/v1/chat/completions"]
