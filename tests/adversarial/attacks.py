@@ -67,7 +67,6 @@ class Attack:
     expected: str
     run: Callable[[Target, bool], Answer]
     """(target, full) -> Answer; `full` is the benchmark's size, else the test's."""
-    uses_engine: bool = False
 
 
 CHAT = "/v1/chat/completions"
@@ -379,23 +378,19 @@ ATTACKS = [
     Attack("200,000 one-character messages, zero-balance key", "402/413/422 < 5 s",
            many_tiny_messages),
     Attack("slowloris body", "408 or closed at the body deadline", slowloris_body),
-    Attack("n=128 twice, then another client", "other client 200", n128_twice,
-           uses_engine=True),
-    Attack("special-token text in content", "200, tokenized as text", special_token_text,
-           uses_engine=True),
-    Attack('logit_bias key "²"', "422", logit_bias_superscript, uses_engine=True),
-    Attack("logit_bias key of 4,301 digits", "422", logit_bias_long_key, uses_engine=True),
-    Attack("seed -1", "200, reservation released", seed_minus_one, uses_engine=True),
+    Attack("n=128 twice, then another client", "other client 200", n128_twice),
+    Attack("special-token text in content", "200, tokenized as text", special_token_text),
+    Attack('logit_bias key "²"', "422", logit_bias_superscript),
+    Attack("logit_bias key of 4,301 digits", "422", logit_bias_long_key),
+    Attack("seed -1", "200, reservation released", seed_minus_one),
     Attack("seed 2^64", "422", seed_out_of_range),
     Attack("user with a NUL", "422", user_with_nul),
     Attack("user of 300 characters", "422", user_too_long),
-    Attack("tool parameters with $defs", "200 with a tool call", defs_tool_schema,
-           uses_engine=True),
+    Attack("tool parameters with $defs", "200 with a tool call", defs_tool_schema),
     Attack("integers beyond 64 bits in tool and response schemas", "400/422/200",
            huge_integer_in_schemas),
     Attack("tool_choice auto without tools", "422", tool_choice_auto_without_tools),
     Attack("upstream sends endless SSE comments", "ends at the total timeout",
            endless_sse_comments),
-    Attack("another account's prefix probed via cached_tokens", "0 cached", prefix_probe,
-           uses_engine=True),
+    Attack("another account's prefix probed via cached_tokens", "0 cached", prefix_probe),
 ]
