@@ -226,8 +226,11 @@ class _Run:
             await self._finish()
 
     async def _watch(self, receive: Receive, work: asyncio.Task[None]) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
+        try:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # a server that cannot tell: assume the client stays
+            return
         if not self.reply.finished:
             self.client_gone = True
             work.cancel()
