@@ -52,6 +52,9 @@ class EngineConfig:
     """Flash attention in llama.cpp; on the CPU it is faster at every batch size we measured."""
     prefix_caching: bool = True
     """Reuse the KV cells of a finished sequence's prompt prefix for a new request."""
+    share_prefix_cache: bool = False
+    """Reuse cached prompt prefixes across accounts (one-tenant deployments). Off, each
+    account reuses only its own, so no account can probe another's prompts."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from modelyard.engine.sampling import Sample, Sampler
+from modelyard.engine.sampling import Sample, Sampler, choice_rngs
 from modelyard.engine.sequence import SamplingParams
 from tests.engine.sampling_reference import (
     F64,
@@ -210,3 +210,44 @@ def test_seeded_samplers_with_penalties_are_reproducible(seed: int, other_seed: 
         other = SamplingParams(temperature=0.8, top_p=0.7, top_k=50, min_p=0.01,
                                repetition_penalty=1.2, frequency_penalty=0.3, seed=other_seed)
         assert first != draws(other, logits, 50, prompt=[5, 6])
+
+
+@pytest.mark.parametrize("seed", [-1, -(2**63), 2**63 - 1, 2**64 - 1])
+def test_every_64_bit_seed_is_accepted_and_taken_modulo_2_64(seed: int) -> None:
+    logits = np.random.default_rng(2).normal(size=50).astype(np.float32)
+    one = draws(SamplingParams(temperature=1.0, seed=seed), logits, 50)
+    assert one == draws(SamplingParams(temperature=1.0, seed=seed % 2**64), logits, 50)
+    assert [len(choice_rngs(seed, n)) for n in (1, 3)] == [1, 3]
+
+
+class FixedDraw(np.random.Generator):
+    """A generator whose uniform draw is chosen by the test."""
+
+    def __init__(self, u: float) -> None:
+        super().__init__(np.random.PCG64(0))
+        self.u = u
+
+    def random(self, *args: object, **kwargs: object) -> float:  # type: ignore[override]
+        return self.u
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+@pytest.mark.parametrize("u", [0.05, 0.3, 0.5, 0.7, 0.95])
+def test_the_draw_walks_the_candidates_in_token_id_order(u: float, top_p: float) -> None:
+    """Values order the candidates nowhere: a tiny change in the logits that reorders two
+    near-equal candidates moves the draw only if `u` falls right at their boundary."""
+    logits = np.full(40, -50.0, dtype=np.float32)
+    logits[[31, 4, 17, 9]] = [2.0, 1.0, 2.0 + 1e-6, 1.5]   # 31 and 17 nearly tie
+    params = SamplingParams(temperature=1.0, top_k=4, top_p=top_p)
+    ids = np.array([4, 9, 17, 31])
+    probs = np.exp(logits[ids].astype(np.float64))
+    probs /= probs.sum()
+    if top_p < 1.0:
+        keep = np.argsort(-probs, kind="stable")
+        keep = np.sort(keep[: int(np.searchsorted(np.cumsum(probs[keep]), top_p)) + 1])
+        ids, probs = ids[keep], probs[keep] / probs[keep].sum()
+    expected = int(ids[np.searchsorted(np.cumsum(probs), u * probs.sum(), side="right")])
+    nudged = logits.copy()
+    nudged[17] -= 2e-6   # 17 now just below 31: argpartition's order may change
+    for row in (logits, nudged):
+        assert Sampler(params, rng=FixedDraw(u)).sample(row).token == expected

@@ -9,9 +9,11 @@ share the request's queue; the scheduler makes them read their prompt once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -22,11 +24,15 @@ from modelyard.engine.detokenize import IncrementalDetokenizer, StopStringMatche
 from modelyard.engine.grammar import Constraint, GrammarCompiler, GrammarMatcher
 from modelyard.engine.metrics import EngineMetrics
 from modelyard.engine.runner import BatchItem, LlamaRunner
-from modelyard.engine.sampling import Sample, Sampler, TokenLogprob
-from modelyard.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from modelyard.engine.sampling import Sample, Sampler, TokenLogprob, choice_rngs
+from modelyard.engine.scheduler import QueueFullError, Scheduler, SchedulerConfig, SchedulerOutput
 from modelyard.engine.sequence import FinishReason, SamplingParams, Sequence
 
 logger = logging.getLogger(__name__)
+
+SHUTDOWN_MESSAGE = "the server is shutting down"
+STOP_STEP_SECONDS = 30.0
+"""How long `stop` waits, past the grace period, for the step in progress to end."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,24 @@ class _Request:
     loop: asyncio.AbstractEventLoop
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    aborted: bool = False
+    """Set by `abort` on the event loop; its outputs are no longer delivered."""
+
+
+@dataclass(frozen=True)
+class _Submit:
+    request: _Request
+    choices: list[_Choice]
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request: _Request
+
+
+@dataclass(frozen=True)
+class _ClearCache:
+    pass
 
 
 @dataclass(frozen=True)
@@ -84,6 +108,10 @@ class _Choice:
 
 
 class Engine:
+    """The event-loop side (`submit`, `abort`) never waits on a step: it appends commands
+    to an inbox the engine thread drains at the start of each step. Only the engine thread
+    touches the scheduler, the runner and the choices."""
+
     def __init__(self, runner: LlamaRunner, config: SchedulerConfig,
                  metrics: EngineMetrics | None = None,
                  grammar: GrammarCompiler | None = None) -> None:
@@ -94,77 +122,114 @@ class Engine:
         self.metrics = metrics or EngineMetrics()
         self._choices: dict[str, _Choice] = {}
         self._requests: dict[str, _Request] = {}
-        self._lock = threading.Lock()
+        """Requests not yet ended: added by `submit`, removed by the engine thread."""
+        self._inbox: deque[_Submit | _Abort | _ClearCache] = deque()
+        self._count_lock = threading.Lock()
+        """Guards the two counts below and `_closing`; never held across anything else."""
+        self._inbox_sequences = 0
+        self._waiting_sequences = 0
+        """Sequences in the inbox, and in the scheduler's waiting queue as last seen."""
+        self._closing = False
+        self._close_deadline = 0.0
         self._wake = threading.Event()
-        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="modelyard-engine", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
-        self._stopping = True
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Refuse new requests, let running ones finish for up to `grace_s` seconds, then
+        end every request still queued or running with an error output, and stop."""
+        with self._count_lock:
+            self._closing = True
+            self._close_deadline = time.monotonic() + grace_s
         self._wake.set()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=grace_s + STOP_STEP_SECONDS)
+        if not self._thread.is_alive():  # never started, or done: what is left fails here
+            self._drain()
+            self._fail_all(SHUTDOWN_MESSAGE, reset_cache=False)
         self._mask_pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def stopped(self) -> bool:
+        """The engine thread is not running (so the runner may be closed)."""
+        return not self._thread.is_alive()
 
     # -- the event-loop side ---------------------------------------------------------------
 
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                n: int = 1, *, constraint: Constraint | None = None,
-               reasoning: ReasoningTags | None = None) -> asyncio.Queue[EngineOutput]:
+               reasoning: ReasoningTags | None = None,
+               cache_scope: str | None = None) -> asyncio.Queue[EngineOutput]:
         """Queue a request with `n` choices; raises `QueueFullError` at once when full.
 
         `constraint` keeps the output inside a grammar; `reasoning` says the output starts
-        inside a reasoning block whose length `params.thinking_budget` caps."""
+        inside a reasoning block whose length `params.thinking_budget` caps; prefix-cache
+        cells are reused only between requests of the same `cache_scope`."""
+        self._check_room(n)  # before any work: a full queue is refused cheaply
         ids = [request_id] if n == 1 else [f"{request_id}:{i}" for i in range(n)]
+        seqs = [Sequence(seq_id, prompt_ids, params, eog_ids=self.runner.eog_ids,
+                         cache_scope=cache_scope) for seq_id in ids]
+        try:
+            self.scheduler.check_fits(seqs)
+        except ValueError:
+            self.metrics.rejected.inc()
+            raise
         request = _Request(request_id, ids, asyncio.Queue(), asyncio.get_running_loop())
-        if params.seed is not None and n > 1:  # independent but reproducible streams
-            rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(params.seed).spawn(n)]
-        else:
-            rngs = [np.random.default_rng(params.seed) for _ in range(n)]
+        matchers: list[GrammarMatcher | None] = (
+            list(self.grammar.matchers(constraint, n))
+            if constraint is not None and self.grammar is not None else [None] * n)
         choices = [
-            _Choice(index, Sequence(seq_id, prompt_ids, params, eog_ids=self.runner.eog_ids),
-                    Sampler(params, prompt_ids, rng),
+            _Choice(index, seq, Sampler(params, prompt_ids, rng),
                     IncrementalDetokenizer(self.runner.token_bytes),
-                    StopStringMatcher(params.stop), request)
-            for index, (seq_id, rng) in enumerate(zip(ids, rngs, strict=True))
+                    StopStringMatcher(params.stop), request, matcher, reasoning)
+            for index, (seq, rng, matcher) in enumerate(
+                zip(seqs, choice_rngs(params.seed, n), matchers, strict=True))
         ]
-        for choice in choices:
-            if constraint is not None and self.grammar is not None:
-                choice.matcher = self.grammar.matcher(constraint)
-            choice.reasoning = reasoning
-        with self._lock:
-            try:
-                self.scheduler.add_group([choice.seq for choice in choices])
-            except Exception:
-                self.metrics.rejected.inc()
-                raise
+        with self._count_lock:
+            self._check_room(n)
+            self._inbox_sequences += n
             self._requests[request_id] = request
-            for choice in choices:
-                self._choices[choice.seq.request_id] = choice
-            self.metrics.queue_depth.set(len(self.scheduler.waiting))
+            self._inbox.append(_Submit(request, choices))
         self._wake.set()
         return request.queue
 
+    def _check_room(self, n: int) -> None:
+        if self._closing:
+            self.metrics.rejected.inc()
+            raise QueueFullError("the engine is shutting down")
+        queued = self._inbox_sequences + self._waiting_sequences
+        if queued + n > self.scheduler.config.max_waiting:
+            self.metrics.rejected.inc()
+            raise QueueFullError(f"{queued} sequences are already waiting")
+
     def abort(self, request_id: str) -> None:
-        with self._lock:
-            request = self._requests.pop(request_id, None)
-            for seq_id in request.sequence_ids if request else ():
-                if self._choices.pop(seq_id, None) is not None and self.scheduler.abort(seq_id):
-                    self.metrics.finished.labels(FinishReason.ABORT.value).inc()
+        """End a request (its client went away); nothing more of it is delivered."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return
+        request.aborted = True  # read by `_deliver`, on this same event loop
+        self._inbox.append(_Abort(request))
+        self._wake.set()
+
+    def clear_prefix_cache(self) -> None:
+        """Drop every cached prompt prefix (running sequences keep their cells)."""
+        self._inbox.append(_ClearCache())
         self._wake.set()
 
     # -- the engine thread -----------------------------------------------------------------
 
     def _run(self) -> None:
-        while not self._stopping:
-            with self._lock:
-                has_work = self.scheduler.has_work()
-                if not has_work:
-                    self._wake.clear()
-            if not has_work:
-                self._wake.wait(timeout=1.0)
+        while True:
+            self._drain()
+            if self._closing and (not self.scheduler.has_work()
+                                  or time.monotonic() >= self._close_deadline):
+                return  # `stop` fails whatever is left
+            if not self.scheduler.has_work():
+                self._wake.clear()
+                if not self._inbox:  # a command appended before the clear is not lost
+                    self._wake.wait(timeout=1.0)
                 continue
             try:
                 self.step()
@@ -172,14 +237,63 @@ class Engine:
                 logger.exception("engine step failed")
                 self._fail_all(f"the engine failed: {type(exc).__name__}")
 
+    def _drain(self) -> None:
+        """Apply the commands the event loop queued, in order: O(commands)."""
+        inbox = self._inbox
+        if not inbox:
+            return
+        drained = 0
+        while inbox:
+            command = inbox.popleft()
+            if isinstance(command, _Submit):
+                drained += len(command.choices)
+                self._admit(command)
+            elif isinstance(command, _Abort):
+                self._abort(command.request)
+            else:
+                self.scheduler.drop_cached_cells()
+        with self._count_lock:
+            self._inbox_sequences -= drained
+            self._waiting_sequences = len(self.scheduler.waiting)
+        self.metrics.queue_depth.set(len(self.scheduler.waiting))
+
+    def _admit(self, command: _Submit) -> None:
+        request = command.request
+        if request.aborted:
+            self._requests.pop(request.request_id, None)
+            return
+        try:
+            self.scheduler.add_group([choice.seq for choice in command.choices])
+        except Exception as exc:  # submit checked the room; this is not expected
+            logger.exception("a request could not be queued")
+            self._requests.pop(request.request_id, None)
+            _send(request.loop, [(request, EngineOutput(
+                0, "", len(command.choices[0].seq.prompt_ids), 0,
+                error=f"the request could not be queued: {type(exc).__name__}"))])
+            return
+        for choice in command.choices:
+            self._choices[choice.seq.request_id] = choice
+
+    def _abort(self, request: _Request) -> None:
+        if self._requests.get(request.request_id) is request:
+            del self._requests[request.request_id]
+        for seq_id in request.sequence_ids:
+            choice = self._choices.get(seq_id)
+            if choice is not None and choice.request is request:
+                del self._choices[seq_id]
+                if self.scheduler.abort(seq_id):
+                    self.metrics.finished.labels(FinishReason.ABORT.value).inc()
+
     def step(self) -> None:
         started = time.monotonic()
-        with self._lock:
-            output = self.scheduler.schedule()
-            self._record_schedule(output)
-            # Slots are read under the lock: an abort may free them once it is released.
-            items = [BatchItem(c.seq.slot, c.start, c.tokens, c.sample)
-                     for c in output.chunks if c.seq.slot is not None]
+        output = self.scheduler.schedule()
+        waiting = len(self.scheduler.waiting)
+        if waiting != self._waiting_sequences:
+            with self._count_lock:
+                self._waiting_sequences = waiting
+        self._record_schedule(output)
+        items = [BatchItem(c.seq.slot, c.start, c.tokens, c.sample)
+                 for c in output.chunks if c.seq.slot is not None]
         for slot, keep in output.kv_truncations:
             self.runner.truncate_slot(slot, keep)
         for source, slot, n in output.kv_copies:
@@ -189,21 +303,19 @@ class Engine:
         logits = self.runner.decode(items)
         samples: dict[str, Sample] = {}
         row = 0
-        with self._lock:
-            for chunk in output.chunks:
-                if not chunk.sample:
-                    continue
-                choice = self._choices.get(chunk.seq.request_id)
-                # An aborted choice's token is never used.
-                samples[chunk.seq.request_id] = (self._sample(choice, logits[row])
-                                                 if choice is not None else Sample(-1))
-                row += 1
-            self.scheduler.update_from_output(
-                output, {seq_id: sample.token for seq_id, sample in samples.items()})
-            self._postprocess(output, samples)
-            self.metrics.queue_depth.set(len(self.scheduler.waiting))
-            self.metrics.running.set(len(self.scheduler.running))
-            self.metrics.kv_reserved.set(self.scheduler.kv_reserved)
+        for chunk in output.chunks:
+            if not chunk.sample:
+                continue
+            choice = self._choices.get(chunk.seq.request_id)
+            samples[chunk.seq.request_id] = (self._sample(choice, logits[row])
+                                             if choice is not None else Sample(-1))
+            row += 1
+        self.scheduler.update_from_output(
+            output, {seq_id: sample.token for seq_id, sample in samples.items()})
+        self._postprocess(output, samples)
+        self.metrics.queue_depth.set(waiting)
+        self.metrics.running.set(len(self.scheduler.running))
+        self.metrics.kv_reserved.set(self.scheduler.kv_reserved)
         self.metrics.step_seconds.observe(time.monotonic() - started)
 
     def _sample(self, choice: _Choice, logits: np.ndarray[tuple[int], np.dtype[np.float32]]
@@ -259,7 +371,7 @@ class Engine:
             if result is not None:
                 deliveries.setdefault(request.loop, []).append((request, result))
         for loop, batch in deliveries.items():
-            loop.call_soon_threadsafe(_deliver, batch)
+            _send(loop, batch)
 
     def _advance(self, choice: _Choice, sample: Sample) -> EngineOutput | None:
         """Detokenize a choice's new token and check its stop strings; the output to send."""
@@ -293,21 +405,30 @@ class Engine:
                             seq.finish_reason, logprobs=logprobs,
                             num_reasoning_tokens=choice.reasoning_tokens)
 
-    def _fail_all(self, message: str) -> None:
-        with self._lock:
-            choices = list(self._choices.values())
-            self._choices.clear()
-            self._requests.clear()
-            for choice in choices:
-                self.scheduler.abort(choice.seq.request_id)
+    def _fail_all(self, message: str, *, reset_cache: bool = True) -> None:
+        """End every queued and running request with an error output (engine thread, or
+        `stop` once that thread is gone)."""
+        choices = list(self._choices.values())
+        self._choices.clear()
+        for choice in choices:
+            self.scheduler.abort(choice.seq.request_id)
+            request = choice.request
+            if self._requests.get(request.request_id) is request:
+                del self._requests[request.request_id]
+        with self._count_lock:
+            self._waiting_sequences = len(self.scheduler.waiting)
+        if reset_cache:
             # A failed decode may leave cells half written: start from an empty cache.
             self.scheduler.forget_cached_cells()
             self.runner.clear_all()
+        deliveries: dict[asyncio.AbstractEventLoop, list[tuple[_Request, EngineOutput]]] = {}
         for choice in choices:
             seq = choice.seq
             output = EngineOutput(choice.index, "", seq.num_prompt, seq.num_output,
                                   error=message)
-            choice.request.loop.call_soon_threadsafe(choice.request.queue.put_nowait, output)
+            deliveries.setdefault(choice.request.loop, []).append((choice.request, output))
+        for loop, batch in deliveries.items():
+            _send(loop, batch)
 
 
 def _without(allowed: npt.NDArray[np.bool_] | None, banned: frozenset[int],
@@ -317,6 +438,14 @@ def _without(allowed: npt.NDArray[np.bool_] | None, banned: frozenset[int],
     return mask
 
 
+def _send(loop: asyncio.AbstractEventLoop, batch: list[tuple[_Request, EngineOutput]]) -> None:
+    with contextlib.suppress(RuntimeError):  # a closed loop: nobody reads these outputs
+        loop.call_soon_threadsafe(_deliver, batch)
+
+
 def _deliver(batch: list[tuple[_Request, EngineOutput]]) -> None:
+    """On the request's event loop: an aborted request's outputs are dropped here, so
+    none reaches its queue after `abort` returned."""
     for request, output in batch:
-        request.queue.put_nowait(output)
+        if not request.aborted:
+            request.queue.put_nowait(output)

@@ -73,8 +73,15 @@ class GrammarCompiler:
         return Constraint(self._checked(grammar), trigger_token, stop_after)
 
     def matcher(self, constraint: Constraint) -> GrammarMatcher:
-        return GrammarMatcher(llguidance.LLMatcher(self.tokenizer, constraint.grammar),
-                              constraint, self.n_vocab, self.tokenizer.vocab_size)
+        return self.matchers(constraint, 1)[0]
+
+    def matchers(self, constraint: Constraint, n: int) -> list[GrammarMatcher]:
+        """`n` matchers at the grammar's start (one per choice of a request): the grammar
+        is compiled once and the first matcher copied, never compiled again per choice."""
+        first = llguidance.LLMatcher(self.tokenizer, constraint.grammar)
+        compiled = [first] + [first.deep_copy() for _ in range(n - 1)]
+        return [GrammarMatcher(m, constraint, self.n_vocab, self.tokenizer.vocab_size)
+                for m in compiled]
 
 
 def json_schema_lark(schema: dict[str, Any]) -> str:

@@ -18,7 +18,8 @@ The steps, in order:
 5. temperature 0: greedy (argmax), no randomness. Otherwise divide by the temperature.
 6. `top_k`, then `top_p` (smallest most-likely set reaching top_p), then `min_p` (drop
    tokens below min_p x the top token's probability), renormalising after each.
-7. draw from what is left.
+7. draw from what is left, walking the candidates in token id order (never in an order
+   that follows their values, which a tiny change in the logits could shuffle).
 
 Tokens whose probability is below e^-30 (about 1e-13) of the most likely token's are
 never drawn (their total mass is at most the vocabulary size x e^-30: about 1.4e-8 for a
@@ -37,6 +38,8 @@ import numpy.typing as npt
 from modelyard.engine.sequence import SamplingParams
 
 GREEDY_EPSILON = 1e-5
+SEED_MODULUS = 2**64
+"""API seeds are any 64-bit integer, negative ones included; numpy takes them modulo this."""
 NEGLIGIBLE_LOGIT_GAP = 30.0
 _FIRST_TOP_P_CANDIDATES = 64
 
@@ -130,6 +133,23 @@ def top_logprobs(logprobs: npt.NDArray[np.float64], k: int) -> tuple[tuple[int, 
     return tuple((int(i), float(logprobs[i])) for i in ids if np.isfinite(logprobs[i]))
 
 
+# -- seeds ----------------------------------------------------------------------------------------
+
+
+def seeded_rng(seed: int | None) -> np.random.Generator:
+    """A random generator for an API seed (None: fresh entropy); every int is accepted."""
+    return np.random.default_rng(None if seed is None else seed % SEED_MODULUS)
+
+
+def choice_rngs(seed: int | None, n: int) -> list[np.random.Generator]:
+    """One generator per choice of a request: with a seed and n > 1, independent streams
+    derived from it, so every choice is reproducible and no two are alike."""
+    if seed is not None and n > 1:
+        streams = np.random.SeedSequence(seed % SEED_MODULUS).spawn(n)
+        return [np.random.default_rng(stream) for stream in streams]
+    return [seeded_rng(seed) for _ in range(n)]
+
+
 # -- the per-sequence sampler ------------------------------------------------------------------
 
 
@@ -138,7 +158,7 @@ class Sampler:
                  rng: np.random.Generator | None = None) -> None:
         self.params = params
         self.greedy = params.temperature < GREEDY_EPSILON
-        self._rng = rng if rng is not None else np.random.default_rng(params.seed)
+        self._rng = rng if rng is not None else seeded_rng(params.seed)
         bias = params.logit_bias
         self._bias_ids = np.fromiter(bias.keys(), dtype=np.intp, count=len(bias))
         self._bias_values = np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
@@ -208,7 +228,9 @@ class Sampler:
         top: Ids | None = None
         row = x
         if 0 < p.top_k < x.shape[0]:
-            top = np.argpartition(x, -p.top_k)[-p.top_k:]
+            # In token id order: argpartition's order follows the values, and a tiny change
+            # in the logits must not reorder the candidates the draw walks through.
+            top = np.sort(np.argpartition(x, -p.top_k)[-p.top_k:])
             row = x[top]
         # Then every token within NEGLIGIBLE_LOGIT_GAP (after temperature) of the best.
         near = np.flatnonzero(row >= float(row.max()) - NEGLIGIBLE_LOGIT_GAP * p.temperature)
@@ -218,7 +240,7 @@ class Sampler:
         probs = np.exp(values)
         probs /= probs.sum()
         if p.top_p < 1.0:
-            keep = nucleus(probs, p.top_p)
+            keep = np.sort(nucleus(probs, p.top_p))  # token id order, as above
             candidates, probs = candidates[keep], probs[keep] / probs[keep].sum()
         if p.min_p > 0.0:
             keep = min_p_indices(probs, p.min_p)

@@ -188,6 +188,15 @@ class Scheduler:
         self._truncations.clear()
         self._copies.clear()
 
+    def drop_cached_cells(self) -> None:
+        """Clear every free slot's cells (the prefix cache) before the next step."""
+        for slot in self._free_slots:
+            if self._slot_cells.get(slot, 0):
+                self._truncations.append((slot, 0))
+                self._slot_cells[slot] = 0
+        self._slot_cache.clear()
+        self._slot_scope.clear()
+
     @staticmethod
     def _mark_finished(seq: Sequence, reason: FinishReason) -> None:
         seq.status = SequenceStatus.FINISHED

@@ -73,6 +73,7 @@ class LocalProvider(Provider):
         self.model_id = config.model.id
         self.default_max_tokens = config.model.default_max_tokens
         self.context_per_sequence = engine_config.context_per_sequence
+        self.share_prefix_cache = engine_config.share_prefix_cache
         n_ctx = engine_config.max_sequences * engine_config.context_per_sequence
         self.runner = LlamaRunner(RunnerConfig(
             model_path=model_path,
@@ -208,7 +209,9 @@ class LocalProvider(Provider):
         try:
             queue = self.engine.submit(request.request_id, work.prompt_ids, work.params,
                                        request.n, constraint=work.plan.constraint,
-                                       reasoning=reasoning)
+                                       reasoning=reasoning,
+                                       cache_scope=None if self.share_prefix_cache
+                                       else request.cache_scope)
         except QueueFullError as exc:
             raise ProviderError(503, "the server is overloaded; retry shortly",
                                 code="server_overloaded",
@@ -265,4 +268,5 @@ class LocalProvider(Provider):
 
     async def close(self) -> None:
         await asyncio.to_thread(self.engine.stop)
-        self.runner.close()
+        if self.engine.stopped:  # never free the model under a step still running
+            self.runner.close()
