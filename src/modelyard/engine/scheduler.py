@@ -71,10 +71,11 @@ class SchedulerConfig:
     longest ago: with one KV stream per slot, llama.cpp's cost grows with the highest slot
     index in a batch, so keeping running sequences in low slots keeps steps cheap."""
     last_prompt_token_alone: bool = True
-    """Read a prompt's last token in a chunk of its own, after the rest of the prompt. The
-    logits sampled from come from a one-token chunk whether the prefix before it was read
-    or found in the prefix cache, so a seed gives the same text either way (llama.cpp
-    takes a different kernel path for one token than for many, which moves the logits)."""
+    """Read a prompt's last token in a step of its own, after the rest of the prompt. The
+    logits of the first sample then come from that one token whether the prefix before it
+    was read or found in the prefix cache, so a seed gives the same text either way:
+    llama.cpp's attention for a token inside a chunk of many takes another path (tiled)
+    than for a token alone, which moved first-token log-probabilities by hundredths."""
 
 
 @dataclass(frozen=True)
