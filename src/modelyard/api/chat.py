@@ -12,9 +12,9 @@ event loop, a few at a time, within a time budget (`preparation.py`).
 From admission on, one try/finally owns the bill: whatever ends the request (its answer,
 a refusal, an error in the model or in modelyard, the client going away, the server
 shutting down) settles it exactly once with the status it really ended with, and the ticket
-is checked out exactly once after that. The work itself runs in a task of its own, which a
-disconnect cancels (stream or not), so an abandoned request stops generating and pays for
-the tokens generated until then. Settlement runs as a background task, so a cancelled
+is checked out exactly once after that. A watcher task cancels the work when the client goes
+away (stream or not), so an abandoned request stops generating and pays for the tokens
+generated until then. Settlement runs as a background task, so a cancelled
 request cannot skip it.
 """
 
@@ -27,6 +27,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
@@ -211,21 +212,23 @@ class _Run:
     headers: dict[str, str] = field(default_factory=dict)
 
     async def serve(self, body: bytes, receive: Receive) -> None:
-        loop = asyncio.get_running_loop()
-        work = loop.create_task(self._work(body))
-        watch = loop.create_task(self._watch(receive, work))
+        task = asyncio.current_task()
+        assert task is not None
+        watch = asyncio.get_running_loop().create_task(self._watch(receive, task))
         try:
-            await work
+            await self._work(body)
         except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if not self.client_gone or (current is not None and current.cancelling()):
-                self._ended(503)  # the server is shutting down
+            # the watcher's cancel is swallowed; any other (the server shutting down) is not
+            if not self.client_gone or task.uncancel() > 0:
+                self._ended(503)
                 raise
         finally:
             watch.cancel()
             await self._finish()
 
-    async def _watch(self, receive: Receive, work: asyncio.Task[None]) -> None:
+    async def _watch(self, receive: Receive, work: asyncio.Task[Any]) -> None:
+        """Cancel `work` when the client goes away before its answer was all sent (the
+        answer's last send sets `finished` first, so a cancel lands only inside `_work`)."""
         try:
             while (await receive())["type"] != "http.disconnect":
                 pass
