@@ -222,6 +222,9 @@ class _Run:
             if not self.client_gone or task.uncancel() > 0:
                 self._ended(503)
                 raise
+            if self.bill is not None:
+                self.bill.client_disconnected = True
+                self.bill.status = 200 if self.reply.started else CLIENT_CLOSED
         finally:
             watch.cancel()
             await self._finish()
@@ -234,7 +237,7 @@ class _Run:
                 pass
         except Exception:  # a server that cannot tell: assume the client stays
             return
-        if not self.reply.finished:
+        if not self.reply.finished and not work.cancelling():  # not when the server stops
             self.client_gone = True
             work.cancel()
 
@@ -251,11 +254,6 @@ class _Run:
             await self._fail(exc)
         except StreamError as exc:
             await self._fail(APIError(500, str(exc), code="server_error"))
-        except asyncio.CancelledError:
-            if self.bill is not None and self.client_gone:
-                self.bill.client_disconnected = True
-                self.bill.status = 200 if self.reply.started else CLIENT_CLOSED
-            raise
         except Exception as exc:  # a bug: a 500 (or the stream's error event), billed
             await self._fail(_internal_error(exc))
 
