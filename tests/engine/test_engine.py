@@ -394,3 +394,33 @@ def _run_n(engine: Engine, params: SamplingParams, n: int) -> list[list[EngineOu
         return asyncio.run(main())
     finally:
         engine.stop()
+
+
+def test_gauges_follow_an_abort_that_leaves_the_engine_idle() -> None:
+    runner = BlockingRunner("abcdefgh")
+    engine = _engine(runner)
+
+    def gauge(name: str) -> float:
+        value = engine.metrics.registry.get_sample_value(name)
+        assert value is not None
+        return value
+
+    async def main() -> None:
+        engine.submit("r", [30, 31, 29], SamplingParams(temperature=0, max_tokens=8))
+        engine.start()
+        await _wait_for(runner.in_decode)
+        engine.abort("r")
+        runner.release.set()
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if gauge("modelyard_running_sequences") == 0:
+                break
+
+    try:
+        asyncio.run(main())
+    finally:
+        runner.release.set()
+        engine.stop()
+    assert gauge("modelyard_running_sequences") == 0
+    assert gauge("modelyard_kv_cells_reserved") == 0
+    assert gauge("modelyard_queue_depth") == 0

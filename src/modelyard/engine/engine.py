@@ -255,7 +255,12 @@ class Engine:
         with self._count_lock:
             self._inbox_sequences -= drained
             self._waiting_sequences = len(self.scheduler.waiting)
+        self._set_gauges()
+
+    def _set_gauges(self) -> None:
         self.metrics.queue_depth.set(len(self.scheduler.waiting))
+        self.metrics.running.set(len(self.scheduler.running))
+        self.metrics.kv_reserved.set(self.scheduler.kv_reserved)
 
     def _admit(self, command: _Submit) -> None:
         request = command.request
@@ -313,9 +318,7 @@ class Engine:
         self.scheduler.update_from_output(
             output, {seq_id: sample.token for seq_id, sample in samples.items()})
         self._postprocess(output, samples)
-        self.metrics.queue_depth.set(waiting)
-        self.metrics.running.set(len(self.scheduler.running))
-        self.metrics.kv_reserved.set(self.scheduler.kv_reserved)
+        self._set_gauges()
         self.metrics.step_seconds.observe(time.monotonic() - started)
 
     def _sample(self, choice: _Choice, logits: np.ndarray[tuple[int], np.dtype[np.float32]]
@@ -417,6 +420,7 @@ class Engine:
                 del self._requests[request.request_id]
         with self._count_lock:
             self._waiting_sequences = len(self.scheduler.waiting)
+        self._set_gauges()
         if reset_cache:
             # A failed decode may leave cells half written: start from an empty cache.
             self.scheduler.forget_cached_cells()
