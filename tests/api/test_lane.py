@@ -170,10 +170,17 @@ async def _health_after(platform: Harness, delay_s: float) -> float:
 def test_other_methods_on_the_chat_path_reach_fastapi(tmp_path: Path) -> None:
     async def body(platform: Harness) -> None:
         key = await platform.key("acme", 1000)
-        response = await platform.client.get("/v1/chat/completions",
-                                             headers={"Authorization": f"Bearer {key}"})
+        auth = {"Authorization": f"Bearer {key}"}
+        response = await platform.client.get("/v1/chat/completions", headers=auth)
         assert response.status_code == 405
-        assert "error" in response.json()
+        unknown = await platform.client.get("/v1/no-such-thing", headers=auth)
+        assert unknown.status_code == 404
+        denied = await platform.client.get("/admin/accounts", headers=auth)
+        assert denied.status_code == 403
+        for refused in (response, unknown, denied):
+            error = refused.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}
+            assert error["type"] == "invalid_request_error"
     _with_app(tmp_path, body)
 
 
