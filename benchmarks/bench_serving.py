@@ -105,7 +105,10 @@ def modelyard_server(args: argparse.Namespace, model_path: Path
         f"step_token_budget = {args.step_token_budget}\n"
         f"max_waiting = {max(256, 2 * max(args.concurrency))}\n"
         f"threads = {args.threads}\n"
-        f"flash_attention = {'true' if args.flash_attention else 'false'}\n", encoding="utf-8")
+        f"flash_attention = {'true' if args.flash_attention else 'false'}\n"
+        # every level's clients share one key: no limit on its requests in flight
+        "\n[platform]\nmax_concurrent_per_key = 0\nmax_concurrent_per_account = 0\n",
+        encoding="utf-8")
     port = free_port()
     log = (workdir / "server.log").open("wb")
     command = [sys.executable, "-m", "modelyard.cli", "serve", "--host", "127.0.0.1",
