@@ -62,6 +62,11 @@ def test_the_environment_names_the_database_and_redis(tmp_path: Path) -> None:
     ("[platform]\nreservation_ttl_seconds = 0\n", "reservation_ttl_seconds"),
     ("[platform]\nusage_retention_days = -1\n", "usage_retention_days"),
     ("[platform]\nnope = 1\n", "unknown key"),
+    ("[platform]\nmax_concurrent_per_key = -1\n", "max_concurrent_per_key"),
+    ("[platform]\nmax_request_tokens = 0\n", "max_request_tokens"),
+    ("[server]\nbody_timeout_seconds = 0\n", "body_timeout_seconds"),
+    ("[server]\nprepare_concurrency = 0\n", "prepare_concurrency"),
+    ("[server]\nnope = 1\n", "unknown key"),
     ("database_url = 5\n", "database_url must be a string"),
     ("platform = 3\n", "must be a table"),
 ])
