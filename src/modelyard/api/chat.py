@@ -209,6 +209,7 @@ class _Run:
     bill: _Bill | None = None
     deltas: AsyncIterator[ChatDelta] | None = None
     client_gone: bool = False
+    failed: bool = False
     headers: dict[str, str] = field(default_factory=dict)
 
     async def serve(self, body: bytes, receive: Receive) -> None:
@@ -224,7 +225,8 @@ class _Run:
                 raise
             if self.bill is not None:
                 self.bill.client_disconnected = True
-                self.bill.status = 200 if self.reply.started else CLIENT_CLOSED
+                if not self.failed:  # an error it was being told keeps its status
+                    self.bill.status = 200 if self.reply.started else CLIENT_CLOSED
         finally:
             watch.cancel()
             await self._finish()
@@ -258,6 +260,7 @@ class _Run:
             await self._fail(_internal_error(exc))
 
     async def _fail(self, error: APIError) -> None:
+        self.failed = True
         if self.bill is not None:
             self.bill.status = error.status
         error.headers = {**self.headers, **error.headers}
