@@ -14,8 +14,10 @@ a refusal, an error in the model or in modelyard, the client going away, the ser
 shutting down) settles it exactly once with the status it really ended with, and the ticket
 is checked out exactly once after that. A watcher task cancels the work when the client goes
 away (stream or not), so an abandoned request stops generating and pays for the tokens
-generated until then. Settlement runs as a background task, so a cancelled
-request cannot skip it.
+generated until then. Settlement runs as a background task, so a cancelled request cannot
+skip it; a complete answer waits for it before its last bytes (the JSON body, a stream's
+usage chunk and `[DONE]`), so that a gateway killed just after cannot leave an answer its
+client saw complete unbilled.
 """
 
 from __future__ import annotations
@@ -125,9 +127,18 @@ class _Bill:
             delta = dataclasses.replace(delta, cached_tokens=self.last.cached_tokens)
         self.last = delta
 
-    def settle(self) -> None:
+    async def settle_now(self) -> None:
+        """Settle before the answer's last bytes go out, so that no answer a client saw
+        complete is lost with a gateway that dies just after it (the settlement goes on if
+        the request is cancelled meanwhile)."""
+        task = self.settle()
+        if task is not None:
+            await asyncio.shield(task)
+
+    def settle(self) -> asyncio.Task[None] | None:
+        """Settle in the background (once; None when it already was)."""
         if self.settled:
-            return
+            return None
         self.settled = True
         last = self.last
         used = Usage(last.prompt_tokens, last.cached_tokens, last.completion_tokens,
@@ -136,7 +147,7 @@ class _Bill:
         outcome = Outcome(used, self.status, time.monotonic() - self.started, ttft, self.user,
                           estimated=bool(last and last.usage_estimated),
                           client_disconnected=self.client_disconnected)
-        self.state.run_in_background(self.state.gate.settle(self.admission, outcome))
+        return self.state.run_in_background(self.state.gate.settle(self.admission, outcome))
 
 
 def _as_api_error(exc: ProviderError | PlatformError) -> APIError:
@@ -328,6 +339,7 @@ class _Run:
         if last is None:
             raise APIError(500, "the model produced no output", code="server_error")
         bill.status = 200
+        await bill.settle_now()
         await self.reply.json(
             completion.body(choices, usage(last.prompt_tokens, last.completion_tokens,
                                            last.cached_tokens, last.reasoning_tokens)),
@@ -356,6 +368,7 @@ class _Run:
             bill.sent(delta)  # reached only once the chunk was handed to the client
         last = bill.last
         bill.status = 200
+        await bill.settle_now()
         if include_usage and last is not None:
             await reply.chunk(completion.usage_chunk(usage(
                 last.prompt_tokens, last.completion_tokens, last.cached_tokens,

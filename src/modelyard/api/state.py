@@ -45,11 +45,12 @@ class AppState:
             contexts = [provider.context_limit() for provider in self.closing_order()]
             self.max_body_bytes = body_cap([c for c in contexts if c is not None])
 
-    def run_in_background(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+    def run_in_background(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run work that must finish even if the request's own task is cancelled."""
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     def closing_order(self) -> list[Provider]:
         """Every provider to close at shutdown, each once (the engine included)."""
