@@ -65,18 +65,25 @@ def client(connections: int) -> httpx.AsyncClient:
         max_connections=connections, max_keepalive_connections=connections))
 
 
-async def burst(urls: Sequence[str], key: str, model: str, count: int, prefix: str,
-                stagger_s: float = 0.0) -> list[Sent]:
+def staggered(http: httpx.AsyncClient, urls: Sequence[str], key: str, model: str,
+              count: int, prefix: str, stagger_s: float = 0.0) -> list[asyncio.Task[Sent]]:
     """`count` requests, spread over `urls`, half of them streamed; request i starts
     i * `stagger_s` after the first (so that, mid-burst, some are starting, some running
-    and some ending)."""
-    async def one(http: httpx.AsyncClient, i: int) -> Sent:
+    and some ending). Their tasks, started."""
+    async def one(i: int) -> Sent:
         await asyncio.sleep(i * stagger_s)
         return await send(http, urls[i % len(urls)], key, model, f"{prefix}-{i}",
                           stream=i % 4 < 2)
 
+    return [asyncio.create_task(one(i)) for i in range(count)]
+
+
+async def burst(urls: Sequence[str], key: str, model: str, count: int, prefix: str,
+                stagger_s: float = 0.0) -> list[Sent]:
+    """`staggered` requests, awaited."""
     async with client(count) as http:
-        return list(await asyncio.gather(*(one(http, i) for i in range(count))))
+        return list(await asyncio.gather(*staggered(http, urls, key, model, count, prefix,
+                                                    stagger_s)))
 
 
 class Steady:

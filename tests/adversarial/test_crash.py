@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 
 from tests.adversarial.harness import LONG, fault_model, record
 from tests.adversarial.ledger_invariant import wait_for_ledger
-from tests.adversarial.load import Sent, burst
+from tests.adversarial.load import Sent, burst, client, staggered
 from tests.e2e.server import RunningServer, running_server, running_servers
 from tests.platform.services import REDIS_URL, postgres_url, redis_prefix
 from tests.router.fault_process import running_fault_server
@@ -80,12 +81,18 @@ def test_a_gateway_killed_mid_load_loses_no_money(
 
 async def _load_and_kill(doomed: RunningServer, survivor: RunningServer,
                          key: str) -> list[Sent]:
-    load = asyncio.create_task(burst([doomed.base_url, survivor.base_url], key, MODEL,
-                                     REQUESTS, "crash", stagger_s=1.0 / REQUESTS))
-    await asyncio.sleep(0.75)  # requests starting, streaming (25 x 20 ms) and ending
-    doomed.process.send_signal(signal.SIGKILL)
-    doomed.process.wait(timeout=30)
-    return await load
+    async with client(REQUESTS) as http:
+        tasks = staggered(http, [doomed.base_url, survivor.base_url], key, MODEL, REQUESTS,
+                          "crash", stagger_s=1.0 / REQUESTS)
+        # kill once the doomed gateway has answered a tenth of its share: requests are then
+        # starting, streaming (25 x 20 ms) and ending on it
+        deadline = time.monotonic() + 60
+        while sum(t.done() and t.result().succeeded and t.result().url == doomed.base_url
+                  for t in tasks) < REQUESTS // 20 and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        doomed.process.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(doomed.process.wait, 30)
+        return list(await asyncio.gather(*tasks))
 
 
 def _check_books(database_url: str, sent: list[Sent]) -> None:
