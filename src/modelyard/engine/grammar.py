@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import llguidance
@@ -34,6 +34,9 @@ class Constraint:
     stop_after: bool = False
     """End the sequence when the grammar completes. Otherwise a lazy grammar re-arms: it
     waits for its trigger again (several tool calls in one turn)."""
+    compiled: llguidance.LLMatcher | None = field(default=None, compare=False, repr=False)
+    """The grammar compiled when the constraint was made (off the event loop); each
+    choice's matcher is a copy of it, never this one."""
 
 
 class GrammarCompiler:
@@ -61,27 +64,30 @@ class GrammarCompiler:
             problems = messages if (is_error or messages) else []
             if problems:
                 raise GrammarError(problems[0])
-            return Constraint(grammar, stop_after=True)
-        return Constraint(self._checked(grammar), stop_after=True)
+            return Constraint(grammar, stop_after=True, compiled=self._compile(grammar))
+        grammar = self._checked(grammar)
+        return Constraint(grammar, stop_after=True, compiled=self._compile(grammar))
 
     def json_object(self) -> Constraint:
         return self.json_schema({"type": "object"}, strict=False)
 
     def lark(self, lark: str, *, trigger_token: int | None = None,
              stop_after: bool = True) -> Constraint:
-        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
-        return Constraint(self._checked(grammar), trigger_token, stop_after)
+        grammar = self._checked(llguidance.LLMatcher.grammar_from_lark(lark))
+        return Constraint(grammar, trigger_token, stop_after, self._compile(grammar))
+
+    def _compile(self, grammar: str) -> llguidance.LLMatcher:
+        return llguidance.LLMatcher(self.tokenizer, grammar)
 
     def matcher(self, constraint: Constraint) -> GrammarMatcher:
         return self.matchers(constraint, 1)[0]
 
     def matchers(self, constraint: Constraint, n: int) -> list[GrammarMatcher]:
-        """`n` matchers at the grammar's start (one per choice of a request): the grammar
-        is compiled once and the first matcher copied, never compiled again per choice."""
-        first = llguidance.LLMatcher(self.tokenizer, constraint.grammar)
-        compiled = [first] + [first.deep_copy() for _ in range(n - 1)]
-        return [GrammarMatcher(m, constraint, self.n_vocab, self.tokenizer.vocab_size)
-                for m in compiled]
+        """`n` matchers at the grammar's start (one per choice of a request), copies of
+        the grammar the constraint compiled: no compiling here, nor once per choice."""
+        template = constraint.compiled or self._compile(constraint.grammar)
+        return [GrammarMatcher(template.deep_copy(), constraint, self.n_vocab,
+                               self.tokenizer.vocab_size) for _ in range(n)]
 
 
 def json_schema_lark(schema: dict[str, Any]) -> str:
