@@ -1,7 +1,9 @@
 """The engine loop: schedule -> run -> postprocess, on its own thread.
 
 The event loop submits requests and reads their outputs through asyncio queues; the
-engine thread owns the scheduler and the runner. `llama_decode` releases the GIL, so
+engine thread owns the scheduler and the runner. Submits and aborts go through an inbox
+the engine thread drains before each step, so the event loop never waits on a step (no
+lock is held across one). `llama_decode` releases the GIL, so
 HTTP work goes on while a step runs. A request with `n` choices is `n` sequences that
 share the request's queue; the scheduler makes them read their prompt once.
 """
