@@ -306,13 +306,15 @@ def defs_tool_schema(target: Target, full: bool) -> Answer:
 
 
 def huge_integer_in_schemas(target: Target, full: bool) -> Answer:
-    """Integers beyond 64 bits inside a tool's parameters and a response_format schema
-    (valid JSON, found by the fuzzer): refused or served, never a 500."""
+    """Integers beyond 64 bits inside a tool's parameters, a response_format schema and a
+    tool's unknown field (valid JSON, found by the fuzzer): refused or served, never a 500."""
     answers = []
     for extra in ({"tools": [{"type": "function", "function": {
                       "name": "f", "parameters": {"type": "object", "maximum": 2 ** 70}}}]},
                   {"response_format": {"type": "json_schema", "json_schema": {
-                      "name": "x", "schema": {"type": "object", "maximum": 2 ** 70}}}}):
+                      "name": "x", "schema": {"type": "object", "maximum": 2 ** 70}}}},
+                  {"tools": [{"type": "function", "function": {"name": "f"},
+                              "x-extension": 2 ** 70}]}):
         response, seconds = _chat_json(target, "rich", _hello(target.upstream_model, **extra))
         answers.append(_judged(response, seconds, {200, 400, 422}))
     failed = [a for a in answers if not a.ok]

@@ -41,6 +41,11 @@ MAX_INT = 2**31 - 1
 """Upper bound of every count (max_tokens, top_k)."""
 SEED_MIN = -(2**63)
 SEED_MAX = 2**64 - 1
+JSON_INT_MIN = -(2**63)
+JSON_INT_MAX = 2**64 - 1
+"""Integers inside a request's objects and arrays (tool schemas, response formats) must fit
+in 64 bits, signed or unsigned: they are written out again (token bounds, upstream
+requests) by a JSON encoder that stops there."""
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _TOKEN_ID = re.compile(rf"[0-9]{{1,{MAX_TOKEN_ID_DIGITS}}}")
@@ -77,3 +82,18 @@ def json_depth_exceeds(value: Any, limit: int) -> bool:
 def json_size(value: Any) -> int:
     """Bytes of `value` as compact JSON (call after json_depth_exceeds has passed)."""
     return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+
+
+def has_oversized_integer(value: Any) -> bool:
+    """Whether an integer outside JSON_INT_MIN..JSON_INT_MAX is anywhere in `value`
+    (iterative: no recursion)."""
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, int) and not JSON_INT_MIN <= item <= JSON_INT_MAX:
+            return True
+    return False

@@ -22,7 +22,13 @@ from pydantic import (
 )
 
 from modelyard.api import bounds
-from modelyard.api.bounds import has_control_characters, is_token_id, json_depth_exceeds, json_size
+from modelyard.api.bounds import (
+    has_control_characters,
+    has_oversized_integer,
+    is_token_id,
+    json_depth_exceeds,
+    json_size,
+)
 from modelyard.api.errors import APIError
 
 logger = logging.getLogger(__name__)
@@ -205,6 +211,18 @@ class ChatCompletionRequest(_Strict):
     thinking_budget: Annotated[int, Field(ge=128, le=32768)] | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     separate_reasoning: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integers_within_64_bits(cls, data: Any) -> Any:
+        # Top-level numbers have bounds of their own (seed, max_tokens ...); inside objects
+        # and arrays (tool schemas, response formats, unknown fields) any integer must fit.
+        if isinstance(data, dict):
+            for name, value in data.items():
+                if isinstance(value, dict | list) and has_oversized_integer(value):
+                    raise APIError(422, f"'{name}' holds an integer beyond 64 bits",
+                                   param=str(name), code="invalid_value")
+        return data
 
     @field_validator("messages", mode="before")
     @classmethod
