@@ -52,12 +52,12 @@ def make_scheduler(
     ))
 
 
-def make_seq(request_id: str, prompt_len: int = 0, max_tokens: int = 4, *,
+def make_seq(seq_id: str, prompt_len: int = 0, max_tokens: int = 4, *,
              prompt: list[int] | None = None, scope: str | None = None) -> Sequence:
     """A sequence; without `prompt`, its prompt shares no token with any other sequence's."""
     if prompt is None:
         prompt = fresh(prompt_len)
-    return Sequence(request_id, prompt, SamplingParams(max_tokens=max_tokens),
+    return Sequence(seq_id, prompt, SamplingParams(max_tokens=max_tokens),
                     eog_ids=frozenset({EOG}), cache_scope=scope)
 
 
@@ -83,20 +83,20 @@ def run_step(
     output = scheduler.schedule()
     if kv is not None:
         kv.apply(output)
-    sampled = {c.seq.request_id: token_for(c.seq) for c in output.chunks if c.sample}
+    sampled = {c.seq.seq_id: token_for(c.seq) for c in output.chunks if c.sample}
     finished = scheduler.update_from_output(output, sampled)
     return output, finished
 
 
 def chunk_ids(output: SchedulerOutput) -> list[str]:
-    return [c.seq.request_id for c in output.chunks]
+    return [c.seq.seq_id for c in output.chunks]
 
 
 def slot_cache(scheduler: Scheduler) -> dict[int, list[int]]:
     """The free slots' cached tokens, as lists (the scheduler keeps int32 arrays)."""
-    for tokens in scheduler._slot_cache.values():
+    for tokens in scheduler.slots.cached.values():
         assert isinstance(tokens, np.ndarray) and tokens.dtype == np.int32
-    return {slot: tokens.tolist() for slot, tokens in scheduler._slot_cache.items()}
+    return {slot: tokens.tolist() for slot, tokens in scheduler.slots.cached.items()}
 
 
 class KVModel:
@@ -147,9 +147,9 @@ def warm(scheduler: Scheduler, prompts: list[str]) -> KVModel:
     while len(finished) < len(seqs):
         output = scheduler.schedule()
         kv.apply(output)
-        slots.update((c.seq.request_id, c.seq.slot) for c in output.chunks if c.start == 0)
-        finished += scheduler.update_from_output(output, {s.request_id: PLAIN for s in seqs})
-    assert [slots[s.request_id] for s in seqs] == list(range(len(prompts)))
+        slots.update((c.seq.seq_id, c.seq.slot) for c in output.chunks if c.start == 0)
+        finished += scheduler.update_from_output(output, {s.seq_id: PLAIN for s in seqs})
+    assert [slots[s.seq_id] for s in seqs] == list(range(len(prompts)))
     assert slot_cache(scheduler) == {i: toks(p) for i, p in enumerate(prompts)}
     return kv
 
@@ -192,7 +192,7 @@ def test_add_past_max_waiting_raises_queue_full() -> None:
     scheduler.add(make_seq("b", 2))
     with pytest.raises(QueueFullError):
         scheduler.add(make_seq("c", 2))
-    assert [s.request_id for s in scheduler.waiting] == ["a", "b"]
+    assert [s.seq_id for s in scheduler.waiting] == ["a", "b"]
 
     run_step(scheduler)  # admits "a" into the only slot: one place frees up in the queue
     scheduler.add(make_seq("c", 2))
@@ -218,7 +218,7 @@ def test_admission_is_limited_by_free_slots() -> None:
     output, _ = run_step(scheduler)
 
     assert chunk_ids(output) == ["a", "b"]
-    assert [s.request_id for s in scheduler.waiting] == ["c"]
+    assert [s.seq_id for s in scheduler.waiting] == ["c"]
     assert sorted(s.slot for s in scheduler.running if s.slot is not None) == [0, 1]
     assert all(s.status is SequenceStatus.RUNNING for s in scheduler.running)
     assert scheduler.waiting[0].status is SequenceStatus.WAITING
@@ -244,7 +244,7 @@ def test_admission_is_limited_by_kv_capacity(
 
     output, _ = run_step(scheduler)
 
-    assert chunk_ids(output) == [s.request_id for s in seqs[:admitted]]
+    assert chunk_ids(output) == [s.seq_id for s in seqs[:admitted]]
     assert scheduler.kv_reserved == sum(s.kv_reservation for s in seqs[:admitted])
     assert scheduler.kv_reserved <= kv_capacity
     assert list(scheduler.waiting) == seqs[admitted:]
@@ -344,13 +344,13 @@ def test_several_prefills_share_the_budget_in_arrival_order() -> None:
         scheduler.add(seq)
 
     output, _ = run_step(scheduler)
-    assert [(x.seq.request_id, x.start, len(x.tokens), x.sample) for x in output.chunks] == [
+    assert [(x.seq.seq_id, x.start, len(x.tokens), x.sample) for x in output.chunks] == [
         ("a", 0, 6, True), ("b", 0, 4, False),
     ]
     assert list(scheduler.waiting) == [c]   # budget spent: "c" is not admitted this step
 
     output, _ = run_step(scheduler)
-    assert [(x.seq.request_id, x.start, len(x.tokens), x.sample) for x in output.chunks] == [
+    assert [(x.seq.seq_id, x.start, len(x.tokens), x.sample) for x in output.chunks] == [
         ("a", 6, 1, True), ("b", 4, 2, True), ("c", 0, 6, True),
     ]
     assert output.num_tokens == 9 <= 10
@@ -419,10 +419,10 @@ def test_the_last_prompt_token_joins_the_decode_tokens_of_the_next_step() -> Non
     new = make_seq("new", 6)
     scheduler.add(new)
     output, _ = run_step(scheduler)
-    assert [(c.seq.request_id, c.start, len(c.tokens), c.sample) for c in output.chunks] == [
+    assert [(c.seq.seq_id, c.start, len(c.tokens), c.sample) for c in output.chunks] == [
         ("decoder", 1, 1, True), ("new", 0, 5, False)]
     output, _ = run_step(scheduler)
-    assert [(c.seq.request_id, c.start, len(c.tokens), c.sample) for c in output.chunks] == [
+    assert [(c.seq.seq_id, c.start, len(c.tokens), c.sample) for c in output.chunks] == [
         ("decoder", 2, 1, True), ("new", 5, 1, True)]
 
 
@@ -488,7 +488,7 @@ def test_finish_by_caller_frees_the_slot_once(prefix_caching: bool) -> None:
     scheduler.finish(seq, FinishReason.ABORT)  # a second call changes nothing
     assert seq.finish_reason is FinishReason.STOP
     assert seq.slot is None
-    assert scheduler._free_slots == [slot]
+    assert scheduler.slots.free_slots == [slot]
     assert scheduler.kv_reserved == 0
     if prefix_caching:
         # The cells stay for a later prompt; the sampled token has none yet.
@@ -599,7 +599,7 @@ def test_abort_a_running_sequence_frees_its_slot_and_kv(prefix_caching: bool) ->
     assert a.slot is None
     assert scheduler.running == [b]
     assert scheduler.kv_reserved == b.kv_reservation
-    assert scheduler._free_slots == [slot]
+    assert scheduler.slots.free_slots == [slot]
     output, _ = run_step(scheduler, kv=kv)
     assert output.kv_truncations == ([] if prefix_caching else [(slot, 0)])
     assert chunk_ids(output) == ["b"]
@@ -902,7 +902,7 @@ def test_cached_cells_give_way_when_the_kv_cache_needs_room(
     assert seq.slot == len(cached)
     assert output.kv_truncations == truncations
     assert kv.num_cells + max_tokens - 1 <= 20     # room for every token it may still add
-    assert set(scheduler._slot_cache) == {s for s in range(len(cached))
+    assert set(scheduler.slots.cached) == {s for s in range(len(cached))
                                           if (s, 0) not in truncations}
 
 
@@ -996,7 +996,7 @@ def test_a_free_slots_cells_are_preferred_when_at_least_as_long(
     leaves_cells = make_seq("cached", prompt=toks(cached), max_tokens=1)
     scheduler.add_group([keeps_running, leaves_cells])
     assert run_step(scheduler, kv=kv)[1] == [leaves_cells]
-    assert (keeps_running.slot, scheduler._free_slots) == (0, [2, 1])
+    assert (keeps_running.slot, scheduler.slots.free_slots) == (0, [2, 1])
     assert slot_cache(scheduler) == {1: toks(cached)}
 
     seq = make_seq("new", prompt=toks(prompt), max_tokens=2)
@@ -1024,7 +1024,7 @@ def test_a_copy_goes_into_a_slot_cleared_first(cached: str) -> None:
     leaves_cells = make_seq("cached", prompt=toks(cached), max_tokens=1)
     scheduler.add_group([source, leaves_cells])
     run_step(scheduler, kv=kv)
-    assert (source.slot, scheduler._free_slots) == (0, [1])
+    assert (source.slot, scheduler.slots.free_slots) == (0, [1])
     assert kv.slots[1] == toks(cached)
 
     # The running source shares 14 tokens with the prompt, more than slot 1's cells do.
@@ -1088,7 +1088,7 @@ def test_a_sequence_waits_for_the_prompt_prefix_another_is_reading(
     assert (chunk.start, chunk.tokens, chunk.sample) == (copied, second.prompt_ids[copied:], True)
     assert second.num_output == 1
     for chunk in output.chunks:
-        read[chunk.seq.request_id] += prompt_tokens_read(chunk)
+        read[chunk.seq.seq_id] += prompt_tokens_read(chunk)
     assert read == {"first": 200, "second": 200 + tail - copied}
 
     while scheduler.running:
@@ -1197,7 +1197,7 @@ def test_choices_of_a_request_read_their_prompt_once_only_with_prefix_caching(
         output, _ = run_step(scheduler, kv=kv)
         all_copies += output.kv_copies
         for chunk in output.chunks:
-            read[chunk.seq.request_id] += prompt_tokens_read(chunk)
+            read[chunk.seq.seq_id] += prompt_tokens_read(chunk)
     assert all_copies == copies
     assert read == {"first": 200, "second": second_reads}
     assert first.finish_reason is second.finish_reason is FinishReason.LENGTH
@@ -1372,7 +1372,7 @@ def run_random_workload(seed: int, prefix_caching: bool,
 
     def check_step(output: SchedulerOutput, waiting_before: list[Sequence]) -> None:
         nonlocal cleared
-        new = [c.seq for c in output.chunks if c.seq.request_id not in admitted]
+        new = [c.seq for c in output.chunks if c.seq.seq_id not in admitted]
         running = {seq.slot: seq for seq in scheduler.running}
         destinations: set[int] = set()
         for src, dst, n in output.kv_copies:
@@ -1394,8 +1394,8 @@ def run_random_workload(seed: int, prefix_caching: bool,
         for chunk in output.chunks:
             seq = chunk.seq
             assert seq.slot is not None
-            if seq.request_id not in admitted:
-                admitted.add(seq.request_id)
+            if seq.seq_id not in admitted:
+                admitted.add(seq.seq_id)
                 assert chunk.start == seq.num_cached
                 assert 0 <= seq.num_cached < seq.num_prompt
                 assert seq.num_cached == 0 or prefix_caching
@@ -1427,7 +1427,7 @@ def run_random_workload(seed: int, prefix_caching: bool,
         for seq in waiting_before[:WAITING_SCAN]:
             if seq.status is not SequenceStatus.WAITING:
                 continue
-            if (output.num_tokens == config.step_token_budget or not scheduler._free_slots
+            if (output.num_tokens == config.step_token_budget or not scheduler.slots.free_slots
                     or scheduler.kv_reserved + seq.kv_reservation > config.kv_capacity):
                 break
             assert prefix_caching
@@ -1435,7 +1435,7 @@ def run_random_workload(seed: int, prefix_caching: bool,
             stats["deferrals"] += 1
 
     def check_free_slots() -> None:
-        for slot in scheduler._free_slots:
+        for slot in scheduler.slots.free_slots:
             cache = slot_cache(scheduler).get(slot, [])
             assert kv.slots.get(slot, [])[:len(cache)] == cache
 
@@ -1463,7 +1463,7 @@ def run_random_workload(seed: int, prefix_caching: bool,
         if rng.random() < 0.05 and next_id:
             victim = scheduler.abort(f"r{rng.randrange(next_id)}")
             if victim is not None:
-                finished_ids.append(victim.request_id)
+                finished_ids.append(victim.seq_id)
                 history.append(victim.token_ids)
 
         decoding = [s for s in scheduler.running if not s.is_prefilling]
@@ -1473,7 +1473,7 @@ def run_random_workload(seed: int, prefix_caching: bool,
         assert [c.seq for c in output.chunks[:len(decoding)]] == decoding
         slots = [s.slot for s in scheduler.running]
         assert None not in slots and len(set(slots)) == len(slots)
-        assert not set(slots) & set(scheduler._free_slots)
+        assert not set(slots) & set(scheduler.slots.free_slots)
         assert scheduler.kv_reserved == sum(s.kv_reservation for s in scheduler.running)
         assert scheduler.kv_reserved <= config.kv_capacity
         for chunk in output.chunks:
@@ -1486,13 +1486,13 @@ def run_random_workload(seed: int, prefix_caching: bool,
         if rng.random() < 0.05 and next_id:   # the client leaves while the step runs
             victim = scheduler.abort(f"r{rng.randrange(next_id)}")
             if victim is not None:
-                finished_ids.append(victim.request_id)
+                finished_ids.append(victim.seq_id)
                 history.append(victim.token_ids)
 
-        tokens = {c.seq.request_id: rng.choice([PLAIN, PLAIN, PLAIN, EOG])
+        tokens = {c.seq.seq_id: rng.choice([PLAIN, PLAIN, PLAIN, EOG])
                   for c in output.chunks if c.sample}
         for seq in scheduler.update_from_output(output, tokens):
-            finished_ids.append(seq.request_id)
+            finished_ids.append(seq.seq_id)
             history.append(seq.token_ids)
             assert len(seq.token_ids) <= config.context_per_sequence
             assert seq.num_output <= seq.params.max_tokens
@@ -1502,8 +1502,8 @@ def run_random_workload(seed: int, prefix_caching: bool,
         if not (scheduler.running or scheduler.waiting):
             break
         output = schedule()
-        tokens = {c.seq.request_id: PLAIN for c in output.chunks if c.sample}
-        finished_ids.extend(s.request_id for s in scheduler.update_from_output(output, tokens))
+        tokens = {c.seq.seq_id: PLAIN for c in output.chunks if c.sample}
+        finished_ids.extend(s.seq_id for s in scheduler.update_from_output(output, tokens))
         check_free_slots()
     else:
         pytest.fail("the workload did not drain")
@@ -1512,7 +1512,7 @@ def run_random_workload(seed: int, prefix_caching: bool,
     assert len(finished_ids) == len(set(finished_ids))
     assert admitted <= set(finished_ids)
     assert len(admitted) >= 1
-    assert sorted(scheduler._free_slots) == list(range(config.max_sequences))
+    assert sorted(scheduler.slots.free_slots) == list(range(config.max_sequences))
     assert not scheduler.has_work()
     if not prefix_caching:
         # Every sequence that got a slot had it cleared exactly once.

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -26,9 +26,12 @@ from modelyard.engine.detokenize import IncrementalDetokenizer, StopStringMatche
 from modelyard.engine.grammar import Constraint, GrammarCompiler, GrammarMatcher
 from modelyard.engine.metrics import EngineMetrics
 from modelyard.engine.runner import BatchItem, LlamaRunner
-from modelyard.engine.sampling import Sample, Sampler, TokenLogprob, choice_rngs
+from modelyard.engine.sampling import Sample, Sampler, choice_rngs
 from modelyard.engine.scheduler import QueueFullError, Scheduler, SchedulerConfig, SchedulerOutput
 from modelyard.engine.sequence import FinishReason, SamplingParams, Sequence
+from modelyard.engine.state import EngineOutput, ReasoningTags, RequestState, SequenceState
+
+__all__ = ["Engine", "EngineOutput", "ReasoningTags"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,42 +41,13 @@ STOP_STEP_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
-class EngineOutput:
-    """New text of one choice since its last output, and its end when it has ended."""
-
-    index: int
-    text: str
-    num_prompt_tokens: int
-    num_output_tokens: int
-    num_cached_tokens: int = 0
-    finish_reason: FinishReason | None = None
-    error: str | None = None
-    logprobs: tuple[tuple[int, TokenLogprob], ...] = ()
-    """(token id, its logprobs) for the tokens behind this output's text."""
-    num_reasoning_tokens: int = 0
-
-
-@dataclass(eq=False)
-class _Request:
-    request_id: str
-    sequence_ids: list[str]
-    queue: asyncio.Queue[EngineOutput]
-    loop: asyncio.AbstractEventLoop
-    arrival: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
-    aborted: bool = False
-    """Set by `abort` on the event loop; its outputs are no longer delivered."""
-
-
-@dataclass(frozen=True)
 class _Submit:
-    request: _Request
-    choices: list[_Choice]
+    request: RequestState
 
 
 @dataclass(frozen=True)
 class _Abort:
-    request: _Request
+    request: RequestState
 
 
 @dataclass(frozen=True)
@@ -81,38 +55,10 @@ class _ClearCache:
     pass
 
 
-@dataclass(frozen=True)
-class ReasoningTags:
-    """How a model marks its reasoning: the closing tag's text and its token ids."""
-
-    close_text: str
-    close_ids: tuple[int, ...]
-
-
-@dataclass(eq=False)
-class _Choice:
-    index: int
-    seq: Sequence
-    sampler: Sampler
-    detokenizer: IncrementalDetokenizer
-    stops: StopStringMatcher
-    request: _Request
-    matcher: GrammarMatcher | None = None
-    reasoning: ReasoningTags | None = None
-    """Set while the choice is inside a reasoning block with a thinking budget."""
-    reasoning_tokens: int = 0
-    forced: list[int] = field(default_factory=list)
-    """Tokens the engine appends instead of sampling (closing a reasoning block)."""
-    answer_due: bool = False
-    grammar_done: bool = False
-    pending_logprobs: list[tuple[int, TokenLogprob]] = field(default_factory=list)
-    text_tail: str = ""
-
-
 class Engine:
     """The event-loop side (`submit`, `abort`) never waits on a step: it appends commands
     to an inbox the engine thread drains at the start of each step. Only the engine thread
-    touches the scheduler, the runner and the choices."""
+    touches the scheduler, the runner and the sequences' state."""
 
     def __init__(self, runner: LlamaRunner, config: SchedulerConfig,
                  metrics: EngineMetrics | None = None,
@@ -122,8 +68,9 @@ class Engine:
         self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelyard-mask")
         self.scheduler = Scheduler(config)
         self.metrics = metrics or EngineMetrics()
-        self._choices: dict[str, _Choice] = {}
-        self._requests: dict[str, _Request] = {}
+        self._sequences: dict[str, SequenceState] = {}
+        """Sequences queued or running, by sequence id (engine thread only)."""
+        self._requests: dict[str, RequestState] = {}
         """Requests not yet ended: added by `submit`, removed by the engine thread."""
         self._inbox: deque[_Submit | _Abort | _ClearCache] = deque()
         self._count_lock = threading.Lock()
@@ -178,14 +125,14 @@ class Engine:
         except ValueError:
             self.metrics.rejected.inc()
             raise
-        request = _Request(request_id, ids, asyncio.Queue(), asyncio.get_running_loop())
+        request = RequestState(request_id, asyncio.Queue(), asyncio.get_running_loop())
         matchers: list[GrammarMatcher | None] = (
             list(self.grammar.matchers(constraint, n))
             if constraint is not None and self.grammar is not None else [None] * n)
-        choices = [
-            _Choice(index, seq, Sampler(params, prompt_ids, rng),
-                    IncrementalDetokenizer(self.runner.token_bytes),
-                    StopStringMatcher(params.stop), request, matcher, reasoning)
+        request.sequences = [
+            SequenceState(index, seq, Sampler(params, prompt_ids, rng),
+                          IncrementalDetokenizer(self.runner.token_bytes),
+                          StopStringMatcher(params.stop), request, matcher, reasoning)
             for index, (seq, rng, matcher) in enumerate(
                 zip(seqs, choice_rngs(params.seed, n), matchers, strict=True))
         ]
@@ -193,7 +140,7 @@ class Engine:
             self._check_room(n)
             self._inbox_sequences += n
             self._requests[request_id] = request
-            self._inbox.append(_Submit(request, choices))
+            self._inbox.append(_Submit(request))
         self._wake.set()
         return request.queue
 
@@ -248,7 +195,7 @@ class Engine:
         while inbox:
             command = inbox.popleft()
             if isinstance(command, _Submit):
-                drained += len(command.choices)
+                drained += len(command.request.sequences)
                 self._admit(command)
             elif isinstance(command, _Abort):
                 self._abort(command.request)
@@ -270,24 +217,24 @@ class Engine:
             self._requests.pop(request.request_id, None)
             return
         try:
-            self.scheduler.add_group([choice.seq for choice in command.choices])
+            self.scheduler.add_group([state.seq for state in request.sequences])
         except Exception as exc:  # submit checked the room; this is not expected
             logger.exception("a request could not be queued")
             self._requests.pop(request.request_id, None)
             _send(request.loop, [(request, EngineOutput(
-                0, "", len(command.choices[0].seq.prompt_ids), 0,
+                0, "", request.sequences[0].seq.num_prompt, 0,
                 error=f"the request could not be queued: {type(exc).__name__}"))])
             return
-        for choice in command.choices:
-            self._choices[choice.seq.request_id] = choice
+        for state in request.sequences:
+            self._sequences[state.seq_id] = state
 
-    def _abort(self, request: _Request) -> None:
+    def _abort(self, request: RequestState) -> None:
         if self._requests.get(request.request_id) is request:
             del self._requests[request.request_id]
-        for seq_id in request.sequence_ids:
-            choice = self._choices.get(seq_id)
-            if choice is not None and choice.request is request:
-                del self._choices[seq_id]
+        for state in request.sequences:
+            seq_id = state.seq_id
+            if self._sequences.get(seq_id) is state:
+                del self._sequences[seq_id]
                 if self.scheduler.abort(seq_id):
                     self.metrics.finished.labels(FinishReason.ABORT.value).inc()
 
@@ -313,9 +260,9 @@ class Engine:
         for chunk in output.chunks:
             if not chunk.sample:
                 continue
-            choice = self._choices.get(chunk.seq.request_id)
-            samples[chunk.seq.request_id] = (self._sample(choice, logits[row])
-                                             if choice is not None else Sample(-1))
+            state = self._sequences.get(chunk.seq.seq_id)
+            samples[chunk.seq.seq_id] = (self._sample(state, logits[row])
+                                         if state is not None else Sample(-1))
             row += 1
         self.scheduler.update_from_output(
             output, {seq_id: sample.token for seq_id, sample in samples.items()})
@@ -323,31 +270,31 @@ class Engine:
         self._set_gauges()
         self.metrics.step_seconds.observe(time.monotonic() - started)
 
-    def _sample(self, choice: _Choice, logits: np.ndarray[tuple[int], np.dtype[np.float32]]
+    def _sample(self, state: SequenceState, logits: np.ndarray[tuple[int], np.dtype[np.float32]]
                 ) -> Sample:
-        if choice.forced:
-            token = choice.forced.pop(0)
-            choice.answer_due = not choice.forced
+        if state.forced:
+            token = state.forced.pop(0)
+            state.answer_due = not state.forced
             return Sample(token)
-        matcher = choice.matcher
+        matcher = state.matcher
         allowed = matcher.allowed() if matcher is not None and matcher.active else None
-        if choice.answer_due:  # right after a closed reasoning block, the answer must begin
-            choice.answer_due = False
-            allowed = _without(allowed, choice.seq.eog_ids, logits.shape[0])
-        sample = choice.sampler.sample(logits, allowed)
+        if state.answer_due:  # right after a closed reasoning block, the answer must begin
+            state.answer_due = False
+            allowed = _without(allowed, state.seq.eog_ids, logits.shape[0])
+        sample = state.sampler.sample(logits, allowed)
         if matcher is not None:
             matcher.consume(sample.token)
             # Read the grammar's state before the next mask starts computing on its thread.
-            choice.grammar_done = matcher.done
-            if not choice.grammar_done:
+            state.grammar_done = matcher.done
+            if not state.grammar_done:
                 matcher.prefetch(self._mask_pool)
-        if choice.reasoning is not None:
-            choice.reasoning_tokens += 1  # the closing tag, forced or not, is not counted
-            budget = choice.seq.params.thinking_budget
-            if budget is not None and choice.reasoning_tokens >= budget:
+        if state.reasoning is not None:
+            state.reasoning_tokens += 1  # the closing tag, forced or not, is not counted
+            budget = state.seq.params.thinking_budget
+            if budget is not None and state.reasoning_tokens >= budget:
                 # At the budget the engine closes the block itself; the answer follows.
-                choice.forced = list(choice.reasoning.close_ids)
-                choice.reasoning = None
+                state.forced = list(state.reasoning.close_ids)
+                state.reasoning = None
         return sample
 
     def _record_schedule(self, output: SchedulerOutput) -> None:
@@ -358,66 +305,66 @@ class Engine:
                 sum(len(c.tokens) for c in output.chunks if c.seq.is_prefilling))
 
     def _postprocess(self, output: SchedulerOutput, samples: dict[str, Sample]) -> None:
-        deliveries: dict[asyncio.AbstractEventLoop, list[tuple[_Request, EngineOutput]]] = {}
+        deliveries: dict[asyncio.AbstractEventLoop, list[tuple[RequestState, EngineOutput]]] = {}
         now = time.monotonic()
         for chunk in output.chunks:
             seq = chunk.seq
-            choice = self._choices.get(seq.request_id)
-            if choice is None or not chunk.sample:
+            state = self._sequences.get(seq.seq_id)
+            if state is None or not chunk.sample:
                 continue
             self.metrics.generated_tokens.inc()
-            request = choice.request
+            request = state.request
             if seq.num_output == 1:
                 self.metrics.cached_prompt_tokens.inc(seq.num_cached)
                 if request.first_token_at is None:
                     request.first_token_at = now
                     self.metrics.time_to_first_token.observe(now - request.arrival)
-            result = self._advance(choice, samples[seq.request_id])
+            result = self._advance(state, samples[seq.seq_id])
             if result is not None:
                 deliveries.setdefault(request.loop, []).append((request, result))
         for loop, batch in deliveries.items():
             _send(loop, batch)
 
-    def _advance(self, choice: _Choice, sample: Sample) -> EngineOutput | None:
-        """Detokenize a choice's new token and check its stop strings; the output to send."""
-        seq = choice.seq
+    def _advance(self, state: SequenceState, sample: Sample) -> EngineOutput | None:
+        """Detokenize a sequence's new token and check its stop strings; the output to send."""
+        seq = state.seq
         if sample.logprob is not None:
-            choice.pending_logprobs.append((sample.token, sample.logprob))
-        text = "" if sample.token in seq.eog_ids else choice.detokenizer.add(sample.token)
-        if choice.reasoning is not None:
-            choice.text_tail = (choice.text_tail + text)[-64:]
-            if choice.reasoning.close_text in choice.text_tail:
-                choice.reasoning = None  # the model closed its reasoning block itself
-        if choice.grammar_done and seq.finish_reason is None:
+            state.pending_logprobs.append((sample.token, sample.logprob))
+        text = "" if sample.token in seq.eog_ids else state.detokenizer.add(sample.token)
+        if state.reasoning is not None:
+            state.text_tail = (state.text_tail + text)[-64:]
+            if state.reasoning.close_text in state.text_tail:
+                state.reasoning = None  # the model closed its reasoning block itself
+        if state.grammar_done and seq.finish_reason is None:
             self.scheduler.finish(seq, FinishReason.STOP)
-        text, stopped = choice.stops.feed(text)
+        text, stopped = state.stops.feed(text)
         if stopped and seq.finish_reason is None:
             self.scheduler.finish(seq, FinishReason.STOP)
         if stopped and seq.params.include_stop_str_in_output:
-            text += choice.stops.matched or ""
+            text += state.stops.matched or ""
         if seq.finish_reason is not None:
             if not stopped:
-                text += choice.stops.feed(choice.detokenizer.flush())[0]
-                text += choice.stops.flush()
+                text += state.stops.feed(state.detokenizer.flush())[0]
+                text += state.stops.flush()
             self.metrics.finished.labels(seq.finish_reason.value).inc()
-            del self._choices[seq.request_id]
-            if all(seq_id not in self._choices for seq_id in choice.request.sequence_ids):
-                self._requests.pop(choice.request.request_id, None)
+            del self._sequences[seq.seq_id]
+            if all(other.seq_id not in self._sequences for other in state.request.sequences):
+                self._requests.pop(state.request.request_id, None)
         elif not text:
             return None
-        logprobs, choice.pending_logprobs = tuple(choice.pending_logprobs), []
-        return EngineOutput(choice.index, text, seq.num_prompt, seq.num_output, seq.num_cached,
+        logprobs, state.pending_logprobs = tuple(state.pending_logprobs), []
+        return EngineOutput(state.index, text, seq.num_prompt, seq.num_output, seq.num_cached,
                             seq.finish_reason, logprobs=logprobs,
-                            num_reasoning_tokens=choice.reasoning_tokens)
+                            num_reasoning_tokens=state.reasoning_tokens)
 
     def _fail_all(self, message: str, *, reset_cache: bool = True) -> None:
         """End every queued and running request with an error output (engine thread, or
         `stop` once that thread is gone)."""
-        choices = list(self._choices.values())
-        self._choices.clear()
-        for choice in choices:
-            self.scheduler.abort(choice.seq.request_id)
-            request = choice.request
+        states = list(self._sequences.values())
+        self._sequences.clear()
+        for state in states:
+            self.scheduler.abort(state.seq.seq_id)
+            request = state.request
             if self._requests.get(request.request_id) is request:
                 del self._requests[request.request_id]
         with self._count_lock:
@@ -427,12 +374,12 @@ class Engine:
             # A failed decode may leave cells half written: start from an empty cache.
             self.scheduler.forget_cached_cells()
             self.runner.clear_all()
-        deliveries: dict[asyncio.AbstractEventLoop, list[tuple[_Request, EngineOutput]]] = {}
-        for choice in choices:
-            seq = choice.seq
-            output = EngineOutput(choice.index, "", seq.num_prompt, seq.num_output,
+        deliveries: dict[asyncio.AbstractEventLoop, list[tuple[RequestState, EngineOutput]]] = {}
+        for state in states:
+            seq = state.seq
+            output = EngineOutput(state.index, "", seq.num_prompt, seq.num_output,
                                   error=message)
-            deliveries.setdefault(choice.request.loop, []).append((choice.request, output))
+            deliveries.setdefault(state.request.loop, []).append((state.request, output))
         for loop, batch in deliveries.items():
             _send(loop, batch)
 
@@ -444,12 +391,12 @@ def _without(allowed: npt.NDArray[np.bool_] | None, banned: frozenset[int],
     return mask
 
 
-def _send(loop: asyncio.AbstractEventLoop, batch: list[tuple[_Request, EngineOutput]]) -> None:
+def _send(loop: asyncio.AbstractEventLoop, batch: list[tuple[RequestState, EngineOutput]]) -> None:
     with contextlib.suppress(RuntimeError):  # a closed loop: nobody reads these outputs
         loop.call_soon_threadsafe(_deliver, batch)
 
 
-def _deliver(batch: list[tuple[_Request, EngineOutput]]) -> None:
+def _deliver(batch: list[tuple[RequestState, EngineOutput]]) -> None:
     """On the request's event loop: an aborted request's outputs are dropped here, so
     none reaches its queue after `abort` returned."""
     for request, output in batch:

@@ -27,6 +27,10 @@ prompts through `cached_tokens` nor time them. The scope None is shared by all.
 
 A prompt's last token is read in a chunk of its own, in the step after the rest of the
 prompt (see `SchedulerConfig.last_prompt_token_alone`).
+
+The scheduler decides who runs and what each step reads; which slot holds which KV cells,
+the reservations and the truncations and copies to apply live in `SlotCache`
+(slot_cache.py), which it asks.
 """
 
 from __future__ import annotations
@@ -34,20 +38,17 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-import numpy as np
-import numpy.typing as npt
-
 from modelyard.engine.sequence import FinishReason, Sequence, SequenceStatus
+from modelyard.engine.slot_cache import SlotCache, common_prefix
+from modelyard.errors import ModelyardError
 
 SHARE_MIN_TOKENS = 32
 """Prompt tokens worth waiting for another sequence to compute instead of reading them."""
 WAITING_SCAN = 64
 """Waiting sequences looked at per step when earlier ones wait for a shared prefix."""
 
-Tokens = npt.NDArray[np.int32]
 
-
-class QueueFullError(RuntimeError):
+class QueueFullError(ModelyardError, RuntimeError):
     """The waiting queue is at its bound; the caller should retry later."""
 
 
@@ -113,18 +114,11 @@ class Scheduler:
         self.config = config
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self._free_slots: list[int] = list(range(config.max_sequences))
-        """Free slots, the one freed longest ago first."""
-        self._slot_cache: dict[int, Tokens] = {}
-        """Tokens whose KV cells a free slot still holds, from position 0."""
-        self._slot_scope: dict[int, str | None] = {}
-        """The cache scope of the sequence that left a free slot's cells."""
-        self._slot_cells: dict[int, int] = {}
-        """KV cells a slot may hold, at most: more than its sequence computed when it was
-        aborted while a step ran, since that step's chunk wrote cells the scheduler ignores."""
-        self._truncations: list[tuple[int, int]] = []
-        self._copies: list[tuple[int, int, int]] = []
-        self._kv_reserved = 0
+        self.slots = SlotCache(config.max_sequences, config.kv_capacity,
+                               prefix_caching=config.prefix_caching,
+                               max_cached_cells=config.max_cached_cells,
+                               low_slots_first=config.low_slots_first)
+        """Which slot holds which KV cells; the scheduler asks it for room and slots."""
 
     # -- requests in and out -------------------------------------------------------------
 
@@ -149,15 +143,15 @@ class Scheduler:
             seq.status = SequenceStatus.WAITING
             self.waiting.append(seq)
 
-    def abort(self, request_id: str) -> Sequence | None:
-        """Finish a request wherever it is (client gone); its slot is free for the next step."""
+    def abort(self, seq_id: str) -> Sequence | None:
+        """Finish a sequence wherever it is (client gone); its slot is free for the next step."""
         for seq in self.waiting:
-            if seq.request_id == request_id:
+            if seq.seq_id == seq_id:
                 self.waiting.remove(seq)
                 self._mark_finished(seq, FinishReason.ABORT)
                 return seq
         for seq in self.running:
-            if seq.request_id == request_id:
+            if seq.seq_id == seq_id:
                 self.finish(seq, FinishReason.ABORT)
                 return seq
         return None
@@ -167,36 +161,18 @@ class Scheduler:
         if seq.status is SequenceStatus.FINISHED:
             return
         self.running.remove(seq)
-        self._kv_reserved -= seq.kv_reservation
-        if seq.slot is not None:
-            if self.config.prefix_caching:
-                self._slot_cache[seq.slot] = np.asarray(seq.token_ids[: seq.num_computed],
-                                                        dtype=np.int32)
-                self._slot_scope[seq.slot] = seq.cache_scope
-            else:
-                self._truncations.append((seq.slot, 0))
-                self._slot_cells[seq.slot] = 0
-            self._free_slots.append(seq.slot)
-            seq.slot = None
-            self._trim_cache()
+        self.slots.release(seq.slot, seq.kv_reservation, seq.token_ids, seq.num_computed,
+                           seq.cache_scope)
+        seq.slot = None
         self._mark_finished(seq, reason)
 
     def forget_cached_cells(self) -> None:
         """The KV cache was cleared outside the scheduler: no free slot holds cells now."""
-        self._slot_cache.clear()
-        self._slot_scope.clear()
-        self._slot_cells = {seq.slot: 0 for seq in self.running if seq.slot is not None}
-        self._truncations.clear()
-        self._copies.clear()
+        self.slots.forget(seq.slot for seq in self.running if seq.slot is not None)
 
     def drop_cached_cells(self) -> None:
         """Clear every free slot's cells (the prefix cache) before the next step."""
-        for slot in self._free_slots:
-            if self._slot_cells.get(slot, 0):
-                self._truncations.append((slot, 0))
-                self._slot_cells[slot] = 0
-        self._slot_cache.clear()
-        self._slot_scope.clear()
+        self.slots.drop_cached()
 
     @staticmethod
     def _mark_finished(seq: Sequence, reason: FinishReason) -> None:
@@ -206,7 +182,7 @@ class Scheduler:
     # -- the step -------------------------------------------------------------------------
 
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting or self._truncations or self._copies)
+        return bool(self.running or self.waiting or self.slots.has_pending())
 
     def schedule(self) -> SchedulerOutput:
         output = SchedulerOutput()
@@ -230,45 +206,34 @@ class Scheduler:
             self.waiting.remove(seq)
             self._assign_slot(seq, reused, source)
             seq.status = SequenceStatus.RUNNING
-            self._kv_reserved += seq.kv_reservation
             self.running.append(seq)
             budget -= self._add_prefill(output, seq, budget)
         for chunk in output.chunks:
             if chunk.seq.slot is not None:
-                self._slot_cells[chunk.seq.slot] = chunk.start + len(chunk.tokens)
+                self.slots.written(chunk.seq.slot, chunk.start + len(chunk.tokens))
         # Truncations from finished sequences and from this step's admissions both run
         # before this step's batch.
-        output.kv_truncations, self._truncations = self._truncations, []
-        output.kv_copies, self._copies = self._copies, []
+        output.kv_truncations, output.kv_copies = self.slots.take_pending()
         return output
 
     def _can_admit(self, seq: Sequence) -> bool:
-        return bool(self._free_slots) and (
-            self._kv_reserved + seq.kv_reservation <= self.config.kv_capacity
-        )
+        return self.slots.can_allocate(seq.kv_reservation)
 
     def _best_prefix(self, seq: Sequence) -> tuple[int, tuple[str, int]]:
         """The longest prefix of the prompt whose cells exist, capped at prompt - 1 (the
         last prompt token is always read: its logits give the first sample), and where:
         ("free", slot) for a free slot's cells, ("running", slot) for a running sequence's."""
-        order = sorted(self._free_slots) if self.config.low_slots_first else self._free_slots
-        best, source = 0, ("free", order[0])
-        if not self.config.prefix_caching:
-            return 0, source
         cap = seq.num_prompt - 1
         scope = seq.cache_scope
-        for slot in order:
-            cached = self._slot_cache.get(slot)
-            if cached is None or self._slot_scope.get(slot) != scope:
-                continue
-            shared = min(_common_prefix(cached, seq.prompt_array), cap)
-            if shared > best:
-                best, source = shared, ("free", slot)
+        best, free_slot = self.slots.longest_cached(seq.prompt_array, scope, cap)
+        source = ("free", free_slot)
+        if not self.config.prefix_caching:
+            return 0, source
         for other in self.running:
             if other.slot is not None and other.num_computed > best and \
                     other.cache_scope == scope:
                 computed = other.prompt_array[: min(other.num_computed, other.num_prompt)]
-                shared = min(_common_prefix(computed, seq.prompt_array), cap)
+                shared = min(common_prefix(computed, seq.prompt_array), cap)
                 if shared > best and shared >= self.config.min_copy_tokens:
                     best, source = shared, ("running", other.slot)
         return max(best, 0), source
@@ -279,7 +244,7 @@ class Scheduler:
             return False
         for other in self.running:
             if other.is_prefilling and other.cache_scope == seq.cache_scope:
-                pending = min(_common_prefix(other.prompt_array, seq.prompt_array),
+                pending = min(common_prefix(other.prompt_array, seq.prompt_array),
                               seq.num_prompt - 1)
                 if pending - reused >= SHARE_MIN_TOKENS and \
                         pending >= self.config.min_copy_tokens:
@@ -288,52 +253,12 @@ class Scheduler:
 
     def _assign_slot(self, seq: Sequence, reused: int, source: tuple[str, int]) -> None:
         kind, source_slot = source
-        slot = source_slot if kind == "free" else (
-            min(self._free_slots) if self.config.low_slots_first else self._free_slots[0])
-        self._free_slots.remove(slot)
-        self._slot_cache.pop(slot, None)
-        self._slot_scope.pop(slot, None)
-        if kind == "running" and reused > 0:
-            if self._slot_cells.get(slot, 0) > 0:
-                self._truncations.append((slot, 0))
-            self._copies.append((source_slot, slot, reused))
-        elif self._slot_cells.get(slot, 0) > reused:
-            self._truncations.append((slot, reused))
-        self._slot_cells[slot] = reused
-        self._make_room(seq.kv_reservation)
+        if kind == "free":
+            slot = self.slots.allocate(seq.kv_reservation, reused, slot=source_slot)
+        else:
+            slot = self.slots.allocate(seq.kv_reservation, reused, copy_from=source_slot)
         seq.slot = slot
         seq.num_computed = seq.num_cached = reused
-
-    def _trim_cache(self) -> None:
-        """Clear the oldest free slots' cells while they hold more than max_cached_cells."""
-        limit = self.config.max_cached_cells
-        if limit is None:
-            return
-        cached = sum(self._slot_cells.get(slot, 0) for slot in self._free_slots)
-        for slot in self._free_slots:
-            if cached <= limit:
-                break
-            cells = self._slot_cells.get(slot, 0)
-            if cells:
-                self._truncations.append((slot, 0))
-                self._slot_cells[slot] = 0
-                self._slot_cache.pop(slot, None)
-                cached -= cells
-
-    def _make_room(self, reservation: int) -> None:
-        """Clear free slots' cached cells, the slot freed longest ago first, until the KV
-        cache holds them next to every reservation, the one being admitted included."""
-        excess = (self._kv_reserved + reservation - self.config.kv_capacity
-                  + sum(self._slot_cells.get(slot, 0) for slot in self._free_slots))
-        for slot in self._free_slots:
-            if excess <= 0:
-                break
-            cells = self._slot_cells.get(slot, 0)
-            if cells:
-                self._truncations.append((slot, 0))
-                self._slot_cells[slot] = 0
-                self._slot_cache.pop(slot, None)
-                excess -= cells
 
     def _add_prefill(self, output: SchedulerOutput, seq: Sequence, budget: int) -> int:
         stop = len(seq.token_ids)
@@ -352,7 +277,7 @@ class Scheduler:
     ) -> list[Sequence]:
         """Record what the step computed and sampled; return the sequences it finished.
 
-        `sampled` maps request id to the token drawn for every chunk with `sample` set.
+        `sampled` maps sequence id to the token drawn for every chunk with `sample` set.
         """
         finished: list[Sequence] = []
         for chunk in output.chunks:
@@ -362,7 +287,7 @@ class Scheduler:
             seq.num_computed = chunk.start + len(chunk.tokens)
             if not chunk.sample:
                 continue
-            token = sampled[seq.request_id]
+            token = sampled[seq.seq_id]
             seq.token_ids.append(token)
             reason = self._stop_reason(seq, token)
             if reason is not None:
@@ -381,12 +306,5 @@ class Scheduler:
 
     @property
     def kv_reserved(self) -> int:
-        return self._kv_reserved
+        return self.slots.kv_reserved
 
-
-def _common_prefix(a: Tokens, b: Tokens) -> int:
-    n = min(len(a), len(b))
-    if n == 0 or a[0] != b[0]:
-        return 0
-    mismatches = np.flatnonzero(a[:n] != b[:n])
-    return int(mismatches[0]) if len(mismatches) else n

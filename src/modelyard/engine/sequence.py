@@ -56,7 +56,8 @@ class Sequence:
     `token_ids` are what the next step must feed.
     """
 
-    request_id: str
+    seq_id: str
+    """Unique among live sequences: the request's id, or `<request id>:<choice>` for `n` > 1."""
     prompt_ids: list[int]
     params: SamplingParams
     eog_ids: frozenset[int] = frozenset()
