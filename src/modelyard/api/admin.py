@@ -91,10 +91,6 @@ async def _body(request: Request, model: type[Model]) -> Model:
 async def _run(operation: Awaitable[T]) -> T:
     try:
         return await operation
-    except AdminError as exc:
-        raise APIError(exc.status, exc.message,
-                       code={404: "not_found", 409: "conflict"}.get(exc.status,
-                                                                     "invalid_value")) from None
     except (SQLAlchemyError, OSError) as exc:
         logger.error("admin operation failed on the platform database: %s", exc)
         raise APIError(503, "the platform database is unavailable; try again shortly",

@@ -3,8 +3,6 @@ stack trace."""
 
 from __future__ import annotations
 
-import logging
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -16,12 +14,11 @@ from starlette.types import ASGIApp
 from modelyard.api.admin import router as admin_router
 from modelyard.api.auth import AuthMiddleware
 from modelyard.api.chat import router as chat_router
-from modelyard.api.errors import APIError, error_body
+from modelyard.api.errors import as_api_error, error_body
 from modelyard.api.lane import ChatLane
 from modelyard.api.routes import json_response, router
 from modelyard.api.state import AppState
-
-logger = logging.getLogger(__name__)
+from modelyard.errors import ModelyardError
 
 
 def create_app(state: AppState) -> ASGIApp:
@@ -42,9 +39,14 @@ def create_app(state: AppState) -> ASGIApp:
     app.include_router(router)
     app.include_router(admin_router)
 
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError) -> Response:
-        return json_response(exc.body(), exc.status, exc.headers)
+    async def answer_error(request: Request, exc: Exception) -> Response:
+        error = as_api_error(exc)
+        return json_response(error.body(), error.status, error.headers)
+
+    # One answer for every error: Starlette's exception middleware answers a
+    # ModelyardError; its outermost one any other exception (and re-raises it to the log).
+    app.add_exception_handler(ModelyardError, answer_error)
+    app.add_exception_handler(Exception, answer_error)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -53,12 +55,5 @@ def create_app(state: AppState) -> ASGIApp:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         return json_response(error_body(exc.status_code, str(exc.detail)), exc.status_code)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> Response:
-        request_id = uuid.uuid4().hex
-        logger.error("request %s failed", request_id, exc_info=exc)
-        return json_response(error_body(500, f"internal server error (request {request_id})",
-                                        code="server_error"), 500)
 
     return AuthMiddleware(ChatLane(app, state), gate=state.gate)

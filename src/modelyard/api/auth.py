@@ -9,7 +9,7 @@ from __future__ import annotations
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from modelyard.api.errors import error_body
+from modelyard.api.errors import as_api_error
 from modelyard.platform.gate import Gate, PlatformError
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})
@@ -32,12 +32,14 @@ class AuthMiddleware:
         try:
             caller = await self.gate.authenticate(header)
         except PlatformError as exc:
-            body = orjson.dumps(error_body(exc.status, exc.message, code=exc.code))
+            error = as_api_error(exc)
+            body = orjson.dumps(error.body())
             headers = [(b"content-type", b"application/json"),
                        (b"content-length", str(len(body)).encode()),
                        (b"www-authenticate", b"Bearer")]
-            headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
-            await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+            headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+            await send({"type": "http.response.start", "status": error.status,
+                        "headers": headers})
             await send({"type": "http.response.body", "body": body})
             return
         scope.setdefault("state", {})["caller"] = caller

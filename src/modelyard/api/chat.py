@@ -35,21 +35,15 @@ from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
-from modelyard.api.errors import APIError, from_validation_error
+from modelyard.api.errors import APIError, as_api_error, from_validation_error
 from modelyard.api.openapi import request_body
 from modelyard.api.preparation import cheap
 from modelyard.api.reply import Reply, read_body
 from modelyard.api.responses import SSE_DONE, ChoiceResult, Completion, tool_call_body, usage
 from modelyard.api.schema import ChatCompletionRequest
 from modelyard.api.state import AppState
-from modelyard.platform.gate import Admission, Caller, Outcome, PlatformError, Ticket, Usage
-from modelyard.providers.base import (
-    ChatDelta,
-    ChatRequest,
-    PreparedChat,
-    ProviderError,
-    StreamError,
-)
+from modelyard.platform.gate import Admission, Caller, Outcome, Ticket, Usage
+from modelyard.providers.base import ChatDelta, ChatRequest, PreparedChat
 
 logger = logging.getLogger(__name__)
 
@@ -150,20 +144,6 @@ class _Bill:
         return self.state.run_in_background(self.state.gate.settle(self.admission, outcome))
 
 
-def _as_api_error(exc: ProviderError | PlatformError) -> APIError:
-    headers = dict(exc.headers) if isinstance(exc, PlatformError) else {}
-    if isinstance(exc, ProviderError) and exc.retry_after:
-        headers["Retry-After"] = str(exc.retry_after)
-    return APIError(exc.status, exc.message, param=exc.param, code=exc.code, headers=headers)
-
-
-def _internal_error(exc: BaseException) -> APIError:
-    """A bug: logged with a request id; the client gets only the id."""
-    request_id = os.urandom(16).hex()
-    logger.error("request %s failed", request_id, exc_info=exc)
-    return APIError(500, f"internal server error (request {request_id})", code="server_error")
-
-
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/api/v1/chat/completions"})
 
 
@@ -192,11 +172,8 @@ async def handle_chat(state: AppState, scope: Scope, receive: Receive, send: Sen
     reply = Reply(send)
     try:
         ticket = await state.gate.check_in(caller)
-    except PlatformError as exc:
-        await reply.error(_as_api_error(exc))
-        return
-    except Exception as exc:
-        await reply.error(_internal_error(exc))
+    except Exception as exc:  # a refusal (429), or a failure of modelyard's (a 500)
+        await reply.error(as_api_error(exc))
         return
     try:
         try:
@@ -261,14 +238,8 @@ class _Run:
     async def _work(self, body: bytes) -> None:
         try:
             await self._answer(body)
-        except (ProviderError, PlatformError) as exc:
-            await self._fail(_as_api_error(exc))
-        except APIError as exc:
-            await self._fail(exc)
-        except StreamError as exc:
-            await self._fail(APIError(500, str(exc), code="server_error"))
-        except Exception as exc:  # a bug: a 500 (or the stream's error event), billed
-            await self._fail(_internal_error(exc))
+        except Exception as exc:  # a refusal, a failure mid-stream or a bug: billed
+            await self._fail(as_api_error(exc))
 
     async def _fail(self, error: APIError) -> None:
         self.failed = True

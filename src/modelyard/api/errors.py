@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 from pydantic import ValidationError
+
+from modelyard.errors import ModelyardError, Refusal
+
+logger = logging.getLogger(__name__)
 
 # pydantic error types that mean "a value out of range or inconsistent" (422); every
 # other validation failure is about JSON types or missing fields (400).
@@ -28,27 +34,25 @@ _TYPES = {
 }
 
 
-class APIError(Exception):
+class APIError(Refusal):
     """An error the API answers with; raised anywhere below the routes."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return error_body(self.status, self.message, param=self.param, code=self.code)
+
+
+def as_api_error(exc: BaseException) -> APIError:
+    """The one mapping from an exception to its answer: an exposed `ModelyardError` with
+    its own status, message, param, code and headers; anything else (an internal error, a
+    bug) as a 500 naming only a request id, logged with that id and its traceback."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ModelyardError) and exc.exposed:
+        return APIError(exc.status, exc.message, param=exc.param, code=exc.code,
+                        headers=exc.headers)
+    request_id = os.urandom(16).hex()
+    logger.error("request %s failed", request_id, exc_info=exc)
+    return APIError(500, f"internal server error (request {request_id})", code="server_error")
 
 
 def error_body(

@@ -13,6 +13,8 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from modelyard.errors import ModelyardError
+
 # ChatML, used when a model's GGUF carries no template of its own.
 FALLBACK_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -21,7 +23,7 @@ FALLBACK_TEMPLATE = (
 )
 
 
-class TemplateError(ValueError):
+class TemplateError(ModelyardError, ValueError):
     """The messages cannot be rendered by this model's template (the template said why)."""
 
 

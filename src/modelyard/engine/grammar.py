@@ -21,8 +21,10 @@ import llguidance.numpy as llg_numpy
 import numpy as np
 import numpy.typing as npt
 
+from modelyard.errors import ModelyardError
 
-class GrammarError(ValueError):
+
+class GrammarError(ModelyardError, ValueError):
     """The constraint cannot be enforced; the message names what is unsupported."""
 
 

@@ -22,11 +22,13 @@ import llguidance.llamacpp
 import numpy as np
 import numpy.typing as npt
 
+from modelyard.errors import ModelyardError
+
 _backend_lock = threading.Lock()
 _backend_ready = False
 
 
-class RunnerError(RuntimeError):
+class RunnerError(ModelyardError, RuntimeError):
     """llama.cpp refused to load the model or to decode a batch."""
 
 

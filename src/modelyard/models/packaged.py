@@ -16,6 +16,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from modelyard.errors import ModelyardError
+
 
 @dataclass(frozen=True)
 class PackagedModel:
@@ -54,7 +56,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 _CHUNK = 8 << 20
 
 
-class PackagedModelError(RuntimeError):
+class PackagedModelError(ModelyardError, RuntimeError):
     """A part package is missing or the assembled file does not match its checksum."""
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from modelyard.errors import ModelyardError
 from modelyard.models.packaged import PACKAGED_MODELS, PackagedModelError, assemble
 
 HF_TIMEOUT_SECONDS = 10.0
 
 
-class ModelSourceError(RuntimeError):
+class ModelSourceError(ModelyardError, RuntimeError):
     """The source names nothing loadable; the message says what to do instead."""
 
 

@@ -16,6 +16,7 @@ from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
+from modelyard.errors import Refusal
 from modelyard.platform import keys
 from modelyard.platform.database import Database
 from modelyard.platform.money import MAX_AMOUNT_MICROS, MAX_CREDITED_MICROS, format_micros
@@ -29,14 +30,13 @@ NAME_MAX = 200
 """Account, key and model names (their columns)."""
 
 
-class AdminError(Exception):
+class AdminError(Refusal):
     """A refused admin operation: unknown account or key (404), a duplicate (409), bad input
     (422)."""
 
     def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+        super().__init__(status, message,
+                         code={404: "not_found", 409: "conflict"}.get(status, "invalid_value"))
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from modelyard.errors import ModelyardError
 from modelyard.platform.sqlite_fast import Busy, FastSQLite, RawConnection
 
 MIGRATIONS = "modelyard.platform:migrations"
@@ -50,7 +51,7 @@ HotOperation = Callable[Concatenate[Connection | RawConnection, P], T]
 """An operation that runs on SQLAlchemy or, on SQLite's hot path, on a raw connection."""
 
 
-class DatabaseError(RuntimeError):
+class DatabaseError(ModelyardError, RuntimeError):
     """The database URL is not one modelyard can use."""
 
 

@@ -16,18 +16,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelyard.errors import Refusal
 
-class PlatformError(Exception):
+
+class PlatformError(Refusal):
     """A refusal in SPEC.md's terms: 401, 402, 404, 429 (with headers)."""
-
-    def __init__(self, status: int, message: str, *, code: str | None = None,
-                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.param = param
-        self.headers = headers or {}
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from modelyard.errors import ModelyardError
 from modelyard.platform.limits import (
     Concurrency,
     Decision,
@@ -110,7 +111,7 @@ return 1
 """
 
 
-class LimiterUnavailable(RuntimeError):
+class LimiterUnavailable(ModelyardError, RuntimeError):
     """Redis could not be reached or answered an error."""
 
 

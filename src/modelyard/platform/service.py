@@ -13,6 +13,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from modelyard.config import Config
+from modelyard.errors import ModelyardError
 from modelyard.platform.accounts import bootstrap_admin
 from modelyard.platform.accounts_gate import AccountsGate
 from modelyard.platform.database import Database, DatabaseError
@@ -21,7 +22,7 @@ from modelyard.platform.money import Price
 from modelyard.platform.redis_limits import LimiterUnavailable, RedisLimiter
 
 
-class PlatformUnavailable(RuntimeError):
+class PlatformUnavailable(ModelyardError, RuntimeError):
     """The database or Redis named in the config cannot be used; the message says why."""
 
 

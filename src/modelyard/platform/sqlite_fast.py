@@ -32,12 +32,14 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.sql.elements import ClauseElement
 from sqlalchemy.types import NullType
 
+from modelyard.errors import ModelyardError
+
 DIALECT = sqlite_dialect.dialect()
 CHECKPOINT_EVERY = 200
 """Commits between two WAL checkpoints asked of the platform thread."""
 
 
-class Busy(Exception):
+class Busy(ModelyardError):
     """The database is locked (or failed): run the operation on the platform thread."""
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import orjson
 
+from modelyard.errors import ModelyardError, Refusal
+
 DEFAULT_MAX_TOKENS_BOUND = 32768
 """A completion's bound when neither the request nor the model's context sets one."""
 
@@ -113,21 +115,23 @@ class PreparedChat:
     """What the provider itself needs to run it (token ids, sampling parameters)."""
 
 
-class ProviderError(Exception):
-    """A refusal in SPEC.md's terms (status 422, 503, ...), raised before any delta."""
+class ProviderError(Refusal):
+    """A refusal in SPEC.md's terms (status 422, 503, ...), raised before any delta;
+    `retry_after` (seconds) is sent as the Retry-After header."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
                  code: str | None = None, retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
+        super().__init__(status, message, param=param, code=code,
+                         headers={"Retry-After": str(retry_after)} if retry_after else None)
         self.retry_after = retry_after
 
 
-class StreamError(Exception):
-    """A failure after the first delta; ends the stream with an error event."""
+class StreamError(ModelyardError):
+    """A failure after the first delta; ends the stream with an error event (a 500 whose
+    message, modelyard's own words, the client reads)."""
+
+    code = "server_error"
+    exposed = True
 
 
 PROMPT_OVERHEAD_TOKENS = 64

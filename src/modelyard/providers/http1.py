@@ -44,6 +44,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from modelyard.errors import ModelyardError
+
 MAX_BODY_BYTES = 16 * 1024 * 1024
 """The default cap on a body read whole (`Response.read`)."""
 MAX_HEAD_BYTES = 64 * 1024
@@ -58,7 +60,7 @@ idle connections after a few seconds (uvicorn, and so vLLM, after 5), and a requ
 written as the server closes is lost, not resent."""
 
 
-class HTTPError(Exception):
+class HTTPError(ModelyardError):
     """The connection failed or the server broke the protocol. `sent`: whether any byte
     of the request had been written (the server may have started on it)."""
 
@@ -71,7 +73,7 @@ class ResponseTooLarge(HTTPError):
     """A response head or body over its cap."""
 
 
-class DeadlineExceeded(TimeoutError):
+class DeadlineExceeded(ModelyardError, TimeoutError):
     """The request's total deadline passed while waiting for the response."""
 
 

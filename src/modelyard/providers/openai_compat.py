@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 
 from modelyard.config import DeploymentConfig
+from modelyard.errors import ModelyardError
 from modelyard.providers.http1 import HTTPError, Pool, Response, ResponseTooLarge
 from modelyard.providers.upstream_stream import Malformed, ReportedError, UpstreamStream
 
@@ -37,7 +38,7 @@ REFUSED_STATUSES = frozenset({400, 413, 422})
 with the upstream's message sanitized, and not retried elsewhere."""
 
 
-class UpstreamError(Exception):
+class UpstreamError(ModelyardError):
     """A failure before the first event. `message` is the detail, for the log only.
     `retriable`: another deployment may be tried. `public`: what the client may read, for
     a refusal of its own request (None: an opaque message naming the request).
@@ -47,13 +48,9 @@ class UpstreamError(Exception):
     def __init__(self, status: int, message: str, *, retriable: bool,
                  public: str | None = None, param: str | None = None,
                  code: str | None = None, transient: bool = True) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+        super().__init__(message, status=status, param=param, code=code)
         self.retriable = retriable
         self.public = public
-        self.param = param
-        self.code = code
         self.transient = transient
 
 

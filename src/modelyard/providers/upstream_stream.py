@@ -29,6 +29,7 @@ from typing import Any
 
 import orjson
 
+from modelyard.errors import ModelyardError
 from modelyard.providers.base import ChatDelta, StreamError, TokenLogprobs, ToolCallDelta
 from modelyard.providers.http1 import DeadlineExceeded, HTTPError, Response
 from modelyard.providers.profiles import reasoning_of
@@ -54,11 +55,11 @@ def token_bound(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
-class Malformed(Exception):
+class Malformed(ModelyardError):
     """An upstream answer or event that is not in OpenAI's shape."""
 
 
-class ReportedError(Exception):
+class ReportedError(ModelyardError):
     """An upstream's own error, sent as an event (or a whole answer) with `error`."""
 
 
