@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
 
+import modelyard.config
 from modelyard.config import (
     DEFAULT_MODEL_ID,
     DEFAULT_MODEL_SOURCE,
@@ -242,7 +244,7 @@ profile = "sglang"
 def test_a_catalog_of_upstream_models(tmp_path: Path) -> None:
     config = load_config(write_config(tmp_path, CATALOG), environ={"VLLM_KEY": "x"})
     [model] = config.models
-    assert model.id == "deepseek-ai/DeepSeek-V3" and model.defaults == {"temperature": 0.6}
+    assert model.id == "deepseek-ai/DeepSeek-V3" and model.defaults.given() == {"temperature": 0.6}
     assert [d.profile for d in model.deployments] == ["vllm", "sglang"]
     assert model.deployments[0].weight == 3.0 and model.capabilities == ("tools", "reasoning")
     assert not config.local_model  # [[models]] without [model]: no built-in engine
@@ -275,3 +277,42 @@ def test_a_model_may_mix_one_local_deployment_with_upstreams(tmp_path: Path) -> 
     with pytest.raises(ConfigError, match="at most one local deployment"):
         load_config(write_config(tmp_path, mixed + '[[models.deployments]]\nkind = "local"\n'),
                     environ={"VLLM_KEY": "x"})
+
+
+def test_an_error_names_the_file_and_the_key(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "[engine]\nthreads = -1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert str(info.value) == f"{path}: engine.threads must be >= 0"
+
+
+def test_catalog_defaults_keep_each_fields_type(tmp_path: Path) -> None:
+    text = CATALOG.replace("temperature = 0.6", "temperature = 1\ntop_k = 50")
+    [model] = load_config(write_config(tmp_path, text), environ={"VLLM_KEY": "x"}).models
+    given = model.defaults.given()
+    assert given == {"temperature": 1.0, "top_k": 50}
+    assert type(given["top_k"]) is int and type(given["temperature"]) is float  # not 50.0
+    for bad, message in (("top_k = 50.5", r"defaults\.top_k must be an integer"),
+                         ("top_p = 0", r"defaults\.top_p must be > 0"),
+                         ("topk = 5", r"unknown key in .*defaults: topk")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(write_config(tmp_path, CATALOG.replace("temperature = 0.6", bad)),
+                        environ={"VLLM_KEY": "x"})
+
+
+def test_sections_built_in_code_are_validated_too() -> None:
+    with pytest.raises(ValueError, match="max_sequences"):
+        EngineConfig(max_sequences=0)
+    with pytest.raises(ValueError, match="Unexpected keyword argument"):
+        EngineConfig(max_sequence=2)  # type: ignore[call-arg]
+
+
+def test_the_config_imports_nothing_from_the_layers_above_it() -> None:
+    source = Path(modelyard.config.__file__).read_text(encoding="utf-8")
+    imported = [node.module or "" for node in ast.walk(ast.parse(source))
+                if isinstance(node, ast.ImportFrom)]
+    assert not [name for name in imported
+                if name.startswith("modelyard.") and name not in ALLOWED_CONFIG_IMPORTS]
+
+
+ALLOWED_CONFIG_IMPORTS = ("modelyard.units", "modelyard.errors")

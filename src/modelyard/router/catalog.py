@@ -118,7 +118,7 @@ class RoutedModel(Provider):
             config = deployment.config
             work[deployment.name] = build_body(
                 config.profile, request, config.upstream_model or self.model_id, max_tokens,
-                self.config.defaults, self.config.drop_unsupported_params)
+                self.config.defaults.given(), self.config.drop_unsupported_params)
         return PreparedChat(request, prompt, max_tokens, work=work)
 
     async def start_chat(self, prepared: PreparedChat) -> AsyncIterator[ChatDelta]:
