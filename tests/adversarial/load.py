@@ -31,6 +31,8 @@ class Sent:
     retry_after: str | None = None
     problems: list[str] = field(default_factory=list)
     """What is wrong with an error answer's shape."""
+    message: str = ""
+    """An error answer's message."""
 
 
 async def send(client: httpx.AsyncClient, base_url: str, key: str, model: str,
@@ -46,8 +48,10 @@ async def send(client: httpx.AsyncClient, base_url: str, key: str, model: str,
             sent.status = response.status_code
             sent.retry_after = response.headers.get("retry-after")
             if response.status_code != 200:
-                sent.problems = error_shape_problems(response.status_code,
-                                                     await response.aread())
+                body = await response.aread()
+                sent.problems = error_shape_problems(response.status_code, body)
+                if not sent.problems:
+                    sent.message = str(orjson.loads(body)["error"]["message"])
             elif stream:
                 lines = [line async for line in response.aiter_lines() if line]
                 sent.succeeded = bool(lines) and lines[-1] == "data: [DONE]" and not any(

@@ -74,8 +74,11 @@ def test_a_gateway_killed_mid_load_loses_no_money(
     assert killed, "the kill hit no request in flight: the load ended too early"
     assert any(s.succeeded for s in sent if s.url == doomed.base_url), \
         "the doomed gateway answered nothing before it was killed"
-    failed = Counter((s.status, s.problems[0][:120] if s.problems else "")
-                     for s in sent if s.url == survivor.base_url and not s.succeeded)
+    # The surviving gateway serves every request, or refuses it as SPEC.md's overload
+    # (a 503 with Retry-After: under the long run's 500 requests at once on one account).
+    failed = Counter((s.status, (s.problems[0] if s.problems else s.message)[:120])
+                     for s in sent if s.url == survivor.base_url and not s.succeeded
+                     and not (s.status == 503 and s.retry_after and not s.problems))
     assert not failed, f"the surviving gateway failed requests: {failed}"
 
 
