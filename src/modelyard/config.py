@@ -28,6 +28,7 @@ from pydantic import (
 from pydantic.dataclasses import dataclass
 from pydantic_core import ErrorDetails
 
+from modelyard.errors import ModelyardError
 from modelyard.units import MAX_PRICE_MICROS, AmountError, to_micros
 
 DEFAULT_MODEL_ID = "qwen2.5-coder-0.5b-instruct"
@@ -43,7 +44,7 @@ _DERIVED = ("local_model", "engine_model_listed")
 """Config fields computed from the file's shape, never read from it."""
 
 
-class ConfigError(ValueError):
+class ConfigError(ModelyardError, ValueError):
     """A configuration value is missing, of the wrong type or out of range."""
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 
+from modelyard.errors import ModelyardError
+
 MICROS = 1_000_000
 """Micro-units in one currency unit; also tokens in the "per million tokens" of a price."""
 
@@ -35,7 +37,7 @@ _MAX_TEXT = 40
 _DECIMAL_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
 
 
-class AmountError(ValueError):
+class AmountError(ModelyardError, ValueError):
     """An amount that is not a non-negative decimal with at most six decimals, in bounds."""
 
 
