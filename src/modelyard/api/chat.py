@@ -23,6 +23,7 @@ client saw complete unbilled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -94,6 +95,9 @@ def _to_chat_request(payload: ChatCompletionRequest, request_id: str,
     )
 
 
+SETTLE_WAIT_S = 2.0
+"""How long a complete answer waits for its settlement before its last bytes go out."""
+
 CLIENT_CLOSED = 499
 """The status recorded for a request whose client went away before its answer was sent
 (nginx's "client closed request"); a stream that was cut records the 200 it was sent."""
@@ -124,10 +128,13 @@ class _Bill:
     async def settle_now(self) -> None:
         """Settle before the answer's last bytes go out, so that no answer a client saw
         complete is lost with a gateway that dies just after it (the settlement goes on if
-        the request is cancelled meanwhile)."""
+        the request is cancelled meanwhile), waiting at most SETTLE_WAIT_S."""
         task = self.settle()
         if task is not None:
-            await asyncio.shield(task)
+            # A database that does not answer must not hold the answer: past the wait the
+            # settlement goes on (and is kept and retried) while the last bytes go out.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), SETTLE_WAIT_S)
 
     def settle(self) -> asyncio.Task[None] | None:
         """Settle in the background (once; None when it already was)."""

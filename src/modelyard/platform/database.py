@@ -71,6 +71,14 @@ def normalize_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+POSTGRES_CONNECT_TIMEOUT_S = 5.0
+POSTGRES_STATEMENT_TIMEOUT_S = 5.0
+POSTGRES_POOL_TIMEOUT_S = 5.0
+POSTGRES_OPERATION_TIMEOUT_S = 5.0
+"""How long a PostgreSQL connect, statement, wait for a pooled connection, or a whole
+operation (a transaction from checkout to commit) may take."""
+
+
 class Database:
     """Runs operations (functions of a Connection) as transactions; see the module doc."""
 
@@ -83,6 +91,8 @@ class Database:
         self._fast: FastSQLite | None = None
         self._sqlite_file: str | None = None
         self._checkpointing: asyncio.Future[None] | None = None
+        self._abandoned: set[asyncio.Future[Any]] = set()
+        """Timed-out PostgreSQL operations still cancelling (held so they finish)."""
         if self.dialect == "sqlite":
             database = make_url(self.url).database or ""
             if database and database != ":memory:":
@@ -93,8 +103,13 @@ class Database:
             _sqlite_hooks(self._sqlite)
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="modelyard-sqlite")
         else:
-            self._postgres = create_async_engine(self.url, pool_size=pool_size,
-                                                 max_overflow=pool_size)
+            # Bounded waits: a database that goes silent (a partition, not a refusal) must
+            # turn into a 503 within seconds, not hold requests until TCP gives up.
+            self._postgres = create_async_engine(
+                self.url, pool_size=pool_size, max_overflow=pool_size,
+                pool_timeout=POSTGRES_POOL_TIMEOUT_S,
+                connect_args={"timeout": POSTGRES_CONNECT_TIMEOUT_S,
+                              "command_timeout": POSTGRES_STATEMENT_TIMEOUT_S})
             # Reads are single statements: no BEGIN / ROLLBACK round trips around them.
             self._postgres_reader = self._postgres.execution_options(
                 isolation_level="AUTOCOMMIT")
@@ -183,6 +198,27 @@ class Database:
             assert self._thread is not None
             return await asyncio.get_running_loop().run_in_executor(
                 self._thread, self._run_sqlite, operation, args, read)
+        if lock:  # setup work (migrations, which may wait for another gateway's): unbounded
+            return await self._run_postgres(operation, args, read, lock, relaxed)
+        # The whole operation is bounded, not only each statement: the driver's timeouts do
+        # not cover every wait, and a cancelled operation's own cleanup (its ROLLBACK, the
+        # connection's return to the pool) can wait on a silent server too. So it runs as a
+        # task of its own that a timeout cancels and leaves behind; the caller gets a
+        # TimeoutError (an OSError, which callers treat as the database being away) at once.
+        task = asyncio.ensure_future(self._run_postgres(operation, args, read, lock, relaxed))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=POSTGRES_OPERATION_TIMEOUT_S)
+        except asyncio.CancelledError:
+            _abandon(task, self._abandoned)
+            raise
+        if not done:
+            _abandon(task, self._abandoned)
+            raise TimeoutError(f"the database did not answer within "
+                               f"{POSTGRES_OPERATION_TIMEOUT_S:g} s")
+        return task.result()
+
+    async def _run_postgres(self, operation: Callable[..., T], args: tuple[Any, ...],
+                            read: bool, lock: bool, relaxed: bool) -> T:
         assert self._postgres is not None
         if read:
             async with self._postgres_reader.connect() as connection:
@@ -203,6 +239,20 @@ class Database:
                 return operation(connection, *args)
         with self._sqlite.begin() as connection:
             return operation(connection, *args)
+
+
+def _abandon(task: asyncio.Future[Any], held: set[asyncio.Future[Any]]) -> None:
+    """Cancel an operation without waiting for it; its outcome is read so that it is
+    never reported as an unretrieved exception."""
+    task.cancel()
+    held.add(task)
+
+    def finished(done: asyncio.Future[Any]) -> None:
+        held.discard(done)
+        if not done.cancelled():
+            done.exception()
+
+    task.add_done_callback(finished)
 
 
 def _private_file(path: Path) -> Path:
