@@ -48,7 +48,7 @@ def serve(args: argparse.Namespace) -> int:
     app = build_app(config)
     limits = config.server
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
-                access_log=False, limit_concurrency=limits.limit_concurrency,
+                access_log=False, limit_concurrency=2 * limits.limit_concurrency,
                 timeout_keep_alive=max(1, round(limits.timeout_keep_alive_seconds)),
                 timeout_graceful_shutdown=round(limits.graceful_shutdown_seconds),
                 h11_max_incomplete_event_size=H11_MAX_INCOMPLETE_EVENT_BYTES)

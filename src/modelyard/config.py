@@ -228,7 +228,8 @@ class ServerConfig:
     """A request whose preparation takes longer is refused (422); waiting longer for a
     preparation slot is a 503."""
     limit_concurrency: Positive = 2048
-    """Connections and requests the server takes at once; past it uvicorn answers 503."""
+    """Requests the server answers at once; past it a 503 in SPEC.md's shape (uvicorn's own
+    limit of connections, twice this, stays behind it)."""
     timeout_keep_alive_seconds: Seconds = 5.0
     """An idle keep-alive connection is closed after this long."""
     graceful_shutdown_seconds: Annotated[float, Strict(), Field(ge=0)] = 10.0

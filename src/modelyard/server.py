@@ -62,6 +62,7 @@ def build_app(config: Config, *, progress: bool = True) -> ASGIApp:
                      gate=service.accounts_gate(config, prices, registry), prices=prices,
                      system_fingerprint=f"fp_{fingerprint[:10]}",
                      usage_drain_seconds=config.router.usage_drain_seconds, engine=local,
+                     max_requests_in_flight=config.server.limit_concurrency,
                      max_body_bytes=config.server.max_body_bytes,
                      body_timeout_s=config.server.body_timeout_seconds,
                      max_request_tokens=config.platform.max_request_tokens,

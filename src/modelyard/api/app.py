@@ -16,6 +16,7 @@ from modelyard.api.auth import AuthMiddleware
 from modelyard.api.chat import router as chat_router
 from modelyard.api.errors import as_api_error, error_body
 from modelyard.api.lane import ChatLane
+from modelyard.api.request_limit import RequestLimit
 from modelyard.api.routes import json_response, router
 from modelyard.api.state import AppState
 from modelyard.errors import ModelyardError
@@ -56,4 +57,5 @@ def create_app(state: AppState) -> ASGIApp:
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         return json_response(error_body(exc.status_code, str(exc.detail)), exc.status_code)
 
-    return AuthMiddleware(ChatLane(app, state), gate=state.gate)
+    return RequestLimit(AuthMiddleware(ChatLane(app, state), gate=state.gate),
+                        state.max_requests_in_flight)

@@ -31,6 +31,8 @@ class AppState:
     started: int = field(default_factory=lambda: int(time.time()))
     engine: Provider | None = None
     """The built-in engine's provider when it runs, listed under its own id or not."""
+    max_requests_in_flight: int = 0
+    """Requests answered at once (past it a 503 in SPEC.md's shape); 0: no limit."""
     max_body_bytes: int = 0
     """The largest chat request body read (a 413 beyond); 0: derived from the contexts."""
     body_timeout_s: float = 30.0
