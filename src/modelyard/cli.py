@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from types import FrameType
 
 from modelyard.chat.template import TemplateError
 from modelyard.config import ConfigError, load_config, with_overrides
@@ -47,11 +48,19 @@ def serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = build_app(config)
     limits = config.server
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
-                access_log=False, limit_concurrency=2 * limits.limit_concurrency,
-                timeout_keep_alive=max(1, round(limits.timeout_keep_alive_seconds)),
-                timeout_graceful_shutdown=round(limits.graceful_shutdown_seconds),
-                h11_max_incomplete_event_size=H11_MAX_INCOMPLETE_EVENT_BYTES)
+    from modelyard.api.shutdown import SHUTTING_DOWN
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            SHUTTING_DOWN.set()
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(
+        app, host=config.host, port=config.port, log_level=config.log_level,
+        access_log=False, limit_concurrency=2 * limits.limit_concurrency,
+        timeout_keep_alive=max(1, round(limits.timeout_keep_alive_seconds)),
+        timeout_graceful_shutdown=round(limits.graceful_shutdown_seconds),
+        h11_max_incomplete_event_size=H11_MAX_INCOMPLETE_EVENT_BYTES)).run()
     return 0
 
 

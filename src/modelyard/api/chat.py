@@ -42,6 +42,7 @@ from modelyard.api.preparation import cheap
 from modelyard.api.reply import Reply, read_body
 from modelyard.api.responses import SSE_DONE, ChoiceResult, Completion, tool_call_body, usage
 from modelyard.api.schema import ChatCompletionRequest
+from modelyard.api.shutdown import SHUTTING_DOWN
 from modelyard.api.state import AppState
 from modelyard.platform.gate import Admission, Caller, Outcome, Ticket, Usage
 from modelyard.providers.base import ChatDelta, ChatRequest, PreparedChat
@@ -234,7 +235,8 @@ class _Run:
                 pass
         except Exception:  # a server that cannot tell: assume the client stays
             return
-        if not self.reply.finished and not work.cancelling():  # not when the server stops
+        # not when the server stops: its own disconnects and cancels are the shutdown
+        if not self.reply.finished and not work.cancelling() and not SHUTTING_DOWN.is_set():
             self.client_gone = True
             work.cancel()
 
