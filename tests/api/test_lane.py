@@ -19,7 +19,7 @@ from modelyard.api.preparation import Preparation
 from modelyard.api.reply import body_cap
 from modelyard.platform.usage import records
 from modelyard.providers.base import ChatDelta, ChatRequest, PreparedChat
-from tests.platform.harness import Backend, Harness, scenario
+from tests.platform.harness import Backend, Harness, chat_scope, scenario
 
 
 def _with_app(tmp_path: Path, body: Callable[[Harness], Awaitable[None]],
@@ -56,13 +56,7 @@ async def _asgi(app: ASGIApp, key: str, body: bytes | None, *,
     """POST /v1/chat/completions at the ASGI level: `body` None never sends one; with
     `leave_after_s` the client goes away that long after sending it. The status and body
     the server sent."""
-    scope: dict[str, Any] = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
-        "query_string": b"", "root_path": "", "server": ("testserver", 80),
-        "client": ("127.0.0.1", 5000),
-        "headers": [(b"authorization", f"Bearer {key}".encode()),
-                    (b"content-type", b"application/json")]}
+    scope = chat_scope(key)
     sent = False
     status: int | None = None
     received = b""

@@ -122,3 +122,15 @@ def with_db(url: str, body: Callable[[Database], Awaitable[T]]) -> T:
         finally:
             await db.close()
     return asyncio.run(main())
+
+
+def chat_scope(key: str) -> dict[str, Any]:
+    """The ASGI scope of `POST /v1/chat/completions` with `key`, for tests that drive the
+    app at the ASGI level (to send a body slowly or leave mid-answer)."""
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+        "query_string": b"", "root_path": "", "server": ("testserver", 80),
+        "client": ("127.0.0.1", 5000),
+        "headers": [(b"authorization", f"Bearer {key}".encode()),
+                    (b"content-type", b"application/json")]}

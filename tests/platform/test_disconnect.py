@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from modelyard.api.app import create_app
 from modelyard.platform.usage import records
-from tests.platform.harness import Backend, Harness, harness
+from tests.platform.harness import Backend, Harness, chat_scope, harness
 
 
 async def stream_then_leave(app: FastAPI, key: str, leave_after: int) -> int:
@@ -22,13 +22,7 @@ async def stream_then_leave(app: FastAPI, key: str, leave_after: int) -> int:
     the number of content tokens the server sent."""
     body = json.dumps({"model": "fake", "stream": True, "max_tokens": 50,
                        "messages": [{"role": "user", "content": "one two three"}]}).encode()
-    scope: dict[str, Any] = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
-        "query_string": b"", "root_path": "", "server": ("testserver", 80),
-        "client": ("127.0.0.1", 5000),
-        "headers": [(b"authorization", f"Bearer {key}".encode()),
-                    (b"content-type", b"application/json")]}
+    scope = chat_scope(key)
     gone = asyncio.Event()
     sent_tokens = 0
     requested = False
