@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from modelyard.errors import ModelyardError, Refusal
+from modelyard.providers.tokens import Tokenizer
 
 DEFAULT_MAX_TOKENS_BOUND = 32768
 """A completion's bound when neither the request nor the model's context sets one."""
@@ -193,6 +194,11 @@ class Provider(ABC):
         The last delta has a `finish_reason`. Leaving the iteration early (the client went
         away) must free whatever the request holds.
         """
+
+    def tokenizer(self) -> Tokenizer | None:
+        """The model's own tokenizer, counting exactly what `prepare_chat` counts (for
+        /tokenize and /detokenize); None when this server has none (an upstream's)."""
+        return None
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources at shutdown."""

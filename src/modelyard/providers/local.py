@@ -31,6 +31,7 @@ from modelyard.providers.base import (
     TokenLogprobs,
 )
 from modelyard.providers.constraints import Plan, ToolTokens, plan
+from modelyard.providers.local_tokens import LocalTokenizer
 from modelyard.providers.output import ChoiceOutput
 
 RETRY_AFTER_SECONDS = 2
@@ -265,6 +266,9 @@ class LocalProvider(Provider):
     def _token_text(self, token: int) -> tuple[str, list[int]]:
         raw = self.runner.token_bytes(token)
         return raw.decode("utf-8", errors="replace"), list(raw)
+
+    def tokenizer(self) -> LocalTokenizer:
+        return LocalTokenizer(self)
 
     async def close(self) -> None:
         await asyncio.to_thread(self.engine.stop)

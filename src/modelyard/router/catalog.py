@@ -36,6 +36,7 @@ from modelyard.providers.base import (
 )
 from modelyard.providers.openai_compat import UpstreamDeployment, UpstreamError
 from modelyard.providers.profiles import build_body
+from modelyard.providers.tokens import Tokenizer
 from modelyard.router.balancer import choose
 from modelyard.router.breaker import Breaker
 from modelyard.router.local_route import LocalDeployment
@@ -209,6 +210,9 @@ class AliasProvider(Provider):
 
     async def start_chat(self, prepared: PreparedChat) -> AsyncIterator[ChatDelta]:
         return await self.target.start_chat(prepared)
+
+    def tokenizer(self) -> Tokenizer | None:
+        return self.target.tokenizer()
 
 
 def build_catalog(models: tuple[CatalogModelConfig, ...], router: RouterConfig,
