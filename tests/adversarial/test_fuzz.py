@@ -38,6 +38,8 @@ CHAT = ["/v1/chat/completions", "/api/v1/chat/completions"]
 OPERATIONS = [
     ("POST", "/v1/chat/completions"), ("POST", "/api/v1/chat/completions"),
     ("GET", "/v1/models"), ("GET", "/api/v1/models"),
+    ("GET", "/v1/models/{model}"), ("GET", "/api/v1/models/{model}"),
+    ("POST", "/tokenize"), ("POST", "/detokenize"),
     ("GET", "/admin/accounts"), ("POST", "/admin/accounts"),
     ("GET", "/admin/accounts/{name}"), ("POST", "/admin/accounts/{name}/topup"),
     ("GET", "/admin/keys"), ("POST", "/admin/keys"), ("POST", "/admin/keys/{key_id}/revoke"),

@@ -19,6 +19,7 @@ from modelyard.api.lane import ChatLane
 from modelyard.api.request_limit import RequestLimit
 from modelyard.api.routes import json_response, router
 from modelyard.api.state import AppState
+from modelyard.api.tokens import router as tokens_router
 from modelyard.errors import ModelyardError
 
 
@@ -39,6 +40,7 @@ def create_app(state: AppState) -> ASGIApp:
     app.include_router(chat_router)
     app.include_router(router)
     app.include_router(admin_router)
+    app.include_router(tokens_router)
 
     async def answer_error(request: Request, exc: Exception) -> Response:
         error = as_api_error(exc)

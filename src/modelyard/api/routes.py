@@ -9,7 +9,9 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from modelyard.api.errors import APIError
 from modelyard.api.state import AppState
+from modelyard.providers.base import Provider
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -31,11 +33,32 @@ def json_response(body: dict[str, Any], status: int = 200,
 async def list_models(request: Request) -> Response:
     state = _state(request)
     caller = request.state.caller
-    data = [{"id": model_id, "object": "model", "created": state.started, "owned_by": "modelyard",
-             **provider.describe(), **_pricing(state, model_id)}
-            for model_id, provider in state.providers.items()
+    data = [_entry(state, model_id, provider) for model_id, provider in state.providers.items()
             if state.gate.may_use(caller, model_id)]
     return json_response({"object": "list", "data": data})
+
+
+@router.get("/v1/models/{model:path}")
+@router.get("/api/v1/models/{model:path}")
+async def get_model(request: Request, model: str) -> Response:
+    """One entry of the list (a model id may hold slashes: `up/qwen`)."""
+    state = _state(request)
+    provider = state.providers.get(model)
+    if provider is None or not state.gate.may_use(request.state.caller, model):
+        raise model_not_found(model)
+    return json_response(_entry(state, model, provider))
+
+
+def model_not_found(model: str) -> APIError:
+    """SPEC.md's 404 for a model that is not served or that the key may not use (the same
+    answer for both, so a key cannot learn which models exist)."""
+    return APIError(404, f"the model '{model}' does not exist or you do not have access to "
+                    "it", param="model", code="model_not_found")
+
+
+def _entry(state: AppState, model_id: str, provider: Provider) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": state.started,
+            "owned_by": "modelyard", **provider.describe(), **_pricing(state, model_id)}
 
 
 def _pricing(state: AppState, model_id: str) -> dict[str, Any]:
