@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,14 +55,23 @@ from modelyard.config import Config, ModelConfig, PlatformConfig
 from modelyard.platform import accounts as ops
 from modelyard.platform import service
 from modelyard.platform.gate import Admission, Caller, Gate, OpenGate, Outcome, Ticket
-from modelyard.providers.base import ChatDelta, ChatRequest, PreparedChat, Provider
+from modelyard.platform.money import Price
+from modelyard.providers.base import (
+    ChatDelta,
+    ChatRequest,
+    ChatStream,
+    DeltaStream,
+    PreparedChat,
+    Provider,
+)
+from modelyard.usage import Usage
 
 MODEL = "bench-model"
 COMPLETION_TOKENS = 16
 PROMPT = [{"role": "user", "content": "How fast is the platform path of a request?"}]
 
 
-class InstantProvider(Provider):
+class InstantProvider(Provider[None]):
     """A stand-in for a model that answers at once, so that what is measured is the
     platform path around it, not inference."""
 
@@ -71,16 +80,18 @@ class InstantProvider(Provider):
     def describe(self) -> dict[str, Any]:
         return {"context_length": 4096}
 
-    async def prepare_chat(self, request: ChatRequest) -> PreparedChat:
+    async def prepare_chat(self, request: ChatRequest) -> PreparedChat[None]:
         prompt_tokens = sum(len(str(m.get("content") or "").split()) for m in request.messages)
-        return PreparedChat(request, prompt_tokens, request.max_tokens or COMPLETION_TOKENS)
+        return PreparedChat(request, prompt_tokens, request.max_tokens or COMPLETION_TOKENS,
+                            None, self)
 
-    async def start_chat(self, prepared: PreparedChat) -> AsyncIterator[ChatDelta]:
-        return self._answer(prepared)
+    async def start_chat(self, prepared: PreparedChat[None]) -> ChatStream:
+        return DeltaStream(self._answer(prepared))
 
-    async def _answer(self, prepared: PreparedChat) -> AsyncIterator[ChatDelta]:
-        yield ChatDelta("word " * prepared.max_tokens, prepared.prompt_tokens,
-                        prepared.max_tokens, "length")
+    async def _answer(self, prepared: PreparedChat[None]) -> AsyncGenerator[ChatDelta, None]:
+        yield ChatDelta("word " * prepared.max_tokens,
+                        Usage(prepared.prompt_tokens, completion_tokens=prepared.max_tokens),
+                        "length")
 
 
 class TimingGate(Gate):
@@ -109,6 +120,9 @@ class TimingGate(Gate):
 
     async def check_out(self, ticket: Ticket) -> None:
         await self.inner.check_out(ticket)
+
+    def price(self, model: str) -> Price:
+        return self.inner.price(model)
 
     async def admit(self, ticket: Ticket, model: str, prompt_tokens: int,
                     max_tokens: int) -> Admission:
@@ -143,14 +157,12 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     gate: Gate = OpenGate()
-    prices = {}
     if args.database_url:
         config = platform_config(args.database_url, args.redis_url, args.redis_prefix)
         gate = service.accounts_gate(config)
-        prices = service.prices(config)
     timing = TimingGate(gate)
     state = AppState(providers={MODEL: InstantProvider()}, registry=CollectorRegistry(),
-                     gate=timing, prices=prices)
+                     gate=timing)
     inner = create_app(state)
 
     async def app(scope: Any, receive: Any, send: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -315,4 +316,54 @@ def test_the_config_imports_nothing_from_the_layers_above_it() -> None:
                 if name.startswith("modelyard.") and name not in ALLOWED_CONFIG_IMPORTS]
 
 
-ALLOWED_CONFIG_IMPORTS = ("modelyard.units", "modelyard.errors")
+ALLOWED_CONFIG_IMPORTS = ("modelyard.units", "modelyard.errors", "modelyard.sampling")
+
+
+def test_the_embedding_model_is_on_by_default() -> None:
+    embedding = load_config(None, environ={}).embedding
+    assert (embedding.enabled, embedding.id, embedding.source, embedding.input_price) == (
+        True, "all-minilm-l6-v2", "pypi:all-minilm-l6-v2", 0.0)
+    assert (embedding.batch_size, embedding.truncatable) == (512, False)
+
+
+def test_an_embedding_table_and_an_embedding_catalog_model(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, """
+[embedding]
+id = "mini"
+input_price = 0.02
+threads = 2
+batch_size = 1024
+
+[[models]]
+id = "up/embed"
+task = "embedding"
+input_price = 0.1
+[[models.deployments]]
+base_url = "http://10.0.0.5:8000/v1"
+"""), environ={})
+    assert (config.embedding.id, config.embedding.input_price, config.embedding.threads,
+            config.embedding.batch_size) == ("mini", 0.02, 2, 1024)
+    assert [(m.id, m.task) for m in config.models] == [("up/embed", "embedding")]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[embedding]\nbatch_size = 32\n", "embedding.batch_size must be >= 64"),
+    ("[embedding]\nenabled = 1\n", "embedding.enabled must be true or false"),
+    ("[embedding]\ninput_price = -1.0\n", "embedding.input_price"),
+    ("[embedding]\nbatch = 64\n", "unknown key in embedding: batch"),
+    ('[embedding]\nid = "qwen2.5-coder-0.5b-instruct"\n', "already a model's"),
+    ('[[models]]\nid = "e"\ntask = "rerank"\n[[models.deployments]]\n'
+     'base_url = "http://h/v1"\n', "models[0] (e).task must be one of"),
+    ('[[models]]\nid = "e"\ntask = "embedding"\n[[models.deployments]]\nkind = "local"\n',
+     "openai deployments only"),
+])
+def test_bad_embedding_settings_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(write_config(tmp_path, text), environ={})
+
+
+def test_a_disabled_embedding_model_takes_no_id(tmp_path: Path) -> None:
+    config = load_config(write_config(
+        tmp_path, '[embedding]\nenabled = false\nid = "qwen2.5-coder-0.5b-instruct"\n'),
+        environ={})
+    assert not config.embedding.enabled

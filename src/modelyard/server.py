@@ -19,8 +19,7 @@ from modelyard.config import Config
 from modelyard.engine.metrics import EngineMetrics
 from modelyard.models import resolve_model_source
 from modelyard.platform import service
-from modelyard.platform.money import Price
-from modelyard.providers.base import Provider
+from modelyard.providers.base import ChatModel
 from modelyard.providers.local import LocalProvider
 from modelyard.router.catalog import build_catalog
 
@@ -39,8 +38,8 @@ def build_app(config: Config, *, progress: bool = True) -> ASGIApp:
     if admin_key is not None:
         announce_admin_key(admin_key)
     registry = CollectorRegistry()
-    providers: dict[str, Provider] = {}
-    local: Provider | None = None
+    providers: dict[str, ChatModel] = {}
+    local: ChatModel | None = None
     fingerprint_source = "catalog"
     if config.local_model:
         model_path = resolve_model_source(config.model.source, config.models_dir,
@@ -52,14 +51,9 @@ def build_app(config: Config, *, progress: bool = True) -> ASGIApp:
         logger.info("serving %s from %s", local.model_id, model_path)
     providers.update(build_catalog(config.models, config.router, os.environ, local,
                                    registry))
-    prices = service.prices(config) if config.local_model and config.engine_model_listed \
-        else {}
-    for model in config.models:
-        prices[model.id] = Price.from_units(model.input_price, model.output_price,
-                                            model.cached_input_price)
     fingerprint = hashlib.sha256(f"{__version__}:{fingerprint_source}".encode()).hexdigest()
     state = AppState(providers=providers, registry=registry,
-                     gate=service.accounts_gate(config, prices, registry), prices=prices,
+                     gate=service.accounts_gate(config, registry),
                      system_fingerprint=f"fp_{fingerprint[:10]}",
                      usage_drain_seconds=config.router.usage_drain_seconds, engine=local,
                      max_requests_in_flight=config.server.limit_concurrency,

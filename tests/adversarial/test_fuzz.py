@@ -35,11 +35,15 @@ EXAMPLES = 150 if LONG else 15
 """Examples per operation and kind (twice that for the chat body that fits the schema, a
 fifth for the /api/v1 aliases of routes fuzzed under /v1 too)."""
 CHAT = ["/v1/chat/completions", "/api/v1/chat/completions"]
+COMPLETIONS = ["/v1/completions", "/api/v1/completions"]
+GENERATING = CHAT + COMPLETIONS
 OPERATIONS = [
     ("POST", "/v1/chat/completions"), ("POST", "/api/v1/chat/completions"),
+    ("POST", "/v1/completions"), ("POST", "/api/v1/completions"),
     ("GET", "/v1/models"), ("GET", "/api/v1/models"),
     ("GET", "/v1/models/{model}"), ("GET", "/api/v1/models/{model}"),
     ("POST", "/tokenize"), ("POST", "/detokenize"),
+    ("POST", "/v1/embeddings"), ("POST", "/api/v1/embeddings"),
     ("GET", "/admin/accounts"), ("POST", "/admin/accounts"),
     ("GET", "/admin/accounts/{name}"), ("POST", "/admin/accounts/{name}/topup"),
     ("GET", "/admin/keys"), ("POST", "/admin/keys"), ("POST", "/admin/keys/{key_id}/revoke"),
@@ -77,10 +81,10 @@ def _pinned(document: dict[str, Any], messages: dict[str, Any] | None = None) ->
     """The document with the chat body's `model` pinned to the priced model (and its
     `messages` to `messages`)."""
     pinned = copy.deepcopy(document)
-    for path in CHAT:
+    for path in GENERATING:
         body = pinned["paths"][path]["post"]["requestBody"]["content"]["application/json"]
         body["schema"]["properties"]["model"] = {"type": "string", "enum": [MODEL]}
-        if messages is not None:
+        if messages is not None and path in CHAT:
             body["schema"]["properties"]["messages"] = messages
     return pinned
 
@@ -124,7 +128,7 @@ def _check(case: Case[Any], response: schemathesis.Response) -> None:
         problems = error_shape_problems(status, response.content)
         SEEN["bad errors"] += bool(problems)
         assert not problems, f"{where}\n{problems}"
-    elif case.path in CHAT:
+    elif case.path in GENERATING:
         SEEN["chat answered"] += 1
         if "text/event-stream" in " ".join(response.headers.get("content-type", [])):
             assert response.text.rstrip().endswith("data: [DONE]"), where
@@ -139,7 +143,7 @@ CASES = [pytest.param(method, path, schema, mode, id=f"{method} {path} {label}")
          for method, path in OPERATIONS
          for (schema, mode), label in zip(VARIANTS, ("fits", "breaks", "as-described"),
                                           strict=True)
-         if schema == "runnable" or path in CHAT]
+         if schema == "runnable" or path in GENERATING]
 
 
 @pytest.mark.parametrize(("method", "path", "schema", "mode"), CASES)
@@ -149,7 +153,7 @@ def test_fuzz(fuzzed: Fuzzed, method: str, path: str, schema: str,
     if mode.is_negative and not _has_inputs(fuzzed.document, method, path):
         pytest.skip("nothing to break: no query parameter and no body")
 
-    examples = EXAMPLES * 2 if path in CHAT and schema == "runnable" and mode.is_positive \
+    examples = EXAMPLES * 2 if path in GENERATING and schema == "runnable" and mode.is_positive \
         else EXAMPLES // 2 if schema == "described" else EXAMPLES
     if path.startswith("/api/v1/"):
         examples = max(3, examples // 5)

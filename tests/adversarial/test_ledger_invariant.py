@@ -16,6 +16,7 @@ from modelyard.platform import accounts as ops
 from modelyard.platform import ledger
 from modelyard.platform.database import Database
 from modelyard.platform.tables import accounts, reservations, utcnow
+from modelyard.usage import Usage
 from tests.adversarial.ledger_invariant import read_ledger
 from tests.platform.services import postgres_url
 
@@ -40,8 +41,8 @@ async def _books(url: str, tamper: Callable[[Connection, str], object] | None) -
         account = await ops.create_account(db, "acme", 1_000_000)
         held = await ledger.reserve(db, account.id, "k1", 500, 60)
         assert held is not None
-        record = ledger.UsageRecord("k1", account.id, "m", "req-1", 10, 0, 5, 0, 20, 0.1,
-                                    None, 200)
+        record = ledger.UsageRecord("k1", account.id, "m", "req-1",
+                                    Usage(10, 0, 5, 0), 20, 0.1, None, 200)
         await ledger.settle(db, held, record)
         if tamper is not None:
             await db.write(tamper, account.id)

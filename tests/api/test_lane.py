@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,11 +102,11 @@ def test_a_client_that_leaves_a_non_streamed_request_stops_it_and_pays_for_it(
         closed: list[int] = []
         original = platform.provider._answer
 
-        async def tracked(prepared: PreparedChat) -> AsyncIterator[ChatDelta]:
+        async def tracked(prepared: PreparedChat[None]) -> AsyncGenerator[ChatDelta, None]:
             count = 0
             try:
                 async for delta in original(prepared):
-                    count = delta.completion_tokens
+                    count = delta.usage.completion_tokens
                     yield delta
             finally:
                 closed.append(count)
@@ -121,7 +121,7 @@ def test_a_client_that_leaves_a_non_streamed_request_stops_it_and_pays_for_it(
         await platform.settled()
         [row] = await records(platform.db)
         assert row.client_disconnected and row.status == 499
-        assert row.completion_tokens == closed[0]
+        assert row.usage.completion_tokens == closed[0]
         assert row.cost == 3 + 2 * closed[0]
         assert await platform.db_account("acme") == (1000 - row.cost, 0)
     _with_app(tmp_path, body, delay_s=0.01)

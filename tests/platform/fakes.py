@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
-from modelyard.providers.base import ChatDelta, ChatRequest, PreparedChat, Provider
+from modelyard.providers.base import (
+    ChatDelta,
+    ChatRequest,
+    ChatStream,
+    DeltaStream,
+    PreparedChat,
+    Provider,
+)
+from modelyard.usage import Usage
 
 
-class FakeProvider(Provider):
+class FakeProvider(Provider[None]):
     """Counts one prompt token per word and answers `max_tokens` tokens ("tok" each),
     `delay_s` apart; or stops by itself after `answer_tokens`."""
 
@@ -22,7 +30,7 @@ class FakeProvider(Provider):
         self.started = 0
 
     def describe(self) -> dict[str, Any]:
-        return {"context_length": 4096, "pricing": {"input": 0, "cached_input": 0, "output": 0}}
+        return {"context_length": 4096}
 
     def prompt_token_bound(self, request: ChatRequest) -> int:
         """Exact here (what prepare_chat counts), so tests can work out reservations."""
@@ -31,15 +39,15 @@ class FakeProvider(Provider):
     def max_tokens_bound(self, request: ChatRequest) -> int:
         return request.max_tokens or self.default_max_tokens
 
-    async def prepare_chat(self, request: ChatRequest) -> PreparedChat:
+    async def prepare_chat(self, request: ChatRequest) -> PreparedChat[None]:
         return PreparedChat(request, self.prompt_token_bound(request),
-                            self.max_tokens_bound(request))
+                            self.max_tokens_bound(request), None, self)
 
-    async def start_chat(self, prepared: PreparedChat) -> AsyncIterator[ChatDelta]:
+    async def start_chat(self, prepared: PreparedChat[None]) -> ChatStream:
         self.started += 1
-        return self._answer(prepared)
+        return DeltaStream(self._answer(prepared))
 
-    async def _answer(self, prepared: PreparedChat) -> AsyncIterator[ChatDelta]:
+    async def _answer(self, prepared: PreparedChat[None]) -> AsyncGenerator[ChatDelta, None]:
         length = prepared.max_tokens
         if self.answer_tokens is not None and self.answer_tokens < length:
             length = self.answer_tokens
@@ -47,4 +55,4 @@ class FakeProvider(Provider):
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
             finish = None if i < length else "length" if i == prepared.max_tokens else "stop"
-            yield ChatDelta("tok", prepared.prompt_tokens, i, finish)
+            yield ChatDelta("tok", Usage(prepared.prompt_tokens, completion_tokens=i), finish)

@@ -86,8 +86,7 @@ async def harness(backend: Backend, *, price: Price = PRICE, delay_s: float = 0.
     registry = CollectorRegistry()
     gate = AccountsGate(Database(backend.database_url), backend.limiter(), {"fake": price},
                         settings or PlatformConfig(), registry)
-    state = AppState(providers={"fake": provider}, registry=registry, gate=gate,
-                     prices={"fake": price})
+    state = AppState(providers={"fake": provider}, registry=registry, gate=gate)
     app = create_app(state)
     if start:
         await gate.start()

@@ -16,6 +16,7 @@ from modelyard.platform import keys, ledger, usage
 from modelyard.platform.accounts import AdminError
 from modelyard.platform.database import Database, DatabaseError, normalize_url
 from modelyard.platform.tables import metadata, utcnow
+from modelyard.usage import Usage
 from tests.platform.harness import with_db
 
 
@@ -114,16 +115,15 @@ def test_usage_totals_by_day_model_key_and_account(db_url: str) -> None:
         for account, model, cost in ((acme, "m1", 100), (acme, "m2", 50), (beta, "m1", 7)):
             held = await ledger.reserve(db, account.id, "k1", cost, 60)
             await ledger.settle(db, held, ledger.UsageRecord(
-                "k1", account.id, model, None, 10, 4, 3, 1, cost, 0.2, None, 200))
+                "k1", account.id, model, None, Usage(10, 4, 3, 1), cost, 0.2, None, 200))
         by_model = await usage.totals(db, "model")
         assert [(r.group, r.requests, r.cost) for r in by_model] == [("m1", 2, 107),
                                                                      ("m2", 1, 50)]
         by_account = await usage.totals(db, "account")
         assert [(r.group, r.cost) for r in by_account] == [("acme", 150), ("beta", 7)]
         by_day = await usage.totals(db, "day", account="acme")
-        assert [(r.group, r.requests, r.prompt_tokens, r.cached_tokens, r.completion_tokens,
-                 r.reasoning_tokens) for r in by_day] == [
-            (utcnow().date().isoformat(), 2, 20, 8, 6, 2)]
+        assert [(r.group, r.requests, r.usage) for r in by_day] == [
+            (utcnow().date().isoformat(), 2, Usage(20, 8, 6, 2))]
         assert [r.group for r in await usage.totals(db, "key")] == ["k1"]
         later = utcnow() + timedelta(minutes=1)
         assert await usage.totals(db, "day", since=later) == []

@@ -66,7 +66,7 @@ def test_a_client_that_leaves_mid_stream_pays_for_what_it_was_sent(backend: Back
             await platform.settled()
             row = (await records(platform.db, limit=1))[0]
             assert row.client_disconnected
-            assert row.completion_tokens == sent
+            assert row.usage.completion_tokens == sent
             assert row.cost == 3 * 1 + sent * 2
             assert row.reserved == 3 + 50 * 2
         account = await platform.db_account("acme")

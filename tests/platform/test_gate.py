@@ -4,7 +4,7 @@ settlement and the usage record, on SQLite (limits in memory) and PostgreSQL + R
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from datetime import timedelta
 
 from modelyard.config import PlatformConfig
@@ -16,7 +16,8 @@ from modelyard.platform.gate import PlatformError
 from modelyard.platform.limits import MemoryLimiter
 from modelyard.platform.tables import utcnow
 from modelyard.platform.usage import records
-from modelyard.providers.base import ChatDelta, ChatRequest, PreparedChat
+from modelyard.providers.base import ChatDelta, ChatRequest, ChatStream, DeltaStream, PreparedChat
+from modelyard.usage import Usage
 from tests.platform.harness import Backend, Harness, scenario
 
 
@@ -101,8 +102,8 @@ def test_a_finished_request_is_settled_and_recorded(backend: Backend) -> None:
         await platform.settled()
         assert await account_row(platform, "acme") == (1000 - 13, 0, 13)
         [row] = await records(platform.db)
-        assert (row.prompt_tokens, row.completion_tokens, row.cost, row.reserved, row.status,
-                row.user, row.model) == (3, 5, 13, 13, 200, "end-user-7", "fake")
+        assert (row.usage.prompt_tokens, row.usage.completion_tokens, row.cost, row.reserved,
+                row.status, row.user, row.model) == (3, 5, 13, 13, 200, "end-user-7", "fake")
         assert row.key_id == key.split("-")[2]
         assert row.latency_ms >= 0 and row.ttft_ms is not None
     scenario(backend, body)
@@ -244,7 +245,7 @@ def test_a_failure_after_admission_is_a_500_that_settles_and_gives_everything_ba
     async def body(platform: Harness) -> None:
         key = await platform.key("acme", 1000, tpm=30)
 
-        async def broken(prepared: PreparedChat) -> AsyncIterator[ChatDelta]:
+        async def broken(prepared: PreparedChat[None]) -> ChatStream:
             raise RuntimeError("secret internals")
         platform.provider.start_chat = broken  # type: ignore[method-assign]
         # Each request takes 3 + 20 of the key's 30 tokens a minute: without the refund of
@@ -267,12 +268,12 @@ def test_a_stream_that_fails_midway_ends_with_an_error_event_and_is_billed_as_50
     async def body(platform: Harness) -> None:
         key = await platform.key("acme", 1000)
 
-        async def two_then_fail(prepared: PreparedChat) -> AsyncIterator[ChatDelta]:
-            async def deltas() -> AsyncIterator[ChatDelta]:
-                yield ChatDelta("a", prepared.prompt_tokens, 1)
-                yield ChatDelta("b", prepared.prompt_tokens, 2)
+        async def two_then_fail(prepared: PreparedChat[None]) -> ChatStream:
+            async def deltas() -> AsyncGenerator[ChatDelta, None]:
+                yield ChatDelta("a", Usage(prepared.prompt_tokens, completion_tokens=1))
+                yield ChatDelta("b", Usage(prepared.prompt_tokens, completion_tokens=2))
                 raise ValueError("secret internals")
-            return deltas()
+            return DeltaStream(deltas())
         platform.provider.start_chat = two_then_fail  # type: ignore[method-assign]
         response = await platform.chat(key, max_tokens=10, stream=True)
         assert response.status_code == 200
@@ -281,7 +282,7 @@ def test_a_stream_that_fails_midway_ends_with_an_error_event_and_is_billed_as_50
         assert '"error"' in events[-2] and "secret" not in events[-2]
         await platform.settled()
         [row] = await records(platform.db)
-        assert (row.status, row.client_disconnected, row.completion_tokens, row.cost) == (
+        assert (row.status, row.client_disconnected, row.usage.completion_tokens, row.cost) == (
             500, False, 2, 3 + 2 * 2)
         assert await account_row(platform, "acme") == (1000 - 7, 0, 7)
     scenario(backend, body)

@@ -15,12 +15,13 @@ from modelyard.platform import ledger
 from modelyard.platform.database import Database
 from modelyard.platform.tables import accounts, reservations, usage, utcnow
 from modelyard.platform.usage import records
+from modelyard.usage import Usage
 from tests.platform.harness import with_db
 
 
 def record(account_id: str, cost: int, completion: int = 0) -> ledger.UsageRecord:
-    return ledger.UsageRecord("k0", account_id, "m", "someone", 10, 2, completion, 0, cost,
-                              0.5, 0.1, 200)
+    return ledger.UsageRecord("k0", account_id, "m", "someone", Usage(10, 2, completion, 0),
+                              cost, 0.5, 0.1, 200)
 
 
 async def balance_of(db: Database, account_id: str) -> tuple[int, int, int, int]:
@@ -59,7 +60,7 @@ def test_reserve_then_settle_charges_the_real_cost(db_url: str) -> None:
         assert await usage_costs(db, account.id) == 120
         assert await open_reservations(db) == 0
         rows = await records(db)
-        assert (rows[0].cost, rows[0].reserved, rows[0].user, rows[0].completion_tokens) == (
+        assert (rows[0].cost, rows[0].reserved, rows[0].user, rows[0].usage.completion_tokens) == (
             120, 300, "someone", 5)
     with_db(db_url, body)
 

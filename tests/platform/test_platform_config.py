@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from modelyard.config import Config, ConfigError, PlatformConfig, load_config
-from modelyard.platform.service import prices, safe_url
+from modelyard.platform.service import price_table, safe_url
 
 
 def load(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> Config:
@@ -22,7 +22,7 @@ def test_defaults_are_free_sqlite_in_the_data_dir_and_limits_in_process(
     assert config.platform == PlatformConfig()
     assert config.platform_database_url == f"sqlite:///{tmp_path / 'modelyard.db'}"
     assert config.redis_url is None
-    assert prices(config)[config.model.id].is_free
+    assert price_table(config)[config.model.id].is_free
 
 
 def test_prices_database_redis_and_platform_settings(tmp_path: Path) -> None:
@@ -44,7 +44,7 @@ redis_prefix = "gw"
 """)
     assert config.platform_database_url == "postgresql://db/modelyard"
     assert config.redis_url == "redis://cache:6379/0"
-    price = prices(config)[config.model.id]
+    price = price_table(config)[config.model.id]
     assert (price.input, price.cached_input, price.output) == (150_000, 75_000, 2_000_000)
     assert config.platform == PlatformConfig(5.0, 1.5, 30, 1.0, "gw")
 

@@ -229,6 +229,27 @@ async def _whole(writer: asyncio.StreamWriter, model: str, name: str, arg: str,
     await _json(writer, 200, answer)
 
 
+async def _text_completion(writer: asyncio.StreamWriter, body: dict[str, Any]) -> None:
+    """POST /completions: the model's tag as the text, whole or streamed (no faults)."""
+    model = str(body.get("model", "ok"))
+    tag = model.partition(":")[2] or "hello"
+    base = {"id": "cmpl-up", "object": "text_completion", "created": int(time.time()),
+            "model": model}
+    if not body.get("stream"):
+        await _json(writer, 200, {**base, "usage": USAGE, "choices": [
+            {"index": 0, "text": tag, "logprobs": None, "finish_reason": "stop"}]})
+        return
+    events = [{**base, "choices": [{"index": 0, "text": tag, "logprobs": None,
+                                    "finish_reason": None}]},
+              {**base, "choices": [{"index": 0, "text": "", "logprobs": None,
+                                    "finish_reason": "stop"}]},
+              {**base, "choices": [], "usage": USAGE}]
+    writer.write(_head(200, "text/event-stream", None)
+                 + b"".join(_event(event) for event in events) + _event("[DONE]")
+                 + _chunk(b""))
+    await writer.drain()
+
+
 async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         while True:
@@ -242,6 +263,10 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
                 body = orjson.loads(raw)
                 RECEIVED.append(body)
                 await _chat(writer, body)
+            elif method == "POST" and path.endswith("/completions"):
+                body = orjson.loads(raw)
+                RECEIVED.append(body)
+                await _text_completion(writer, body)
             elif path == "/requests" and method == "GET":
                 await _json(writer, 200, RECEIVED)
             elif path == "/requests" and method == "DELETE":

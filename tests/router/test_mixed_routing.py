@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from modelyard.config import CatalogModelConfig, DeploymentConfig, RouterConfig
-from modelyard.providers.base import ChatRequest, PreparedChat, ProviderError
+from modelyard.providers.base import ChatRequest, ChatStream, PreparedChat, ProviderError
 from modelyard.router.catalog import RoutedModel, build_catalog
 from tests.platform.fakes import FakeProvider
 from tests.router.fault_process import running_fault_server
@@ -65,7 +65,7 @@ def test_requests_are_weighed_between_the_engine_and_the_upstream(fault: str) ->
 
 def test_a_full_engine_sends_the_request_upstream(fault: str) -> None:
     class Full(FakeProvider):
-        async def start_chat(self, prepared: PreparedChat):  # type: ignore[no-untyped-def]
+        async def start_chat(self, prepared: PreparedChat[None]) -> ChatStream:
             raise ProviderError(503, "the engine's queue is full", retry_after=1)
 
     async def main() -> list[str]:
@@ -80,10 +80,10 @@ def test_a_full_engine_sends_the_request_upstream(fault: str) -> None:
 def test_a_request_the_engine_cannot_take_goes_upstream_and_reserves_for_both(
         fault: str) -> None:
     class Small(FakeProvider):
-        async def prepare_chat(self, request: ChatRequest) -> PreparedChat:
+        async def prepare_chat(self, request: ChatRequest) -> PreparedChat[None]:
             if request.max_tokens and request.max_tokens > 100:
                 raise ProviderError(422, "does not fit the engine's context")
-            return PreparedChat(request, 5000, request.max_tokens or 8)
+            return PreparedChat(request, 5000, request.max_tokens or 8, None, self)
 
     async def main() -> tuple[list[str], int, int]:
         model = _catalog(fault, Small(model_id="engine"), local_weight=1000.0)

@@ -188,6 +188,6 @@ def test_reservations_and_estimates_bound_cjk_text_from_above(fault: str) -> Non
     deltas, error = asyncio.run(_answer(model, _request(True, prompt)))
     assert error is None and "".join(d.text for d in deltas) == "你好世界"
     last = deltas[-1]
-    assert last.usage_estimated
-    assert last.prompt_tokens >= len(prompt.encode())
-    assert last.completion_tokens >= len("你好世界".encode())
+    assert last.usage.estimated
+    assert last.usage.prompt_tokens >= len(prompt.encode())
+    assert last.usage.completion_tokens >= len("你好世界".encode())

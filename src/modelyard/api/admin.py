@@ -137,9 +137,8 @@ def key_json(key: KeyInfo) -> dict[str, Any]:
 
 
 def totals_json(row: UsageTotals) -> dict[str, Any]:
-    return {"group": row.group, "requests": row.requests, "prompt_tokens": row.prompt_tokens,
-            "cached_tokens": row.cached_tokens, "completion_tokens": row.completion_tokens,
-            "reasoning_tokens": row.reasoning_tokens, "cost": format_micros(row.cost),
+    return {"group": row.group, "requests": row.requests, **row.usage.as_json(),
+            "cost": format_micros(row.cost),
             "cost_micros": row.cost, "uncollected": format_micros(row.uncollected),
             "uncollected_micros": row.uncollected}
 
@@ -147,14 +146,12 @@ def totals_json(row: UsageTotals) -> dict[str, Any]:
 def record_json(row: UsageRow) -> dict[str, Any]:
     return {"id": row.id, "created_at": _time(row.created_at), "key_id": row.key_id,
             "account_id": row.account_id, "model": row.model, "user": row.user,
-            "prompt_tokens": row.prompt_tokens, "cached_tokens": row.cached_tokens,
-            "completion_tokens": row.completion_tokens,
-            "reasoning_tokens": row.reasoning_tokens, "cost": format_micros(row.cost),
+            **row.usage.as_json(), "cost": format_micros(row.cost),
             "cost_micros": row.cost, "reserved_micros": row.reserved,
             "uncollected": format_micros(row.uncollected),
             "uncollected_micros": row.uncollected, "degraded": row.degraded,
             "latency_ms": row.latency_ms, "ttft_ms": row.ttft_ms, "status": row.status,
-            "estimated": row.estimated, "client_disconnected": row.client_disconnected}
+            "estimated": row.usage.estimated, "client_disconnected": row.client_disconnected}
 
 
 def _listing(data: list[dict[str, Any]]) -> Response:

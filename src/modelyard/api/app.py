@@ -14,6 +14,7 @@ from starlette.types import ASGIApp
 from modelyard.api.admin import router as admin_router
 from modelyard.api.auth import AuthMiddleware
 from modelyard.api.chat import router as chat_router
+from modelyard.api.completions import router as completions_router
 from modelyard.api.errors import as_api_error, error_body
 from modelyard.api.lane import ChatLane
 from modelyard.api.request_limit import RequestLimit
@@ -38,6 +39,7 @@ def create_app(state: AppState) -> ASGIApp:
     app = FastAPI(title="modelyard", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.modelyard = state
     app.include_router(chat_router)
+    app.include_router(completions_router)
     app.include_router(router)
     app.include_router(admin_router)
     app.include_router(tokens_router)

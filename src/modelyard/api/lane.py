@@ -1,10 +1,10 @@
-"""The chat completions route on a lane of its own, in front of FastAPI.
+"""The generating routes on a lane of their own, in front of FastAPI.
 
 `POST /v1/chat/completions` is the gateway's hot path. Through FastAPI's middleware
 stack and router it paid about 0.3 ms of CPU per request before any of its own work;
-here it goes straight to `handle_chat`, which reads the body and answers in plain ASGI.
-Every other request, and every other method on that path, goes to the FastAPI app as
-before.
+here it (and the text completions beside it) goes straight to the request pipeline
+(`exchange.handle`), which reads the body and answers in plain ASGI. Every other request,
+and every other method on those paths, goes to the FastAPI app as before.
 """
 
 from __future__ import annotations
@@ -13,10 +13,17 @@ import logging
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from modelyard.api.chat import CHAT_PATHS, handle_chat
+from modelyard.api.chat import CHAT_PATHS, answer_chat
+from modelyard.api.completions import COMPLETION_PATHS, answer_completions
+from modelyard.api.exchange import Endpoint, handle
 from modelyard.api.state import AppState
 
 logger = logging.getLogger(__name__)
+
+LANES: dict[str, Endpoint] = {
+    **dict.fromkeys(CHAT_PATHS, answer_chat),
+    **dict.fromkeys(COMPLETION_PATHS, answer_completions),
+}
 
 
 class ChatLane:
@@ -25,8 +32,8 @@ class ChatLane:
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] != "http" or scope["method"] != "POST"
-                or scope["path"] not in CHAT_PATHS):
+        endpoint = LANES.get(scope["path"]) if scope["type"] == "http" else None
+        if endpoint is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        await handle_chat(self.state, scope, receive, send)
+        await handle(self.state, scope, receive, send, endpoint)

@@ -23,7 +23,7 @@ import concurrent.futures
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from modelyard.providers.base import ChatRequest, PreparedChat, Provider, ProviderError
+from modelyard.providers.base import ChatModel, ChatRequest, Prepared, ProviderError
 
 T = TypeVar("T")
 
@@ -59,7 +59,7 @@ class Preparation:
                 self.concurrency, thread_name_prefix="modelyard-prepare")
         return self._pool
 
-    async def prepare(self, provider: Provider, request: ChatRequest) -> PreparedChat:
+    async def prepare(self, provider: ChatModel, request: ChatRequest) -> Prepared:
         """`provider.prepare_chat(request)` in a worker thread, within the time budget."""
         future = self._executor().submit(lambda: drive(provider.prepare_chat(request)))
         waited = asyncio.wrap_future(future)

@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from modelyard.api.errors import APIError
 from modelyard.api.state import AppState
-from modelyard.providers.base import Provider
+from modelyard.providers.base import ChatModel
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -56,15 +56,15 @@ def model_not_found(model: str) -> APIError:
                     "it", param="model", code="model_not_found")
 
 
-def _entry(state: AppState, model_id: str, provider: Provider) -> dict[str, Any]:
+def _entry(state: AppState, model_id: str, provider: ChatModel) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": state.started,
             "owned_by": "modelyard", **provider.describe(), **_pricing(state, model_id)}
 
 
 def _pricing(state: AppState, model_id: str) -> dict[str, Any]:
-    """The configured prices (per million tokens, currency units) over the provider's own."""
-    price = state.prices.get(model_id)
-    return {} if price is None else {"pricing": price.as_units()}
+    """The price table's prices (per million tokens, currency units; free when the table
+    has none)."""
+    return {"pricing": state.gate.price(model_id).as_units()}
 
 
 @router.get("/health")

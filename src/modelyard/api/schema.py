@@ -9,7 +9,7 @@ never silently ignored.
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -30,6 +30,16 @@ from modelyard.api.bounds import (
     json_size,
 )
 from modelyard.api.errors import APIError
+from modelyard.sampling import (
+    SAMPLING_FIELDS,
+    MinP,
+    Penalty,
+    RepetitionPenalty,
+    Sampling,
+    Temperature,
+    TopK,
+    TopP,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -174,21 +184,22 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(_Strict):
+class GenerationRequest(_Strict):
+    """The fields every generating endpoint shares (chat and text completions), with the
+    checks that go with them."""
+
     model: Identifier
-    messages: Annotated[list[Message], Field(min_length=1, max_length=bounds.MAX_MESSAGES)]
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: Count | None = None
-    max_completion_tokens: Count | None = None
-    context_length_exceeded_behavior: Literal["truncate", "error"] = "truncate"
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=-1, le=bounds.MAX_INT)] | None = None
-    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0, le=2)] | None = None
+    # The sampling fields (modelyard/sampling.py: their one definition and ranges).
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]] | None,
                           _at_most(bounds.MAX_LOGIT_BIAS, "entries")] = None
     stop: (Annotated[str, Field(max_length=bounds.MAX_STOP_CHARS)]
@@ -199,18 +210,8 @@ class ChatCompletionRequest(_Strict):
     # Every 64-bit seed, signed or not, as OpenAI accepts them.
     seed: Annotated[int, Field(ge=bounds.SEED_MIN, le=bounds.SEED_MAX)] | None = None
     n: Annotated[int, Field(ge=1, le=128)] | None = None
-    logprobs: bool | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     user: Identifier | None = None
-
-    tools: Annotated[list[Tool] | None, _at_most(bounds.MAX_TOOLS, "tools")] = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
-    enable_thinking: bool | None = None
-    thinking_budget: Annotated[int, Field(ge=128, le=32768)] | None = None
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
-    separate_reasoning: bool | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -219,10 +220,67 @@ class ChatCompletionRequest(_Strict):
         # and arrays (tool schemas, response formats, unknown fields) any integer must fit.
         if isinstance(data, dict):
             for name, value in data.items():
+                if name in cls.checked_arrays:
+                    continue
                 if isinstance(value, dict | list) and has_oversized_integer(value):
                     raise APIError(422, f"'{name}' holds an integer beyond 64 bits",
                                    param=str(name), code="invalid_value")
         return data
+
+    checked_arrays: ClassVar[frozenset[str]] = frozenset()
+    """Fields whose integers the field's own type bounds (a prompt's token ids)."""
+
+    @model_validator(mode="after")
+    def _consistent_generation(self) -> GenerationRequest:
+        if self.stream_options is not None and not self.stream:
+            raise APIError(422, "stream_options is only allowed with stream: true",
+                           param="stream_options", code="invalid_value")
+        for key in self.logit_bias or {}:
+            if not is_token_id(key):
+                shown = key if len(key) <= 20 else f"{key[:20]}…"
+                raise APIError(422, f"logit_bias keys are token ids (ASCII digits, at most "
+                               f"{bounds.MAX_TOKEN_ID}), got '{shown}'",
+                               param="logit_bias", code="invalid_value")
+        if (self.response_format is not None and self.response_format.type == "json_schema"
+                and self.response_format.json_schema is None):
+            raise APIError(422, "response_format json_schema needs a json_schema object",
+                           param="response_format", code="invalid_value")
+        if self.model_extra:
+            logger.debug("ignoring unknown request fields: %s", sorted(self.model_extra))
+        return self
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def sampling(self) -> Sampling:
+        return Sampling(**{name: getattr(self, name) for name in SAMPLING_FIELDS})
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: Annotated[list[Message], Field(min_length=1, max_length=bounds.MAX_MESSAGES)]
+    max_completion_tokens: Count | None = None
+    context_length_exceeded_behavior: Literal["truncate", "error"] = "truncate"
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+    tools: Annotated[list[Tool] | None, _at_most(bounds.MAX_TOOLS, "tools")] = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    enable_thinking: bool | None = None
+    thinking_budget: Annotated[int, Field(ge=128, le=32768)] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    separate_reasoning: bool | None = None
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -235,18 +293,9 @@ class ChatCompletionRequest(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
-        if self.stream_options is not None and not self.stream:
-            raise APIError(422, "stream_options is only allowed with stream: true",
-                           param="stream_options", code="invalid_value")
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(422, "top_logprobs needs logprobs: true", param="top_logprobs",
                            code="invalid_value")
-        for key in self.logit_bias or {}:
-            if not is_token_id(key):
-                shown = key if len(key) <= 20 else f"{key[:20]}…"
-                raise APIError(422, f"logit_bias keys are token ids (ASCII digits, at most "
-                               f"{bounds.MAX_TOKEN_ID}), got '{shown}'",
-                               param="logit_bias", code="invalid_value")
         self._check_messages()
         if self.tool_choice not in (None, "none") and not self.tools:
             raise APIError(422, "tool_choice is only allowed when tools are specified",
@@ -255,12 +304,6 @@ class ChatCompletionRequest(_Strict):
                 self.tool_choice.function.name not in {t.function.name for t in self.tools}):
             raise APIError(422, f"tool_choice names '{self.tool_choice.function.name}', which "
                            f"is not among the tools", param="tool_choice", code="invalid_value")
-        if (self.response_format is not None and self.response_format.type == "json_schema"
-                and self.response_format.json_schema is None):
-            raise APIError(422, "response_format json_schema needs a json_schema object",
-                           param="response_format", code="invalid_value")
-        if self.model_extra:
-            logger.debug("ignoring unknown request fields: %s", sorted(self.model_extra))
         return self
 
     def _check_messages(self) -> None:
@@ -280,16 +323,6 @@ class ChatCompletionRequest(_Strict):
                 raise APIError(422, f"the messages have at most {bounds.MAX_TOTAL_CHARS} "
                                f"characters of text in all", param=f"messages[{index}].content",
                                code="invalid_value")
-
-    @property
-    def choices(self) -> int:
-        return self.n or 1
-
-    @property
-    def stop_strings(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -14,22 +14,19 @@ from prometheus_client import CollectorRegistry
 from modelyard.api.preparation import Preparation
 from modelyard.api.reply import body_cap
 from modelyard.platform.gate import Gate, OpenGate
-from modelyard.platform.money import Price
-from modelyard.providers.base import Provider
+from modelyard.providers.base import ChatModel
 
 
 @dataclass
 class AppState:
-    providers: dict[str, Provider]
+    providers: dict[str, ChatModel]
     registry: CollectorRegistry
     gate: Gate = field(default_factory=OpenGate)
-    prices: dict[str, Price] = field(default_factory=dict)
-    """Per model id; a model without an entry is free."""
     system_fingerprint: str = "fp_modelyard"
     usage_drain_seconds: float = 10.0
     """After a client went away, how long an upstream is read on for its usage."""
     started: int = field(default_factory=lambda: int(time.time()))
-    engine: Provider | None = None
+    engine: ChatModel | None = None
     """The built-in engine's provider when it runs, listed under its own id or not."""
     max_requests_in_flight: int = 0
     """Requests answered at once (past it a 503 in SPEC.md's shape); 0: no limit."""
@@ -54,7 +51,7 @@ class AppState:
         task.add_done_callback(self._background.discard)
         return task
 
-    def closing_order(self) -> list[Provider]:
+    def closing_order(self) -> list[ChatModel]:
         """Every provider to close at shutdown, each once (the engine included)."""
         every = [*self.providers.values(), *([self.engine] if self.engine else [])]
         return list({id(provider): provider for provider in every}.values())

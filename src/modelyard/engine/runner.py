@@ -185,6 +185,15 @@ class LlamaRunner:
     def eos_id(self) -> int:
         return int(llama_cpp.llama_vocab_eos(self._vocab))
 
+    def fim_tokens(self) -> tuple[int, int, int] | None:
+        """The model's fill-in-the-middle tokens (prefix, suffix, middle), if it has them."""
+        ids = (llama_cpp.llama_vocab_fim_pre(self._vocab),
+               llama_cpp.llama_vocab_fim_suf(self._vocab),
+               llama_cpp.llama_vocab_fim_mid(self._vocab))
+        if any(token < 0 for token in ids):
+            return None
+        return int(ids[0]), int(ids[1]), int(ids[2])
+
     def grammar_tokenizer(self) -> llguidance.LLTokenizer:
         """The vocabulary as llguidance needs it for constrained decoding (about a second)."""
         with warnings.catch_warnings():

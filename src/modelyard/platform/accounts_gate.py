@@ -26,7 +26,7 @@ from modelyard.platform.accounts import KeyRecord, find_key
 from modelyard.platform.database import Database
 from modelyard.platform.gate import Admission, Caller, Gate, Outcome, PlatformError, Ticket
 from modelyard.platform.limits import Concurrency, Limiter, Limits, Slot, headers
-from modelyard.platform.money import Price, format_micros
+from modelyard.platform.money import FREE, Price, format_micros
 from modelyard.platform.redis_limits import SLOT_TTL_S, LimiterUnavailable
 from modelyard.platform.settlement_queue import SettlementMetrics, SettlementQueue
 from modelyard.platform.tables import utcnow
@@ -34,7 +34,6 @@ from modelyard.platform.tables import utcnow
 logger = logging.getLogger(__name__)
 
 PURGE_INTERVAL_S = 3600.0
-FREE = Price()
 
 
 def _unauthorized(message: str) -> PlatformError:
@@ -54,6 +53,7 @@ class AccountsGate(Gate):
         """Settlements the database refused, retried by the maintenance loop."""
         self.limiter = limiter
         self.prices = dict(prices)
+        """The price table: every priced model by id (see service.price_table)."""
         self.settings = settings
         self._live: set[str] = set()
         self._slots: set[Slot] = set()
@@ -76,6 +76,9 @@ class AccountsGate(Gate):
         await self.settlements.flush()
         await self.limiter.close()
         await self.db.close()
+
+    def price(self, model: str) -> Price:
+        return self.prices.get(model, FREE)
 
     # -- who is calling ---------------------------------------------------------------------
 
@@ -189,7 +192,7 @@ class AccountsGate(Gate):
                 raise PlatformError(429, message, code="rate_limit_exceeded",
                                     headers=rate_headers)
             rate_headers.pop("Retry-After", None)
-        amount = self.prices.get(model, FREE).max_cost(prompt_tokens, max_tokens)
+        amount = self.price(model).max_cost(prompt_tokens, max_tokens)
         reservation_id: str | None = None
         if amount > 0:
             try:
@@ -225,13 +228,11 @@ class AccountsGate(Gate):
         if caller.key_id is None or caller.account_id is None:
             return
         used = outcome.usage
-        cost = self.prices.get(admission.model, FREE).cost(
+        cost = self.price(admission.model).cost(
             used.prompt_tokens, used.cached_tokens, used.completion_tokens)
         record = ledger.UsageRecord(
-            caller.key_id, caller.account_id, admission.model, outcome.user,
-            used.prompt_tokens, used.cached_tokens, used.completion_tokens,
-            used.reasoning_tokens, cost, outcome.latency_s, outcome.ttft_s, outcome.status,
-            outcome.estimated, outcome.client_disconnected)
+            caller.key_id, caller.account_id, admission.model, outcome.user, used, cost,
+            outcome.latency_s, outcome.ttft_s, outcome.status, outcome.client_disconnected)
         try:
             await self._settle(admission.reservation_id, record)
         finally:

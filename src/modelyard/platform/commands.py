@@ -172,12 +172,10 @@ async def _usage(db: Database, args: argparse.Namespace) -> str:
     since = None if args.since is None else ops.parse_when(args.since, what="--since")
     rows = await usage.totals(db, args.by, since=since, account=args.account)
     if args.json:
-        return json.dumps([{"group": r.group, "requests": r.requests,
-                            "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens,
-                            "completion_tokens": r.completion_tokens,
-                            "reasoning_tokens": r.reasoning_tokens,
+        return json.dumps([{"group": r.group, "requests": r.requests, **r.usage.as_json(),
                             "cost": format_micros(r.cost)} for r in rows], indent=2)
     return table([args.by.upper(), "REQUESTS", "PROMPT", "CACHED", "COMPLETION", "REASONING",
                   "COST"],
-                 [[r.group, r.requests, r.prompt_tokens, r.cached_tokens, r.completion_tokens,
-                   r.reasoning_tokens, format_micros(r.cost)] for r in rows])
+                 [[r.group, r.requests, r.usage.prompt_tokens, r.usage.cached_tokens,
+                   r.usage.completion_tokens, r.usage.reasoning_tokens, format_micros(r.cost)]
+                  for r in rows])

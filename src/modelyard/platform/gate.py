@@ -17,6 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modelyard.errors import Refusal
+from modelyard.platform.money import FREE, Price
+from modelyard.usage import Usage
+
+__all__ = ["Admission", "Caller", "Gate", "OpenGate", "Outcome", "PlatformError", "Ticket",
+           "Usage"]
 
 
 class PlatformError(Refusal):
@@ -67,14 +72,6 @@ class Admission:
 
 
 @dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    reasoning_tokens: int = 0
-
-
-@dataclass(frozen=True)
 class Outcome:
     """How a request ended, for the bill and the usage record."""
 
@@ -86,8 +83,6 @@ class Outcome:
     latency_s: float
     ttft_s: float | None = None
     user: str | None = None
-    estimated: bool = False
-    """Usage counted by modelyard instead of reported by the model's server."""
     client_disconnected: bool = False
 
 
@@ -98,6 +93,10 @@ class Gate(ABC):
 
     def may_use(self, caller: Caller, model: str) -> bool:
         return caller.allowed_models is None or model in caller.allowed_models
+
+    def price(self, model: str) -> Price:
+        """What the model costs (the price table's entry; a model without one is free)."""
+        return FREE
 
     async def check_in(self, caller: Caller) -> Ticket:
         """Before the body is read: the request rate and the requests in flight (429)."""

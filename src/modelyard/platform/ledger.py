@@ -40,6 +40,7 @@ from sqlalchemy.engine import Connection
 from modelyard.platform.database import Database
 from modelyard.platform.sqlite_fast import RawConnection
 from modelyard.platform.tables import accounts, reservations, storable, usage, utcnow
+from modelyard.usage import Usage
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +53,12 @@ class UsageRecord:
     account_id: str
     model: str
     user: str | None
-    prompt_tokens: int
-    cached_tokens: int
-    completion_tokens: int
-    reasoning_tokens: int
+    usage: Usage
     cost: int
     """The real cost in micro-units; the charge is capped at what the account can cover."""
     latency_s: float
     ttft_s: float | None
     status: int
-    estimated: bool = False
     client_disconnected: bool = False
     settlement_id: str = field(default_factory=lambda: os.urandom(16).hex())
     """Names this settlement in the ledger, so that a retry of it charges nothing twice."""
@@ -167,12 +164,11 @@ def _usage_row(record: UsageRecord, charged: int, held: int | None,
                uncollected: int) -> dict[str, Any]:
     return {
         "created_at": utcnow(), "key_id": record.key_id, "account_id": record.account_id,
-        "model": record.model, "user": record.user, "prompt_tokens": record.prompt_tokens,
-        "cached_tokens": record.cached_tokens, "completion_tokens": record.completion_tokens,
-        "reasoning_tokens": record.reasoning_tokens, "cost": charged, "reserved": held or 0,
+        "model": record.model, "user": record.user, **record.usage.as_json(),
+        "cost": charged, "reserved": held or 0,
         "latency_ms": record.latency_s * 1000,
         "ttft_ms": None if record.ttft_s is None else record.ttft_s * 1000,
-        "status": record.status, "estimated": record.estimated,
+        "status": record.status, "estimated": record.usage.estimated,
         "client_disconnected": record.client_disconnected,
         "settlement_id": record.settlement_id, "uncollected": uncollected, "degraded": False}
 

@@ -31,8 +31,19 @@ from modelyard.units import (
     to_micros,
 )
 
-__all__ = ["MAX_AMOUNT_MICROS", "MAX_AMOUNT_UNITS", "MAX_CREDITED_MICROS", "MAX_PRICE_MICROS",
-           "MAX_PRICE_UNITS", "MICROS", "AmountError", "Price", "format_micros", "to_micros"]
+__all__ = [
+    "FREE",
+    "MAX_AMOUNT_MICROS",
+    "MAX_AMOUNT_UNITS",
+    "MAX_CREDITED_MICROS",
+    "MAX_PRICE_MICROS",
+    "MAX_PRICE_UNITS",
+    "MICROS",
+    "AmountError",
+    "Price",
+    "format_micros",
+    "to_micros",
+]
 
 
 def _ceil_div(numerator: int, denominator: int) -> int:
@@ -81,3 +92,6 @@ class Price:
         """Per million tokens in currency units, for /v1/models."""
         return {"input": self.input / MICROS, "cached_input": self.cached_input / MICROS,
                 "output": self.output / MICROS}
+
+
+FREE = Price()

@@ -6,8 +6,6 @@ migrates the database and, for `serve` on a database without an admin key, creat
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -34,10 +32,20 @@ def safe_url(url: str) -> str:
         return "<the configured URL>"
 
 
-def prices(config: Config) -> dict[str, Price]:
-    model = config.model
-    return {model.id: Price.from_units(model.input_price, model.output_price,
-                                       model.cached_input_price)}
+def price_table(config: Config) -> dict[str, Price]:
+    """Every priced model the server answers for, by id: the engine's model when it is
+    listed under its own id, and the catalog's. Built once, held by the gate."""
+    table: dict[str, Price] = {}
+    if config.local_model and config.engine_model_listed:
+        model = config.model
+        table[model.id] = Price.from_units(model.input_price, model.output_price,
+                                           model.cached_input_price)
+    for entry in config.models:
+        table[entry.id] = Price.from_units(entry.input_price, entry.output_price,
+                                           entry.cached_input_price)
+    if config.embedding.enabled:
+        table[config.embedding.id] = Price.from_units(config.embedding.input_price, 0.0)
+    return table
 
 
 def open_database(config: Config) -> Database:
@@ -76,11 +84,8 @@ async def prepare(config: Config, *, create_admin: bool = False) -> str | None:
     return admin_key
 
 
-def accounts_gate(config: Config, model_prices: Mapping[str, Price] | None = None,
-                  registry: CollectorRegistry | None = None) -> AccountsGate:
-    """The gate for `modelyard serve`; `model_prices` (default: the config's model) must
-    name every priced model the server answers for: a model missing there is free. Its
+def accounts_gate(config: Config, registry: CollectorRegistry | None = None) -> AccountsGate:
+    """The gate for `modelyard serve`, with the config's price table (`price_table`). Its
     metrics go to `registry`."""
-    return AccountsGate(open_database(config), limiter(config),
-                        prices(config) if model_prices is None else model_prices,
+    return AccountsGate(open_database(config), limiter(config), price_table(config),
                         config.platform, registry)

@@ -7,12 +7,13 @@ from datetime import datetime
 from typing import Any, Literal
 
 from sqlalchemy import String, cast, func, select
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Row
 from sqlalchemy.sql.elements import ColumnElement
 
 from modelyard.platform.accounts import AdminError, known_name
 from modelyard.platform.database import Database
 from modelyard.platform.tables import accounts, storable, usage
+from modelyard.usage import Usage
 
 KEY_ID_MAX = 12
 Grouping = Literal["day", "model", "key", "account"]
@@ -23,10 +24,8 @@ GROUPINGS: tuple[Grouping, ...] = ("day", "model", "key", "account")
 class UsageTotals:
     group: str
     requests: int
-    prompt_tokens: int
-    cached_tokens: int
-    completion_tokens: int
-    reasoning_tokens: int
+    usage: Usage
+    """The sums of the group's requests."""
     cost: int
     uncollected: int = 0
     """Cost the accounts could not cover (micro-units), beside the `cost` charged."""
@@ -40,16 +39,12 @@ class UsageRow:
     account_id: str
     model: str
     user: str | None
-    prompt_tokens: int
-    cached_tokens: int
-    completion_tokens: int
-    reasoning_tokens: int
+    usage: Usage
     cost: int
     reserved: int
     latency_ms: float
     ttft_ms: float | None
     status: int
-    estimated: bool
     client_disconnected: bool
     uncollected: int = 0
     degraded: bool = False
@@ -108,9 +103,8 @@ def _totals(connection: Connection, by: Grouping, since: datetime | None,
         query = query.select_from(usage.join(accounts, accounts.c.id == usage.c.account_id))
     query = query.order_by(group if by == "day" else func.sum(usage.c.cost).desc(), group)
     rows = connection.execute(query).all()
-    return [UsageTotals(str(row.group), int(row.requests), int(row.prompt_tokens),
-                        int(row.cached_tokens), int(row.completion_tokens),
-                        int(row.reasoning_tokens), int(row.cost), int(row.uncollected))
+    return [UsageTotals(str(row.group), int(row.requests), _usage(row), int(row.cost),
+                        int(row.uncollected))
             for row in rows]
 
 
@@ -129,8 +123,12 @@ def _records(connection: Connection, account: str | None, key_id: str | None,
              .order_by(usage.c.id.desc()).limit(limit))
     rows = connection.execute(query).all()
     return [UsageRow(row.id, row.created_at, row.key_id, row.account_id, row.model, row.user,
-                     row.prompt_tokens, row.cached_tokens, row.completion_tokens,
-                     row.reasoning_tokens, row.cost, row.reserved, row.latency_ms, row.ttft_ms,
-                     row.status, bool(row.estimated), bool(row.client_disconnected),
+                     _usage(row, bool(row.estimated)), row.cost, row.reserved, row.latency_ms,
+                     row.ttft_ms, row.status, bool(row.client_disconnected),
                      int(row.uncollected), bool(row.degraded))
             for row in rows]
+
+
+def _usage(row: Row[Any], estimated: bool = False) -> Usage:
+    return Usage(int(row.prompt_tokens), int(row.cached_tokens), int(row.completion_tokens),
+                 int(row.reasoning_tokens), estimated)

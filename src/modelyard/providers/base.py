@@ -11,17 +11,41 @@ still answer with a status code instead of an error event inside a stream.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
 
+from modelyard.engine.sequence import SamplingParams
 from modelyard.errors import ModelyardError, Refusal
 from modelyard.providers.tokens import Tokenizer
+from modelyard.sampling import NEUTRAL, Sampling
+from modelyard.usage import Usage
+
+W = TypeVar("W")
 
 DEFAULT_MAX_TOKENS_BOUND = 32768
 """A completion's bound when neither the request nor the model's context sets one."""
+
+
+@dataclass(frozen=True)
+class RawPrompt:
+    """A text completion's prompt, sent to the model as it is (no chat template): text, or
+    token ids. `suffix` asks for fill-in-the-middle (the model's own FIM tokens around
+    the prompt and the suffix); `echo` puts the prompt before each choice's text."""
+
+    text: str | None = None
+    token_ids: tuple[int, ...] | None = None
+    suffix: str | None = None
+    echo: bool = False
+
+    def byte_bound(self) -> int:
+        """An upper bound of its tokens (no token is shorter than a byte), besides the
+        three FIM tokens and a BOS."""
+        size = len(self.token_ids) if self.token_ids is not None else len(
+            (self.text or "").encode())
+        return size + len((self.suffix or "").encode()) + 4
 
 
 @dataclass(frozen=True)
@@ -30,14 +54,10 @@ class ChatRequest:
 
     request_id: str
     messages: list[dict[str, Any]]
+    """The conversation, through the model's chat template (empty with a `prompt`)."""
     max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    repetition_penalty: float | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    """The sampling fields the request set (each left out takes the model's default)."""
     logit_bias: dict[int, float] = field(default_factory=dict)
     stop: tuple[str, ...] = ()
     include_stop_str_in_output: bool = False
@@ -61,6 +81,37 @@ class ChatRequest:
     cache_scope: str | None = None
     """Who may share prefix-cache cells with this request (the caller's account); None
     shares with every request that also has none."""
+    prompt: RawPrompt | None = None
+    """A text completion (/v1/completions): this prompt instead of `messages`."""
+
+    def sampling_over(self, defaults: Sampling) -> Sampling:
+        """The fields to send upstream: the request's, each left out taken from the
+        model's `defaults` (only the fields one of them sets)."""
+        return self.sampling.over(defaults)
+
+    def to_sampling_params(self, defaults: Sampling, max_tokens: int,
+                           thinking_budget: int | None = None) -> SamplingParams:
+        """The built-in engine's parameters: the request's sampling fields over the
+        model's `defaults`, over OpenAI's (NEUTRAL)."""
+        fields = self.sampling.over(defaults).over(NEUTRAL)
+        return SamplingParams(
+            temperature=_set(fields.temperature), top_p=_set(fields.top_p),
+            top_k=max(0, _set(fields.top_k)), min_p=_set(fields.min_p),
+            frequency_penalty=_set(fields.frequency_penalty),
+            presence_penalty=_set(fields.presence_penalty),
+            repetition_penalty=_set(fields.repetition_penalty),
+            logit_bias=dict(self.logit_bias), max_tokens=max_tokens, stop=self.stop,
+            include_stop_str_in_output=self.include_stop_str_in_output, seed=self.seed,
+            logprobs=self.logprobs, top_logprobs=self.top_logprobs,
+            thinking_budget=thinking_budget)
+
+
+T = TypeVar("T")
+
+
+def _set(value: T | None) -> T:
+    assert value is not None  # NEUTRAL sets every field
+    return value
 
 
 @dataclass(frozen=True)
@@ -89,31 +140,80 @@ class TokenLogprobs:
 
 @dataclass(frozen=True)
 class ChatDelta:
-    """New text of one choice. Token counts are the request's totals so far (the prompt
+    """New text of one choice, and the request's usage so far (its totals: the prompt
     counted once, completion tokens summed over every choice)."""
 
     text: str
-    prompt_tokens: int
-    completion_tokens: int
+    usage: Usage
     finish_reason: str | None = None
-    cached_tokens: int = 0
     index: int = 0
     logprobs: tuple[TokenLogprobs, ...] | None = None
     reasoning: str = ""
     tool_calls: tuple[ToolCallDelta, ...] = ()
-    reasoning_tokens: int = 0
-    usage_estimated: bool = False
-    """The token counts are modelyard's estimate, not the model server's report."""
+
+
+class ChatStream(Protocol):
+    """A started request's deltas. The last delta has a `finish_reason` and the final
+    usage; `aclose` stops the request (the client went away) and frees what it holds."""
+
+    def __aiter__(self) -> AsyncIterator[ChatDelta]: ...
+
+    async def aclose(self) -> None: ...
+
+    async def drain_usage(self, seconds: float) -> Usage | None:
+        """After the client went away: the final usage of work that goes on elsewhere (an
+        upstream that generates to the end), read for at most `seconds`; None when the
+        usage already delivered is final (the work stopped with the client)."""
+        ...
+
+
+class DeltaStream:
+    """A ChatStream over an async generator of deltas whose work stops when it is
+    closed (the built-in engine's): nothing to drain."""
+
+    def __init__(self, deltas: AsyncGenerator[ChatDelta, None]) -> None:
+        self._deltas = deltas
+
+    def __aiter__(self) -> AsyncIterator[ChatDelta]:
+        return self._deltas
+
+    async def aclose(self) -> None:
+        await self._deltas.aclose()
+
+    async def drain_usage(self, seconds: float) -> Usage | None:
+        return None
 
 
 @dataclass(frozen=True)
-class PreparedChat:
+class PreparedChat(Generic[W]):
+    """A request its provider has read: what the platform reserves for, and the
+    provider's own work (`W`: token ids and sampling parameters, an upstream body...)."""
+
     request: ChatRequest
     prompt_tokens: int
     max_tokens: int
     """The completion cap after defaults and context limits."""
-    work: Any = None
-    """What the provider itself needs to run it (token ids, sampling parameters)."""
+    work: W
+    provider: Provider[W]
+
+    async def start(self) -> ChatStream:
+        """Queue it on the provider that prepared it."""
+        return await self.provider.start_chat(self)
+
+
+class Prepared(Protocol):
+    """A `PreparedChat` of any provider, as the HTTP layer sees it."""
+
+    @property
+    def request(self) -> ChatRequest: ...
+
+    @property
+    def prompt_tokens(self) -> int: ...
+
+    @property
+    def max_tokens(self) -> int: ...
+
+    async def start(self) -> ChatStream: ...
 
 
 class ProviderError(Refusal):
@@ -148,8 +248,29 @@ def json_bytes(value: Any) -> int:
     return len(orjson.dumps(value))
 
 
-class Provider(ABC):
-    """Answers chat completions for one catalog model."""
+class ChatModel(Protocol):
+    """A model as the HTTP layer sees it: any `Provider`, whatever its work type."""
+
+    model_id: str
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def context_limit(self) -> int | None: ...
+
+    def prompt_token_bound(self, request: ChatRequest) -> int: ...
+
+    def max_tokens_bound(self, request: ChatRequest) -> int: ...
+
+    async def prepare_chat(self, request: ChatRequest) -> Prepared: ...
+
+    def tokenizer(self) -> Tokenizer | None: ...
+
+    async def close(self) -> None: ...
+
+
+class Provider(ABC, Generic[W]):
+    """Answers chat completions for one catalog model; `W` is what it prepares a request
+    into (see PreparedChat)."""
 
     model_id: str
 
@@ -163,8 +284,11 @@ class Provider(ABC):
         it: no token is shorter than one UTF-8 byte, so the bytes of the messages, tools
         and response format as JSON, plus the template's markup, capped by the context (a
         longer prompt is refused before it runs)."""
-        bound = (json_bytes(request.messages) + PROMPT_OVERHEAD_TOKENS
-                 + MESSAGE_OVERHEAD_TOKENS * len(request.messages))
+        if request.prompt is not None:
+            bound = request.prompt.byte_bound()
+        else:
+            bound = (json_bytes(request.messages) + PROMPT_OVERHEAD_TOKENS
+                     + MESSAGE_OVERHEAD_TOKENS * len(request.messages))
         if request.tools:
             bound += json_bytes(request.tools) + TOOLS_OVERHEAD_TOKENS
         if request.response_format:
@@ -184,14 +308,14 @@ class Provider(ABC):
         """Extra fields of this model's entry in /v1/models (context length, capabilities)."""
 
     @abstractmethod
-    async def prepare_chat(self, request: ChatRequest) -> PreparedChat:
+    async def prepare_chat(self, request: ChatRequest) -> PreparedChat[W]:
         """Render and count the prompt, fix max_tokens; raise ProviderError if it cannot run."""
 
     @abstractmethod
-    async def start_chat(self, prepared: PreparedChat) -> AsyncIterator[ChatDelta]:
+    async def start_chat(self, prepared: PreparedChat[W]) -> ChatStream:
         """Queue the request; return the stream of its deltas.
 
-        The last delta has a `finish_reason`. Leaving the iteration early (the client went
+        The last delta has a `finish_reason`. Closing the stream early (the client went
         away) must free whatever the request holds.
         """
 
@@ -200,5 +324,5 @@ class Provider(ABC):
         /tokenize and /detokenize); None when this server has none (an upstream's)."""
         return None
 
-    async def close(self) -> None:  # noqa: B027 - optional hook
+    async def close(self) -> None:
         """Release resources at shutdown."""

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from modelyard.chat.reasoning import reasoning_tags
 from modelyard.chat.shield import Prompt, SpecialTextShield
 from modelyard.chat.template import ChatTemplate, TemplateError
 from modelyard.chat.tool_parsers import TOOL_PARSERS, TaggedJsonToolParser, tool_family
-from modelyard.config import Config, SamplingDefaults
+from modelyard.config import Config
 from modelyard.engine.engine import Engine, EngineOutput, ReasoningTags
 from modelyard.engine.grammar import GrammarCompiler
 from modelyard.engine.metrics import EngineMetrics
@@ -24,15 +24,20 @@ from modelyard.engine.sequence import SamplingParams
 from modelyard.providers.base import (
     ChatDelta,
     ChatRequest,
+    ChatStream,
+    DeltaStream,
     PreparedChat,
     Provider,
     ProviderError,
+    RawPrompt,
     StreamError,
     TokenLogprobs,
 )
 from modelyard.providers.constraints import Plan, ToolTokens, plan
 from modelyard.providers.local_tokens import LocalTokenizer
 from modelyard.providers.output import ChoiceOutput
+from modelyard.sampling import Sampling
+from modelyard.usage import Usage
 
 RETRY_AFTER_SECONDS = 2
 
@@ -45,31 +50,10 @@ class _LocalWork:
     inside_reasoning: bool
     """The template opened a reasoning block: the output starts inside it."""
 
-T = TypeVar("T")
-
-
-def _given(value: T | None, default: T) -> T:
-    return default if value is None else value
-
-
-def with_defaults(request: ChatRequest, defaults: SamplingDefaults) -> dict[str, Any]:
-    """The request's sampling fields, each left out one taken from the model's defaults."""
-    d = defaults
-    return {
-        "temperature": _given(request.temperature, d.temperature),
-        "top_p": _given(request.top_p, d.top_p),
-        "top_k": max(0, _given(request.top_k, d.top_k)),
-        "min_p": _given(request.min_p, d.min_p),
-        "frequency_penalty": _given(request.frequency_penalty, d.frequency_penalty),
-        "presence_penalty": _given(request.presence_penalty, d.presence_penalty),
-        "repetition_penalty": _given(request.repetition_penalty, d.repetition_penalty),
-    }
-
-
-class LocalProvider(Provider):
+class LocalProvider(Provider[_LocalWork]):
     def __init__(self, config: Config, model_path: Path,
                  metrics: EngineMetrics | None = None) -> None:
-        self.defaults: SamplingDefaults = config.model.defaults
+        self.defaults: Sampling = config.model.defaults
         engine_config = config.engine
         self.model_id = config.model.id
         self.default_max_tokens = config.model.default_max_tokens
@@ -113,7 +97,6 @@ class LocalProvider(Provider):
             "context_length": self.context_per_sequence,
             "capabilities": {"tools": self.tool_tokens is not None, "json_schema": True,
                              "reasoning": self.think_tags is not None, "vision": False},
-            "pricing": {"input": 0, "cached_input": 0, "output": 0},
         }
 
     def context_limit(self) -> int:
@@ -174,35 +157,68 @@ class LocalProvider(Provider):
                 raise ProviderError(422, f"logit_bias names token id {token}, outside this "
                                     f"model's vocabulary of {self.runner.n_vocab} tokens",
                                     param="logit_bias", code="invalid_value")
-        return SamplingParams(
-            **with_defaults(request, self.defaults),
-            logit_bias=dict(request.logit_bias),
-            max_tokens=max_tokens,
-            stop=request.stop,
-            include_stop_str_in_output=request.include_stop_str_in_output,
-            seed=request.seed,
-            logprobs=request.logprobs,
-            top_logprobs=request.top_logprobs,
-        )
+        return request.to_sampling_params(self.defaults, max_tokens)
 
-    async def prepare_chat(self, request: ChatRequest) -> PreparedChat:
-        work = plan(request, self.grammar, self.tool_tokens, self.think_tags is not None)
-        prompt = self.render_prompt(request.messages, **work.template_kwargs)
-        prompt_ids = self.tokenize_prompt(prompt)
+    def completion_prompt_ids(self, raw: RawPrompt) -> list[int]:
+        """A text completion's prompt as it is, no template: its special-token text parsed
+        (the client writes the whole input, markup included), or its token ids; with a
+        suffix, in the model's fill-in-the-middle format (prefix, suffix, middle)."""
+        if raw.token_ids is not None:
+            ids = list(raw.token_ids)
+            for token in ids:
+                if not 0 <= token < self.runner.n_vocab:
+                    raise ProviderError(422, f"prompt names token id {token}, outside this "
+                                        f"model's vocabulary of {self.runner.n_vocab} tokens",
+                                        param="prompt", code="invalid_value")
+        else:
+            ids = self.runner.tokenize(raw.text or "", add_special=False)
+        if raw.suffix is not None:
+            fim = self.runner.fim_tokens()
+            if fim is None:
+                raise ProviderError(422, f"the model '{self.model_id}' has no "
+                                    "fill-in-the-middle tokens, so it cannot take a suffix",
+                                    param="suffix", code="unsupported_parameter")
+            prefix, suffix, middle = fim
+            ids = [prefix, *ids, suffix,
+                   *self.runner.tokenize(raw.suffix, add_special=False), middle]
+        if raw.token_ids is None and self.runner.add_bos:
+            ids.insert(0, self.runner.bos_id)
+        if not ids:
+            raise ProviderError(422, "the prompt is empty", param="prompt",
+                                code="invalid_value")
+        return ids
+
+    def prompt_text(self, raw: RawPrompt) -> str:
+        """What `echo` puts before a completion: the prompt's text."""
+        if raw.token_ids is None:
+            return raw.text or ""
+        return b"".join(self.runner.token_bytes(t) for t in raw.token_ids).decode(
+            "utf-8", errors="replace")
+
+    async def prepare_chat(self, request: ChatRequest) -> PreparedChat[_LocalWork]:
+        raw = request.prompt
+        work = plan(request, self.grammar, self.tool_tokens,
+                    self.think_tags is not None and raw is None)
+        if raw is not None:
+            prompt_ids = self.completion_prompt_ids(raw)
+            inside = False
+        else:
+            prompt = self.render_prompt(request.messages, **work.template_kwargs)
+            prompt_ids = self.tokenize_prompt(prompt)
+            inside = (self.think_tags is not None
+                      and prompt.text.rstrip().endswith(self.think_tags.open))
         params = self.sampling_params(request, len(prompt_ids))
         bias = dict(params.logit_bias)
         bias.update({token: float("-inf") for token in work.banned_tokens})
         params = dataclasses.replace(params, logit_bias=bias,
                                      thinking_budget=work.thinking_budget)
-        inside = (self.think_tags is not None
-                  and prompt.text.rstrip().endswith(self.think_tags.open))
         return PreparedChat(request, len(prompt_ids), params.max_tokens,
-                            _LocalWork(prompt_ids, params, work, inside))
+                            _LocalWork(prompt_ids, params, work, inside), self)
 
-    async def start_chat(self, prepared: PreparedChat) -> AsyncIterator[ChatDelta]:
-        work: _LocalWork = prepared.work
+    async def start_chat(self, prepared: PreparedChat[_LocalWork]) -> ChatStream:
+        work = prepared.work
         request = prepared.request
-        tags = self.think_tags
+        tags = self.think_tags if request.prompt is None else None
         # At the thinking budget the engine writes the closing tag and a blank line itself.
         reasoning = (ReasoningTags(tags.close, tuple(self.runner.tokenize(
             tags.close + "\n\n", add_special=False))) if tags is not None
@@ -224,15 +240,23 @@ class LocalProvider(Provider):
                 frozenset(tool["function"]["name"] for tool in request.tools))
             if work.plan.parse_tools and self.tool_family else None,
         ) for _ in range(request.n)]
-        return self._stream(request.request_id, outputs, queue)
+        echo = (self.prompt_text(request.prompt) if request.prompt is not None
+                and request.prompt.echo else "")
+        return DeltaStream(self._stream(request.request_id, outputs, queue, echo,
+                                        prepared.prompt_tokens))
 
     async def _stream(self, request_id: str, outputs: list[ChoiceOutput],
-                      queue: asyncio.Queue[EngineOutput]) -> AsyncIterator[ChatDelta]:
+                      queue: asyncio.Queue[EngineOutput], echo: str = "",
+                      num_prompt: int = 0) -> AsyncGenerator[ChatDelta, None]:
         n = len(outputs)
         finished = 0
         completion = [0] * n
         reasoning = [0] * n
+        cached = 0
         try:
+            if echo:
+                for index in range(n):
+                    yield ChatDelta(echo, Usage(num_prompt), index=index)
             while finished < n:
                 output = await queue.get()
                 if output.error is not None:
@@ -246,11 +270,13 @@ class LocalProvider(Provider):
                 parts = choice.feed(output.text, final=reason is not None)
                 if reason == "stop" and choice.num_tool_calls:
                     reason = "tool_calls"
+                if output.index == 0:
+                    cached = output.num_cached_tokens
                 yield ChatDelta(
-                    parts.content, output.num_prompt_tokens, sum(completion), reason,
-                    output.num_cached_tokens if output.index == 0 else 0, output.index,
-                    self._logprobs(output) if output.logprobs else None,
-                    parts.reasoning, parts.tool_calls, sum(reasoning))
+                    parts.content, Usage(output.num_prompt_tokens, cached, sum(completion),
+                                         sum(reasoning)),
+                    reason, output.index, self._logprobs(output) if output.logprobs else None,
+                    parts.reasoning, parts.tool_calls)
         finally:
             if finished < n:
                 self.engine.abort(request_id)

@@ -72,7 +72,8 @@ class UpstreamDeployment:
         return self.active >= self.config.max_concurrency
 
     async def open(self, body: dict[str, Any], prompt_estimate: int,
-                   on_end: Callable[[bool], None], request_id: str = "") -> UpstreamStream:
+                   on_end: Callable[[bool], None], request_id: str = "",
+                   path: str = "chat/completions") -> UpstreamStream:
         """Send the request and read up to its first event (a stream) or its whole answer
         (a JSON body, when `body["stream"]` is false). `on_end(failed)` is called once
         when the stream ends, whatever the way."""
@@ -84,7 +85,7 @@ class UpstreamDeployment:
         limit = config.first_token_timeout if streaming else config.total_timeout
         try:
             async with asyncio.timeout(limit):
-                response = await self._pool.post("chat/completions", orjson.dumps(body),
+                response = await self._pool.post(path, orjson.dumps(body),
                                                  read_timeout=limit, deadline=deadline)
                 try:
                     if response.status != 200:

@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 from modelyard.providers.base import ChatRequest, ProviderError
+from modelyard.sampling import Sampling
 
 logger = logging.getLogger(__name__)
 
@@ -22,9 +23,10 @@ _OPENAI_FIELDS = ("temperature", "top_p", "frequency_penalty", "presence_penalty
 
 def extra_parameters(request: ChatRequest) -> dict[str, Any]:
     """The SPEC.md parameters OpenAI's API lacks that this request sets."""
+    sampling = request.sampling
     extras: dict[str, Any] = {
-        "top_k": request.top_k, "min_p": request.min_p,
-        "repetition_penalty": request.repetition_penalty,
+        "top_k": sampling.top_k, "min_p": sampling.min_p,
+        "repetition_penalty": sampling.repetition_penalty,
         "enable_thinking": request.enable_thinking, "thinking_budget": request.thinking_budget,
     }
     if request.include_stop_str_in_output:
@@ -37,18 +39,25 @@ def extra_parameters(request: ChatRequest) -> dict[str, Any]:
 
 
 def build_body(profile: str, request: ChatRequest, upstream_model: str, max_tokens: int,
-               defaults: dict[str, float], drop_unsupported: bool = False) -> dict[str, Any]:
+               defaults: Sampling, drop_unsupported: bool = False) -> dict[str, Any]:
     """The JSON body sent upstream: streamed (with usage asked for) when the client asked
     for a stream, one JSON answer (which carries usage anyway) when it did not."""
-    body: dict[str, Any] = {"model": upstream_model, "messages": request.messages,
-                            "stream": request.stream}
+    raw = request.prompt
+    body: dict[str, Any] = {"model": upstream_model}
+    if raw is None:
+        body["messages"] = request.messages
+    else:  # a text completion (POST {base_url}/completions)
+        body["prompt"] = list(raw.token_ids) if raw.token_ids is not None else raw.text
+        if raw.suffix is not None:
+            body["suffix"] = raw.suffix
+        if raw.echo:
+            body["echo"] = True
+    body["stream"] = request.stream
     if request.stream:
         body["stream_options"] = {"include_usage": True}
-    body["max_completion_tokens" if profile == "openai" else "max_tokens"] = max_tokens
-    sampling = {**defaults, **{name: getattr(request, name) for name in
-                               ("temperature", "top_p", "top_k", "min_p", "frequency_penalty",
-                                "presence_penalty", "repetition_penalty")
-                               if getattr(request, name) is not None}}
+    body["max_completion_tokens" if profile == "openai" and raw is None
+         else "max_tokens"] = max_tokens
+    sampling = request.sampling_over(defaults).given()
     for name in _OPENAI_FIELDS:
         value = sampling.pop(name, None) if name != "seed" else request.seed
         if value is not None:
@@ -59,7 +68,9 @@ def build_body(profile: str, request: ChatRequest, upstream_model: str, max_toke
         body["stop"] = list(request.stop)
     if request.logit_bias:
         body["logit_bias"] = {str(k): v for k, v in request.logit_bias.items()}
-    if request.logprobs:
+    if request.logprobs and raw is not None:
+        body["logprobs"] = request.top_logprobs  # the legacy form: how many alternatives
+    elif request.logprobs:
         body["logprobs"] = True
         if request.top_logprobs:
             body["top_logprobs"] = request.top_logprobs

@@ -33,6 +33,7 @@ from modelyard.errors import ModelyardError
 from modelyard.providers.base import ChatDelta, StreamError, TokenLogprobs, ToolCallDelta
 from modelyard.providers.http1 import DeadlineExceeded, HTTPError, Response
 from modelyard.providers.profiles import reasoning_of
+from modelyard.usage import Usage
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class UpstreamStream:
     async def aclose(self) -> None:
         await self._end(failed=False)
 
-    async def drain_usage(self, seconds: float) -> ChatDelta | None:
+    async def drain_usage(self, seconds: float) -> Usage | None:
         """After the client went away: read on (at most `seconds`) until the upstream's
         usage arrives; the last counts known, estimated or not."""
         try:
@@ -150,7 +151,7 @@ class UpstreamStream:
             pass
         finally:
             await self._end(failed=False)
-        return self._counts()
+        return self._usage()
 
     async def _end(self, *, failed: bool) -> None:
         if self._ended:
@@ -246,6 +247,8 @@ class UpstreamStream:
             delta = choice.get("delta")
             if delta is None:
                 delta = choice.get("message")
+            if delta is None and "text" in choice:  # a text completion's choice
+                delta = {"content": choice["text"]}
             delta = _object(delta, "a choice's delta")
             text = _text(delta.get("content"), "content")
             reasoning = reasoning_of(delta)
@@ -285,9 +288,12 @@ class UpstreamStream:
     def _delta(self, index: int, *, text: str = "", reasoning: str = "",
                finish_reason: str | None = None, tool_calls: tuple[ToolCallDelta, ...] = (),
                logprobs: tuple[TokenLogprobs, ...] | None = None) -> ChatDelta:
-        return ChatDelta(text, self.prompt_tokens, self.completion_tokens, finish_reason,
-                         self.cached_tokens, index, logprobs, reasoning, tool_calls,
-                         self.reasoning_tokens, usage_estimated=self.estimated)
+        return ChatDelta(text, self._usage(), finish_reason, index, logprobs, reasoning,
+                         tool_calls)
+
+    def _usage(self) -> Usage:
+        return Usage(self.prompt_tokens, self.cached_tokens, self.completion_tokens,
+                     self.reasoning_tokens, self.estimated)
 
     def _counts(self) -> ChatDelta:
         return self._delta(0)
@@ -336,7 +342,10 @@ def _tool_call(fragment: Any) -> ToolCallDelta:
 
 
 def _logprobs(raw: Any) -> tuple[TokenLogprobs, ...] | None:
-    """OpenAI's `logprobs: {"content": [...]}` of one choice, or None."""
+    """OpenAI's `logprobs: {"content": [...]}` of one choice (or a text completion's
+    legacy `{"tokens", "token_logprobs", "top_logprobs"}`), or None."""
+    if isinstance(raw, dict) and "tokens" in raw:
+        return _legacy_logprobs(raw)
     content = _object(raw, "logprobs").get("content")
     if content is None:
         return None
@@ -354,6 +363,24 @@ def _logprobs(raw: Any) -> tuple[TokenLogprobs, ...] | None:
             top.append((_token(alt), _bytes(alt), _number(alt.get("logprob"), "a logprob")))
         entries.append(TokenLogprobs(_token(entry), _bytes(entry),
                                      _number(entry.get("logprob"), "a logprob"), tuple(top)))
+    return tuple(entries) or None
+
+
+def _legacy_logprobs(raw: dict[str, Any]) -> tuple[TokenLogprobs, ...] | None:
+    tokens, values = raw.get("tokens"), raw.get("token_logprobs")
+    tops = raw.get("top_logprobs") or [None] * len(tokens or ())
+    if not (isinstance(tokens, list) and isinstance(values, list) and isinstance(tops, list)
+            and len(tokens) == len(values) == len(tops)):
+        raise Malformed("legacy logprobs are not lists of one length")
+    entries = []
+    for token, value, top in zip(tokens, values, tops, strict=True):
+        if not isinstance(token, str):
+            raise Malformed("a logprobs token is not a string")
+        alternatives = tuple((_text(alt, "a top_logprobs token"), list(alt.encode("utf-8")),
+                              _number(lp, "a logprob"))
+                             for alt, lp in _object(top, "a top_logprobs entry").items())
+        entries.append(TokenLogprobs(token, list(token.encode("utf-8")),
+                                     _number(value, "a logprob"), alternatives))
     return tuple(entries) or None
 
 

@@ -20,7 +20,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -28,8 +28,10 @@ from prometheus_client import CollectorRegistry
 
 from modelyard.config import CatalogModelConfig, RouterConfig
 from modelyard.providers.base import (
-    ChatDelta,
+    ChatModel,
     ChatRequest,
+    ChatStream,
+    Prepared,
     PreparedChat,
     Provider,
     ProviderError,
@@ -67,7 +69,12 @@ class Route:
             self.breaker.failure(time.monotonic())
 
 
-class RoutedModel(Provider):
+RouteWork = dict[str, Prepared | dict[str, Any] | None]
+"""Per deployment name: the request as the engine prepared it (a local deployment; None
+when the engine cannot take it), or the JSON body an upstream is sent."""
+
+
+class RoutedModel(Provider[RouteWork]):
     def __init__(self, config: CatalogModelConfig, router: RouterConfig,
                  deployments: Sequence[UpstreamDeployment | LocalDeployment],
                  rng: random.Random | None = None,
@@ -89,7 +96,7 @@ class RoutedModel(Provider):
                 "deployments": [{"name": r.deployment.name, "breaker": r.breaker.state}
                                 for r in self.routes]}
 
-    async def prepare_chat(self, request: ChatRequest) -> PreparedChat:
+    async def prepare_chat(self, request: ChatRequest) -> PreparedChat[RouteWork]:
         # Whether the prompt fits is the upstream's to say (its tokenizer): refused here
         # only when even a rough estimate (4 characters a token) cannot fit. What is
         # reserved is a true upper bound (UTF-8 bytes), so no prompt costs more than it.
@@ -107,7 +114,7 @@ class RoutedModel(Provider):
                                     f"({max_tokens}) exceed the context of {context} tokens",
                                     param="max_tokens", code="context_length_exceeded")
             max_tokens = context - estimate
-        work: dict[str, Any] = {}
+        work: RouteWork = {}
         for route in self.routes:  # a parameter no upstream can take is refused now
             deployment = route.deployment
             if isinstance(deployment, LocalDeployment):
@@ -119,10 +126,10 @@ class RoutedModel(Provider):
             config = deployment.config
             work[deployment.name] = build_body(
                 config.profile, request, config.upstream_model or self.model_id, max_tokens,
-                self.config.defaults.given(), self.config.drop_unsupported_params)
-        return PreparedChat(request, prompt, max_tokens, work=work)
+                self.config.defaults, self.config.drop_unsupported_params)
+        return PreparedChat(request, prompt, max_tokens, work, self)
 
-    async def start_chat(self, prepared: PreparedChat) -> AsyncIterator[ChatDelta]:
+    async def start_chat(self, prepared: PreparedChat[RouteWork]) -> ChatStream:
         request_id = prepared.request.request_id
         tried: set[int] = set()
         last: UpstreamError | None = None
@@ -138,8 +145,8 @@ class RoutedModel(Provider):
             deployment = route.deployment
             deployment.active += 1
             try:
-                stream = await deployment.open(prepared.work[deployment.name],
-                                               prepared.prompt_tokens, route.ended, request_id)
+                stream = await _open(deployment, prepared.work[deployment.name],
+                                     prepared.prompt_tokens, route.ended, request_id)
             except UpstreamError as exc:
                 deployment.active -= 1
                 logger.warning("request %s: %s, deployment %s: %s", request_id,
@@ -184,7 +191,13 @@ class RoutedModel(Provider):
 
 
 def _rough_tokens(request: ChatRequest) -> int:
-    """The prompt's size at 4 characters a token: what decides whether it fits."""
+    """The prompt's size at 4 characters a token (a token-id prompt: its length): what
+    decides whether it fits."""
+    raw = request.prompt
+    if raw is not None and raw.token_ids is not None:
+        return len(raw.token_ids) + (len(raw.suffix or "") + 3) // 4
+    if raw is not None:
+        return (len(raw.text or "") + len(raw.suffix or "") + 3) // 4
     chars = len(orjson.dumps(request.messages).decode())
     if request.tools:
         chars += len(orjson.dumps(request.tools).decode())
@@ -195,31 +208,44 @@ def _failed(request_id: str) -> str:
     return f"the upstream deployment failed (request {request_id})"
 
 
-class AliasProvider(Provider):
+async def _open(deployment: UpstreamDeployment | LocalDeployment,
+                work: Prepared | dict[str, Any] | None, prompt_tokens: int,
+                on_end: Callable[[bool], None], request_id: str) -> ChatStream:
+    if isinstance(deployment, LocalDeployment):
+        assert work is not None and not isinstance(work, dict)
+        return await deployment.open(work, prompt_tokens, on_end, request_id)
+    assert isinstance(work, dict)
+    path = "chat/completions" if "messages" in work else "completions"
+    return await deployment.open(work, prompt_tokens, on_end, request_id, path=path)
+
+
+class AliasProvider(Provider[Prepared]):
     """A catalog id served by the built-in engine's model (a `kind = "local"` deployment)."""
 
-    def __init__(self, model_id: str, target: Provider) -> None:
+    def __init__(self, model_id: str, target: ChatModel) -> None:
         self.model_id = model_id
         self.target = target
 
     def describe(self) -> dict[str, Any]:
         return self.target.describe()
 
-    async def prepare_chat(self, request: ChatRequest) -> PreparedChat:
-        return await self.target.prepare_chat(request)
+    async def prepare_chat(self, request: ChatRequest) -> PreparedChat[Prepared]:
+        prepared = await self.target.prepare_chat(request)
+        return PreparedChat(request, prepared.prompt_tokens, prepared.max_tokens, prepared,
+                            self)
 
-    async def start_chat(self, prepared: PreparedChat) -> AsyncIterator[ChatDelta]:
-        return await self.target.start_chat(prepared)
+    async def start_chat(self, prepared: PreparedChat[Prepared]) -> ChatStream:
+        return await prepared.work.start()
 
     def tokenizer(self) -> Tokenizer | None:
         return self.target.tokenizer()
 
 
 def build_catalog(models: tuple[CatalogModelConfig, ...], router: RouterConfig,
-                  environ: Any, local: Provider | None,
-                  registry: CollectorRegistry | None = None) -> dict[str, Provider]:
+                  environ: Any, local: ChatModel | None,
+                  registry: CollectorRegistry | None = None) -> dict[str, ChatModel]:
     """The catalog's providers by model id (the built-in engine's own model not included)."""
-    catalog: dict[str, Provider] = {}
+    catalog: dict[str, ChatModel] = {}
     metrics = RouterMetrics(registry)
     for model in models:
         if len(model.deployments) == 1 and model.deployments[0].kind == "local":

@@ -10,24 +10,25 @@ as a retriable failure, so the request goes to an upstream instead.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 from modelyard.config import DeploymentConfig
 from modelyard.providers.base import (
     ChatDelta,
+    ChatModel,
     ChatRequest,
-    PreparedChat,
-    Provider,
+    ChatStream,
+    Prepared,
     ProviderError,
     StreamError,
 )
 from modelyard.providers.openai_compat import UpstreamError
+from modelyard.usage import Usage
 
 
 class LocalDeployment:
     """The `UpstreamDeployment` interface over the built-in engine's provider."""
 
-    def __init__(self, config: DeploymentConfig, provider: Provider) -> None:
+    def __init__(self, config: DeploymentConfig, provider: ChatModel) -> None:
         self.config = config
         self.provider = provider
         self.name = config.name or f"local#{provider.model_id}"
@@ -37,17 +38,17 @@ class LocalDeployment:
     def full(self) -> bool:
         return self.active >= self.config.max_concurrency
 
-    async def prepare(self, request: ChatRequest) -> PreparedChat | None:
+    async def prepare(self, request: ChatRequest) -> Prepared | None:
         """The request as the engine reads it, or None when the engine cannot take it."""
         try:
             return await self.provider.prepare_chat(request)
         except ProviderError:
             return None
 
-    async def open(self, work: Any, prompt_estimate: int, on_end: Callable[[bool], None],
-                   request_id: str = "") -> AsyncIterator[ChatDelta]:
+    async def open(self, work: Prepared, prompt_estimate: int, on_end: Callable[[bool], None],
+                   request_id: str = "") -> ChatStream:
         try:
-            deltas = await self.provider.start_chat(work)
+            deltas = await work.start()
         except ProviderError as exc:
             # The engine's own refusals are modelyard's words: a client may read them.
             retriable = exc.status >= 500
@@ -63,16 +64,17 @@ class LocalDeployment:
 class _Tracked:
     """The engine's deltas, with `on_end(failed)` called once when they end."""
 
-    def __init__(self, deltas: AsyncIterator[ChatDelta], on_end: Callable[[bool], None]) -> None:
-        self._deltas = deltas
+    def __init__(self, deltas: ChatStream, on_end: Callable[[bool], None]) -> None:
+        self._stream = deltas
+        self._deltas = aiter(deltas)
         self._on_end: Callable[[bool], None] | None = on_end
 
-    def __aiter__(self) -> _Tracked:
+    def __aiter__(self) -> AsyncIterator[ChatDelta]:
         return self
 
     async def __anext__(self) -> ChatDelta:
         try:
-            return await self._deltas.__anext__()
+            return await anext(self._deltas)
         except StopAsyncIteration:
             self._end(False)
             raise
@@ -81,10 +83,11 @@ class _Tracked:
             raise
 
     async def aclose(self) -> None:
-        aclose = getattr(self._deltas, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await self._stream.aclose()
         self._end(False)
+
+    async def drain_usage(self, seconds: float) -> Usage | None:
+        return await self._stream.drain_usage(seconds)
 
     def _end(self, failed: bool) -> None:
         if self._on_end is not None:
