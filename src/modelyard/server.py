@@ -20,6 +20,7 @@ from modelyard.engine.metrics import EngineMetrics
 from modelyard.models import resolve_model_source
 from modelyard.platform import service
 from modelyard.providers.base import ChatModel
+from modelyard.providers.embedding_catalog import build_embeddings
 from modelyard.providers.local import LocalProvider
 from modelyard.router.catalog import build_catalog
 
@@ -49,8 +50,8 @@ def build_app(config: Config, *, progress: bool = True) -> ASGIApp:
             providers[local.model_id] = local
         fingerprint_source = model_path.name
         logger.info("serving %s from %s", local.model_id, model_path)
-    providers.update(build_catalog(config.models, config.router, os.environ, local,
-                                   registry))
+    chat_models = tuple(model for model in config.models if model.task == "chat")
+    providers.update(build_catalog(chat_models, config.router, os.environ, local, registry))
     fingerprint = hashlib.sha256(f"{__version__}:{fingerprint_source}".encode()).hexdigest()
     state = AppState(providers=providers, registry=registry,
                      gate=service.accounts_gate(config, registry),
@@ -61,5 +62,6 @@ def build_app(config: Config, *, progress: bool = True) -> ASGIApp:
                      body_timeout_s=config.server.body_timeout_seconds,
                      max_request_tokens=config.platform.max_request_tokens,
                      preparation=Preparation(config.server.prepare_concurrency,
-                                             config.server.prepare_timeout_seconds))
+                                             config.server.prepare_timeout_seconds),
+                     embeddings=build_embeddings(config, os.environ))
     return create_app(state)

@@ -34,6 +34,9 @@ context_per_sequence = 2048
 step_token_budget = 256
 max_waiting = 64
 
+[embedding]
+input_price = {INPUT_MICROS_PER_TOKEN}
+
 [platform]
 # the race of test_platform.py sends 200 requests of one key at once
 max_concurrent_per_key = 1000

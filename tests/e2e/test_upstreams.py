@@ -52,6 +52,9 @@ def gateway(server: RunningServer, api_key: str, fault: str,
             _model("up/qwen", _deployment(server.base_url, MODEL, profile="passthrough",
                                           api_key_env="MODELYARD_TEST_UPSTREAM_KEY"),
                    extra="context_length = 2048"),
+            _model("up/minilm", _deployment(server.base_url, "all-minilm-l6-v2",
+                                            api_key_env="MODELYARD_TEST_UPSTREAM_KEY"),
+                   extra='task = "embedding"'),
             _model("fault/weighted", _deployment(fault, "ok:A", weight=1.0),
                    _deployment(fault, "ok:B", weight=3.0)),
             _model("fault/failover", _deployment(fault, "toggle:T"), _deployment(fault, "ok:B"),
@@ -377,3 +380,25 @@ def test_a_deployment_at_its_concurrency_cap_takes_no_more(sdk: openai.OpenAI) -
         except openai.APIStatusError:
             assert time.monotonic() < deadline
             time.sleep(0.1)
+
+
+def test_an_upstream_embedding_model_is_passed_through(sdk: openai.OpenAI) -> None:
+    texts = ["The cat sits on the mat.", "A cat is sitting on a rug."]
+    through = sdk.embeddings.create(model="up/minilm", input=texts)
+    # the gateway's own built-in embedding model is the same model as the upstream's
+    here = sdk.embeddings.create(model="all-minilm-l6-v2", input=texts)
+    assert through.model == "up/minilm"
+    assert [d.index for d in through.data] == [0, 1]
+    assert through.usage.prompt_tokens == here.usage.prompt_tokens > 0
+    for a, b in zip(through.data, here.data, strict=True):
+        assert len(a.embedding) == 384
+        assert max(abs(x - y) for x, y in zip(a.embedding, b.embedding, strict=True)) < 1e-6
+    # the SDK asks for base64 unless told otherwise: floats too
+    floats = sdk.embeddings.create(model="up/minilm", input=texts, encoding_format="float")
+    assert max(abs(x - y) for x, y in zip(floats.data[1].embedding, here.data[1].embedding,
+                                          strict=True)) < 1e-6
+    # the upstream's refusal of the client's own request passes on, sanitized
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        sdk.embeddings.create(model="up/minilm", input="x", dimensions=10)
+    assert caught.value.body["param"] == "dimensions"  # type: ignore[index]
+    assert "upstream rejected" in _message(caught.value)

@@ -15,6 +15,7 @@ from modelyard.api.admin import router as admin_router
 from modelyard.api.auth import AuthMiddleware
 from modelyard.api.chat import router as chat_router
 from modelyard.api.completions import router as completions_router
+from modelyard.api.embeddings import router as embeddings_router
 from modelyard.api.errors import as_api_error, error_body
 from modelyard.api.lane import ChatLane
 from modelyard.api.request_limit import RequestLimit
@@ -34,6 +35,8 @@ def create_app(state: AppState) -> ASGIApp:
         await state.drain()
         for provider in state.closing_order():
             await provider.close()
+        for embedding_model in state.embeddings.values():
+            await embedding_model.close()
         await state.gate.close()
 
     app = FastAPI(title="modelyard", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -43,6 +46,7 @@ def create_app(state: AppState) -> ASGIApp:
     app.include_router(router)
     app.include_router(admin_router)
     app.include_router(tokens_router)
+    app.include_router(embeddings_router)
 
     async def answer_error(request: Request, exc: Exception) -> Response:
         error = as_api_error(exc)

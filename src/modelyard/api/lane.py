@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from modelyard.api.chat import CHAT_PATHS, answer_chat
 from modelyard.api.completions import COMPLETION_PATHS, answer_completions
+from modelyard.api.embeddings import EMBEDDING_PATHS, answer_embeddings
 from modelyard.api.exchange import Endpoint, handle
 from modelyard.api.state import AppState
 
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 LANES: dict[str, Endpoint] = {
     **dict.fromkeys(CHAT_PATHS, answer_chat),
     **dict.fromkeys(COMPLETION_PATHS, answer_completions),
+    **dict.fromkeys(EMBEDDING_PATHS, answer_embeddings),
 }
 
 

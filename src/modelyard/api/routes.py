@@ -35,6 +35,10 @@ async def list_models(request: Request) -> Response:
     caller = request.state.caller
     data = [_entry(state, model_id, provider) for model_id, provider in state.providers.items()
             if state.gate.may_use(caller, model_id)]
+    data += [{"id": model_id, "object": "model", "created": state.started,
+              "owned_by": "modelyard", **model.describe(), **_pricing(state, model_id)}
+             for model_id, model in state.embeddings.items()
+             if state.gate.may_use(caller, model_id)]
     return json_response({"object": "list", "data": data})
 
 

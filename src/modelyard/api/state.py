@@ -15,6 +15,7 @@ from modelyard.api.preparation import Preparation
 from modelyard.api.reply import body_cap
 from modelyard.platform.gate import Gate, OpenGate
 from modelyard.providers.base import ChatModel
+from modelyard.providers.embeddings import EmbeddingModel
 
 
 @dataclass
@@ -37,6 +38,8 @@ class AppState:
     max_request_tokens: int = 32768
     """The most completion tokens a request with several choices may ask for in all."""
     preparation: Preparation = field(default_factory=Preparation)
+    embeddings: dict[str, EmbeddingModel] = field(default_factory=dict)
+    """The models /v1/embeddings answers for (the built-in one and the catalog's)."""
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
