@@ -37,6 +37,9 @@ fifth for the /api/v1 aliases of routes fuzzed under /v1 too)."""
 CHAT = ["/v1/chat/completions", "/api/v1/chat/completions"]
 COMPLETIONS = ["/v1/completions", "/api/v1/completions"]
 GENERATING = CHAT + COMPLETIONS
+EMBEDDINGS = ["/v1/embeddings", "/api/v1/embeddings"]
+EMBEDDING_MODEL = "all-minilm-l6-v2"
+"""The built-in embedding model, which the fuzzed server runs by default."""
 OPERATIONS = [
     ("POST", "/v1/chat/completions"), ("POST", "/api/v1/chat/completions"),
     ("POST", "/v1/completions"), ("POST", "/api/v1/completions"),
@@ -86,6 +89,9 @@ def _pinned(document: dict[str, Any], messages: dict[str, Any] | None = None) ->
         body["schema"]["properties"]["model"] = {"type": "string", "enum": [MODEL]}
         if messages is not None and path in CHAT:
             body["schema"]["properties"]["messages"] = messages
+    for path in EMBEDDINGS:
+        body = pinned["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        body["schema"]["properties"]["model"] = {"type": "string", "enum": [EMBEDDING_MODEL]}
     return pinned
 
 
