@@ -152,7 +152,7 @@ def test_client_that_disconnects_frees_its_sequence(client: openai.OpenAI,
 
 def test_models_lists_the_default_model(client: openai.OpenAI) -> None:
     models = client.models.list()
-    assert [m.id for m in models.data] == [MODEL]
+    assert [m.id for m in models.data] == [MODEL, "all-minilm-l6-v2"]  # and the embedder
     entry = models.data[0].model_dump()
     assert entry["object"] == "model"
     assert entry["context_length"] == 2048

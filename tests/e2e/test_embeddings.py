@@ -86,4 +86,8 @@ def test_refusals(client: openai.OpenAI, server: RunningServer, api_key: str) ->
 
 
 def test_the_model_is_listed(client: openai.OpenAI) -> None:
-    assert MODEL in {model.id for model in client.models.list()}
+    entry = next(model for model in client.models.list() if model.id == MODEL).model_dump()
+    assert client.models.retrieve(MODEL).model_dump() == entry
+    assert (entry["task"], entry["dimensions"], entry["context_length"]) == (
+        "embedding", 384, 512)
+    assert entry["pricing"]["input"] == float(INPUT_MICROS_PER_TOKEN)

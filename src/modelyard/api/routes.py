@@ -35,9 +35,7 @@ async def list_models(request: Request) -> Response:
     caller = request.state.caller
     data = [_entry(state, model_id, provider) for model_id, provider in state.providers.items()
             if state.gate.may_use(caller, model_id)]
-    data += [{"id": model_id, "object": "model", "created": state.started,
-              "owned_by": "modelyard", **model.describe(), **_pricing(state, model_id)}
-             for model_id, model in state.embeddings.items()
+    data += [_embedding_entry(state, model_id) for model_id in state.embeddings
              if state.gate.may_use(caller, model_id)]
     return json_response({"object": "list", "data": data})
 
@@ -48,8 +46,11 @@ async def get_model(request: Request, model: str) -> Response:
     """One entry of the list (a model id may hold slashes: `up/qwen`)."""
     state = _state(request)
     provider = state.providers.get(model)
-    if provider is None or not state.gate.may_use(request.state.caller, model):
+    if (provider is None and model not in state.embeddings) \
+            or not state.gate.may_use(request.state.caller, model):
         raise model_not_found(model)
+    if provider is None:
+        return json_response(_embedding_entry(state, model))
     return json_response(_entry(state, model, provider))
 
 
@@ -63,6 +64,12 @@ def model_not_found(model: str) -> APIError:
 def _entry(state: AppState, model_id: str, provider: ChatModel) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": state.started,
             "owned_by": "modelyard", **provider.describe(), **_pricing(state, model_id)}
+
+
+def _embedding_entry(state: AppState, model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": state.started,
+            "owned_by": "modelyard", **state.embeddings[model_id].describe(),
+            **_pricing(state, model_id)}
 
 
 def _pricing(state: AppState, model_id: str) -> dict[str, Any]:
