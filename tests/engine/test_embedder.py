@@ -212,3 +212,28 @@ async def test_inputs_beyond_the_batch_are_refused() -> None:
             await embedder.embed([[]])
     finally:
         await embedder.close()
+
+
+@run
+async def test_a_failure_mid_request_drops_the_rest_of_it_and_frees_the_queue() -> None:
+    encoder = FakeEncoder(fail=True)
+    embedder = Embedder(encoder, batch_tokens=2, max_waiting=4)
+    try:
+        with pytest.raises(RuntimeError, match="broke"):
+            await embedder.embed([[1, 1], [2, 2], [3, 3], [4, 4]])  # four calls' worth
+        assert len(encoder.calls) == 1  # its other inputs were not encoded
+        encoder.fail = False
+        encoder.gate.clear()
+        encoder.entered.clear()
+        busy = asyncio.create_task(embedder.embed([[5]]))
+        await asyncio.to_thread(encoder.entered.wait, 5)
+        # the queue counts nothing of the failed request (once): four inputs may wait again
+        waiting = asyncio.create_task(embedder.embed([[6]] * 4))
+        await asyncio.sleep(0.01)
+        with pytest.raises(EmbedderFull):  # and no more than four
+            await embedder.embed([[7]])
+        encoder.gate.set()
+        await busy
+        assert len(await waiting) == 4
+    finally:
+        await embedder.close()

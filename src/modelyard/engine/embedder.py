@@ -201,9 +201,7 @@ class Embedder:
 
     def _fail(self, jobs: list[_Job], error: BaseException) -> None:
         with self._lock:
-            for job in jobs:
-                if not job.abandoned and job.scheduled < len(job.inputs):
-                    self._queued -= len(job.inputs) - job.scheduled
+            for job in jobs:  # what is left of them is dropped before the next plan
                 job.abandoned = True
         for job in jobs:
             _call(job.loop, _reject, job.future, error)
