@@ -203,10 +203,12 @@ class ServerConfig:
 class DeploymentConfig:
     """One place a catalog model runs ([[models.deployments]])."""
 
-    kind: Literal["openai", "local"] = "openai"
-    """"openai": an OpenAI-compatible server; "local": the built-in engine."""
+    kind: Literal["openai", "local", "anthropic", "gemini"] = "openai"
+    """"openai": an OpenAI-compatible server; "local": the built-in engine; "anthropic":
+    Anthropic's Messages API; "gemini": Google's Gemini API (generateContent)."""
     base_url: Text = ""
-    """The upstream's API root, e.g. http://10.0.0.5:8000/v1 (unused by a local one)."""
+    """The upstream's API root, e.g. http://10.0.0.5:8000/v1, https://api.anthropic.com/v1
+    or https://generativelanguage.googleapis.com/v1beta (unused by a local one)."""
     api_key_env: Text | None = None
     """Name of the environment variable holding the upstream's key (never the key)."""
     upstream_model: Text | None = None
@@ -256,7 +258,8 @@ class CatalogModelConfig:
     capabilities: tuple[Capability, ...] = ()
     """Shown in /v1/models."""
     drop_unsupported_params: Flag = False
-    """With the openai profile: drop parameters OpenAI lacks instead of answering 422."""
+    """With the openai profile, or an anthropic or gemini deployment: drop parameters the
+    upstream's API lacks instead of answering 422."""
     task: Literal["chat", "embedding"] = "chat"
     """"embedding": answers /v1/embeddings (its deployments' POST {base_url}/embeddings),
     billed at input_price."""
@@ -415,7 +418,7 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
     for i, model in enumerate(config.models):
         for j, deployment in enumerate(model.deployments):
             name = deployment.api_key_env
-            if deployment.kind == "openai" and name is not None and not env.get(name):
+            if deployment.kind != "local" and name is not None and not env.get(name):
                 raise ConfigError(f"{where}models[{i}] ({model.id}).deployments[{j}]"
                                   f".api_key_env: the environment variable {name} is not set")
     overrides = {key: env[f"MODELYARD_{key.upper()}"]

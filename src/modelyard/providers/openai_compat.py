@@ -21,14 +21,18 @@ import asyncio
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from modelyard.config import DeploymentConfig
 from modelyard.errors import ModelyardError
+from modelyard.providers.base import ChatRequest
 from modelyard.providers.http1 import HTTPError, Pool, Response, ResponseTooLarge
+from modelyard.providers.profiles import build_body
 from modelyard.providers.upstream_stream import Malformed, ReportedError, UpstreamStream
+from modelyard.sampling import Sampling
 
 MAX_ERROR_BODY_BYTES = 64 * 1024
 """How much of an error answer's body is read (for its message, which is logged)."""
@@ -47,29 +51,64 @@ class UpstreamError(ModelyardError):
 
     def __init__(self, status: int, message: str, *, retriable: bool,
                  public: str | None = None, param: str | None = None,
-                 code: str | None = None, transient: bool = True) -> None:
+                 code: str | None = None, transient: bool = True,
+                 retry_after: float | None = None) -> None:
         super().__init__(message, status=status, param=param, code=code)
         self.retriable = retriable
         self.public = public
         self.transient = transient
+        self.retry_after = retry_after
+        """The upstream's own Retry-After (seconds), when it sent one."""
+
+
+@dataclass(frozen=True)
+class UpstreamCall:
+    """What one deployment is sent for one request: the path under its base URL, the JSON
+    body, and whether the answer streams."""
+
+    path: str
+    body: dict[str, Any]
+    stream: bool
+
+
+StreamFactory = Callable[[Response], UpstreamStream]
+"""Reads one response of a deployment's API (OpenAI's, Anthropic's, Gemini's)."""
 
 
 class UpstreamDeployment:
-    """One `[[models.deployments]]` entry of kind "openai"."""
+    """One `[[models.deployments]]` entry of kind "openai"; the native kinds
+    (`anthropic_upstream`, `gemini_upstream`) share its pool, timeouts and errors."""
 
     def __init__(self, config: DeploymentConfig, api_key: str | None) -> None:
         self.config = config
         self.name = config.name or f"{config.base_url}#{config.upstream_model or ''}"
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
+        headers.update(self.key_headers(api_key))
         self._pool = Pool(config.base_url, connect_timeout=config.connect_timeout,
                           max_idle=config.max_concurrency, headers=headers)
         self.active = 0
 
+    def key_headers(self, api_key: str | None) -> dict[str, str]:
+        """The headers that carry the deployment's key (and its API's version)."""
+        return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
     @property
     def full(self) -> bool:
         return self.active >= self.config.max_concurrency
+
+    def build(self, request: ChatRequest, model: str, max_tokens: int, defaults: Sampling,
+              drop_unsupported: bool) -> UpstreamCall:
+        """The request in this deployment's API; ProviderError (422) for a parameter it
+        cannot take."""
+        body = build_body(self.config.profile, request, model, max_tokens, defaults,
+                          drop_unsupported)
+        path = "chat/completions" if "messages" in body else "completions"
+        return UpstreamCall(path, body, request.stream)
+
+    async def send(self, call: UpstreamCall, prompt_estimate: int,
+                   on_end: Callable[[bool], None], request_id: str = "") -> UpstreamStream:
+        """`open` for a call `build` made."""
+        return await self.open(call.body, prompt_estimate, on_end, request_id, call.path)
 
     async def open(self, body: dict[str, Any], prompt_estimate: int,
                    on_end: Callable[[bool], None], request_id: str = "",
@@ -77,24 +116,32 @@ class UpstreamDeployment:
         """Send the request and read up to its first event (a stream) or its whole answer
         (a JSON body, when `body["stream"]` is false). `on_end(failed)` is called once
         when the stream ends, whatever the way."""
+        def reader(response: Response) -> UpstreamStream:
+            return UpstreamStream(response, prompt_estimate, on_end, request_id=request_id,
+                                  deployment=self.name, choices=_choices(body))
+        return await self.exchange(path, orjson.dumps(body), bool(body.get("stream")),
+                                   reader)
+
+    async def exchange(self, path: str, payload: bytes, streaming: bool,
+                       reader: StreamFactory) -> UpstreamStream:
+        """POST `payload` to `path`, and read the answer with `reader`'s stream up to its
+        first delta (streaming) or whole; every failure up to there an UpstreamError."""
         config = self.config
         deadline = time.monotonic() + config.total_timeout
-        streaming = bool(body.get("stream"))
         # A streamed answer must start within the first-token timeout, and no silence in
         # it may last longer; a whole one must come within the total timeout.
         limit = config.first_token_timeout if streaming else config.total_timeout
         try:
             async with asyncio.timeout(limit):
-                response = await self._pool.post(path, orjson.dumps(body),
+                response = await self._pool.post(path, payload,
                                                  read_timeout=limit, deadline=deadline)
                 try:
                     if response.status != 200:
                         raw = await _error_body(response)
                         response.release()
-                        raise _status_error(response.status, raw)
-                    stream = UpstreamStream(response, prompt_estimate, on_end,
-                                            request_id=request_id, deployment=self.name,
-                                            choices=_choices(body))
+                        raise _status_error(response.status, raw,
+                                            _retry_after(response.headers))
+                    stream = reader(response)
                     if streaming and "json" not in response.content_type:
                         await stream.peek()
                     else:
@@ -132,13 +179,28 @@ async def _error_body(response: Response) -> bytes:
         return b""
 
 
-def _status_error(status: int, raw: bytes) -> UpstreamError:
+MAX_RETRY_AFTER_S = 60.0
+"""An upstream's Retry-After longer than this is read as this."""
+
+
+def _retry_after(headers: dict[str, str]) -> float | None:
+    """Retry-After in seconds (its delay form; a date is not honoured)."""
+    try:
+        value = float(headers.get("retry-after", ""))
+    except ValueError:
+        return None
+    return min(value, MAX_RETRY_AFTER_S) if value >= 0 else None
+
+
+def _status_error(status: int, raw: bytes, retry_after: float | None = None) -> UpstreamError:
     detail = f"status {status}: {raw[:500]!r}"
     if status not in REFUSED_STATUSES:
-        # 429 and 5xx pass; any other status (401, 403: our key; 404: our URL or model
-        # name) is the deployment's configuration. Either way the request did not run.
+        # 429, 529 (Anthropic's overloaded) and 5xx pass; any other status (401, 403: our
+        # key; 404: our URL or model name) is the deployment's configuration. Either way
+        # the request did not run.
         return UpstreamError(502, detail, retriable=True,
-                             transient=status == 408 or status == 429 or status >= 500)
+                             transient=status == 408 or status == 429 or status >= 500,
+                             retry_after=retry_after)
     message, param = _error_fields(raw)
     public = "the upstream rejected the request"
     if message:

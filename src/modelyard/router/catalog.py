@@ -27,6 +27,7 @@ import orjson
 from prometheus_client import CollectorRegistry
 
 from modelyard.config import CatalogModelConfig, RouterConfig
+from modelyard.providers.anthropic_upstream import AnthropicDeployment
 from modelyard.providers.base import (
     ChatModel,
     ChatRequest,
@@ -36,8 +37,8 @@ from modelyard.providers.base import (
     Provider,
     ProviderError,
 )
-from modelyard.providers.openai_compat import UpstreamDeployment, UpstreamError
-from modelyard.providers.profiles import build_body
+from modelyard.providers.gemini_upstream import GeminiDeployment
+from modelyard.providers.openai_compat import UpstreamCall, UpstreamDeployment, UpstreamError
 from modelyard.providers.tokens import Tokenizer
 from modelyard.router.balancer import choose
 from modelyard.router.breaker import Breaker
@@ -69,9 +70,9 @@ class Route:
             self.breaker.failure(time.monotonic())
 
 
-RouteWork = dict[str, Prepared | dict[str, Any] | None]
+RouteWork = dict[str, Prepared | UpstreamCall | None]
 """Per deployment name: the request as the engine prepared it (a local deployment; None
-when the engine cannot take it), or the JSON body an upstream is sent."""
+when the engine cannot take it), or what an upstream is sent (in its own API)."""
 
 
 class RoutedModel(Provider[RouteWork]):
@@ -123,9 +124,8 @@ class RoutedModel(Provider[RouteWork]):
                     prompt = max(prompt, local.prompt_tokens)
                     max_tokens = max(max_tokens, local.max_tokens)
                 continue
-            config = deployment.config
-            work[deployment.name] = build_body(
-                config.profile, request, config.upstream_model or self.model_id, max_tokens,
+            work[deployment.name] = deployment.build(
+                request, deployment.config.upstream_model or self.model_id, max_tokens,
                 self.config.defaults, self.config.drop_unsupported_params)
         return PreparedChat(request, prompt, max_tokens, work, self)
 
@@ -133,6 +133,7 @@ class RoutedModel(Provider[RouteWork]):
         request_id = prepared.request.request_id
         tried: set[int] = set()
         last: UpstreamError | None = None
+        wait = 1.0  # the longest Retry-After a failed deployment asked for
         for _ in range(self.router.max_attempts):
             now = time.monotonic()
             candidates = [r for i, r in enumerate(self.routes) if i not in tried
@@ -160,6 +161,7 @@ class RoutedModel(Provider[RouteWork]):
                 if exc.retriable:
                     self.metrics.tried(self.model_id, deployment.name, "retried")
                     last = exc
+                    wait = max(wait, exc.retry_after or 0.0)
                     continue
                 self.metrics.tried(self.model_id, deployment.name, "failed")
                 raise ProviderError(502, _failed(request_id), code="upstream_error") from None
@@ -175,7 +177,7 @@ class RoutedModel(Provider[RouteWork]):
         if last is not None:
             raise ProviderError(503, f"no deployment of {self.model_id} could answer "
                                 f"(request {request_id})", code="upstream_unavailable",
-                                retry_after=1)
+                                retry_after=math.ceil(wait))
         raise ProviderError(503, f"no deployment of {self.model_id} is available: all are "
                             "unhealthy or at their concurrency limit",
                             code="no_healthy_deployment", retry_after=self._retry_after())
@@ -209,14 +211,13 @@ def _failed(request_id: str) -> str:
 
 
 async def _open(deployment: UpstreamDeployment | LocalDeployment,
-                work: Prepared | dict[str, Any] | None, prompt_tokens: int,
+                work: Prepared | UpstreamCall | None, prompt_tokens: int,
                 on_end: Callable[[bool], None], request_id: str) -> ChatStream:
     if isinstance(deployment, LocalDeployment):
-        assert work is not None and not isinstance(work, dict)
+        assert work is not None and not isinstance(work, UpstreamCall)
         return await deployment.open(work, prompt_tokens, on_end, request_id)
-    assert isinstance(work, dict)
-    path = "chat/completions" if "messages" in work else "completions"
-    return await deployment.open(work, prompt_tokens, on_end, request_id, path=path)
+    assert isinstance(work, UpstreamCall)
+    return await deployment.send(work, prompt_tokens, on_end, request_id)
 
 
 class AliasProvider(Provider[Prepared]):
@@ -241,6 +242,11 @@ class AliasProvider(Provider[Prepared]):
         return self.target.tokenizer()
 
 
+NATIVE_KINDS: dict[str, type[UpstreamDeployment]] = {
+    "anthropic": AnthropicDeployment, "gemini": GeminiDeployment}
+"""Deployments that speak their provider's own API instead of OpenAI's."""
+
+
 def build_catalog(models: tuple[CatalogModelConfig, ...], router: RouterConfig,
                   environ: Any, local: ChatModel | None,
                   registry: CollectorRegistry | None = None) -> dict[str, ChatModel]:
@@ -258,7 +264,8 @@ def build_catalog(models: tuple[CatalogModelConfig, ...], router: RouterConfig,
                 assert local is not None
                 deployments.append(LocalDeployment(d, local))
             else:
-                deployments.append(UpstreamDeployment(
-                    d, environ.get(d.api_key_env) if d.api_key_env else None))
+                kind = NATIVE_KINDS.get(d.kind, UpstreamDeployment)
+                deployments.append(kind(d, environ.get(d.api_key_env) if d.api_key_env
+                                        else None))
         catalog[model.id] = RoutedModel(model, router, deployments, metrics=metrics)
     return catalog
