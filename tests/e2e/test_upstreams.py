@@ -402,3 +402,26 @@ def test_an_upstream_embedding_model_is_passed_through(sdk: openai.OpenAI) -> No
         sdk.embeddings.create(model="up/minilm", input="x", dimensions=10)
     assert caught.value.body["param"] == "dimensions"  # type: ignore[index]
     assert "upstream rejected" in _message(caught.value)
+
+
+def test_a_text_completion_through_a_modelyard_upstream(sdk: openai.OpenAI,
+                                                        client: openai.OpenAI) -> None:
+    prefix, suffix = "def add(a, b):\n    return ", "\n\n\nprint(add(2, 3))\n"
+    direct = client.completions.create(model=MODEL, prompt=prefix, suffix=suffix,
+                                       max_tokens=12)
+    through = sdk.completions.create(model="up/qwen", prompt=prefix, suffix=suffix,
+                                     max_tokens=12)
+    assert through.model == "up/qwen" and through.object == "text_completion"
+    assert through.choices[0].text == direct.choices[0].text  # greedy: the same middle
+    assert through.usage is not None and direct.usage is not None
+    assert through.usage.prompt_tokens == direct.usage.prompt_tokens  # the upstream's count
+    chunks = list(sdk.completions.create(model="up/qwen", prompt=prefix, suffix=suffix,
+                                         max_tokens=12, stream=True,
+                                         stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == direct.choices[0].text
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == direct.usage.completion_tokens
+    several = sdk.completions.create(model="up/qwen", prompt=["1, 2, 3,", "a, b, c,"],
+                                     max_tokens=3, logprobs=1)
+    assert [c.index for c in several.choices] == [0, 1]
+    assert all(c.logprobs is not None and c.logprobs.tokens for c in several.choices)
