@@ -63,5 +63,5 @@ def build_app(config: Config, *, progress: bool = True) -> ASGIApp:
                      max_request_tokens=config.platform.max_request_tokens,
                      preparation=Preparation(config.server.prepare_concurrency,
                                              config.server.prepare_timeout_seconds),
-                     embeddings=build_embeddings(config, os.environ))
+                     embeddings=build_embeddings(config, os.environ, registry))
     return create_app(state)

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
 from modelyard.engine.embedder import (
     Embedder,
@@ -19,6 +20,7 @@ from modelyard.engine.embedder import (
     _Job,
     plan_batch,
 )
+from modelyard.engine.metrics import EmbeddingMetrics
 
 DIMENSIONS = 4
 
@@ -237,3 +239,17 @@ async def test_a_failure_mid_request_drops_the_rest_of_it_and_frees_the_queue() 
         assert len(await waiting) == 4
     finally:
         await embedder.close()
+
+
+@run
+async def test_calls_are_counted_in_its_metrics() -> None:
+    registry = CollectorRegistry()
+    embedder = Embedder(FakeEncoder(), batch_tokens=4, metrics=EmbeddingMetrics(registry))
+    try:
+        await embedder.embed([[1, 1, 1], [2, 2], [3]])
+    finally:
+        await embedder.close()
+    assert registry.get_sample_value("modelyard_embedded_tokens_total") == 6
+    assert registry.get_sample_value("modelyard_embedding_inputs_per_call_count") == 2
+    assert registry.get_sample_value("modelyard_embedding_inputs_per_call_sum") == 3
+    assert registry.get_sample_value("modelyard_embedding_waiting_inputs") == 0

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from modelyard.engine.metrics import EmbeddingMetrics
 from modelyard.errors import ModelyardError
 
 logger = logging.getLogger(__name__)
@@ -99,6 +101,7 @@ class Embedder:
     batch_tokens: int
     max_waiting: int = 4096
     """Inputs allowed to wait (a request larger than this is let in when none wait)."""
+    metrics: EmbeddingMetrics = field(default_factory=EmbeddingMetrics)
     _waiting: deque[_Job] = field(default_factory=deque)
     _queued: int = 0
     """Inputs waiting, not yet handed to the encoder."""
@@ -130,9 +133,11 @@ class Embedder:
             if self._stopping:
                 raise EmbedderStopped("the embedding model is shutting down")
             if self._queued and self._queued + len(inputs) > self.max_waiting:
+                self.metrics.rejected.inc()
                 raise EmbedderFull(f"{self._queued} inputs are already waiting")
             self._waiting.append(job)
             self._queued += len(inputs)
+            self.metrics.waiting.set(self._queued)
             self._lock.notify()
         try:
             return await job.future
@@ -169,6 +174,7 @@ class Embedder:
                 while self._waiting and self._waiting[0].scheduled == \
                         len(self._waiting[0].inputs):
                     self._waiting.popleft()
+                self.metrics.waiting.set(self._queued)
             self._encode(plan)
 
     def _next_plan_ready(self) -> bool:
@@ -182,6 +188,7 @@ class Embedder:
 
     def _encode(self, plan: list[_Slice]) -> None:
         inputs = [tokens for part in plan for tokens in part.job.inputs[part.start:part.stop]]
+        started = time.perf_counter()
         try:
             vectors = self.encoder.encode(inputs)
         except Exception as exc:  # a failure of llama.cpp: the requests in it fail
@@ -189,6 +196,12 @@ class Embedder:
             self._fail([part.job for part in plan], exc)
             return
         self.encode_calls += 1
+        tokens = sum(len(tokens) for tokens in inputs)
+        metrics = self.metrics
+        metrics.call_seconds.observe(time.perf_counter() - started)
+        metrics.inputs_per_call.observe(len(inputs))
+        metrics.tokens_per_call.observe(tokens)
+        metrics.embedded_tokens.inc(tokens)
         row = 0
         for part in plan:
             job = part.job

@@ -39,3 +39,26 @@ class EngineMetrics:
                                 ["reason"], registry=r)
         self.rejected = Counter("modelyard_rejected_requests",
                                 "Requests refused because the queue was full.", registry=r)
+
+
+class EmbeddingMetrics:
+    """The embedding worker's (engine/embedder.py)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.waiting = Gauge("modelyard_embedding_waiting_inputs",
+                             "Embedding inputs waiting for the model.", registry=r)
+        self.inputs_per_call = Histogram(
+            "modelyard_embedding_inputs_per_call", "Inputs in one encode call.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.tokens_per_call = Histogram(
+            "modelyard_embedding_tokens_per_call", "Tokens in one encode call.",
+            buckets=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096), registry=r)
+        self.call_seconds = Histogram(
+            "modelyard_embedding_call_seconds", "Wall time of one encode call.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
+        self.embedded_tokens = Counter("modelyard_embedded_tokens", "Tokens embedded.",
+                                       registry=r)
+        self.rejected = Counter("modelyard_embedding_rejected_requests",
+                                "Embedding requests refused because the queue was full.",
+                                registry=r)
