@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from modelyard.config import CatalogModelConfig, DeploymentConfig, RouterConfig
-from modelyard.providers.anthropic_upstream import AnthropicDeployment
+from modelyard.providers.anthropic_upstream import AnthropicDeployment, AnthropicRelay
 from modelyard.providers.base import (
     ChatDelta,
     ChatRequest,
@@ -69,7 +69,7 @@ def _routed(kind: str, url: str, *upstreams: str, drop: bool = False) -> RoutedM
 
 def _request(stream: bool, **fields: Any) -> ChatRequest:
     messages = fields.pop("messages", [{"role": "user", "content": "hi"}])
-    return ChatRequest("req-1", messages, stream=stream, max_tokens=64, **fields)
+    return ChatRequest("req-1", messages, stream=stream, **{"max_tokens": 64, **fields})
 
 
 async def _answer(model: RoutedModel, request: ChatRequest,
@@ -371,3 +371,69 @@ def test_openai_deployments_still_send_a_bearer_key() -> None:
     deployment = UpstreamDeployment(DeploymentConfig(base_url="http://127.0.0.1:9/v1"), "k")
     assert deployment.key_headers("k") == {"Authorization": "Bearer k"}
     assert GeminiDeployment.key_headers(deployment, None) == {}
+
+
+# -- /v1/messages relayed to Anthropic deployments -------------------------------------
+
+def _relayed(model: RoutedModel, body: dict[str, Any],
+             ) -> tuple[list[bytes], dict[str, Any] | None, Usage, BaseException | None]:
+    """The relayed events (or whole message), the final usage and what ended it."""
+    async def main() -> tuple[list[bytes], dict[str, Any] | None, Usage,
+                              BaseException | None]:
+        events: list[bytes] = []
+        request = _request(bool(body.get("stream")), max_tokens=body["max_tokens"])
+        try:
+            relay = await model.start_chat(model.prepare_native(request, body))
+            assert isinstance(relay, AnthropicRelay)
+            async for event in relay.events():
+                events.append(event)
+            return events, relay.message, relay.usage, None
+        except (ProviderError, StreamError) as exc:
+            return events, None, Usage(0, 0, 0), exc
+        finally:
+            await model.close()
+    return asyncio.run(main())
+
+
+def test_a_messages_request_is_relayed_as_it_came(fake: str) -> None:
+    clear(fake)
+    body = {"model": "claude", "max_tokens": 99, "stream": True, "system": "Be brief.",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi",
+                                                       "cache_control": {"type": "ephemeral"}}]}],
+            "thinking": {"type": "enabled", "budget_tokens": 1024},
+            "metadata": {"user_id": "u1"}}
+    model = _routed("anthropic", fake, "thinking:Yes")
+    events, message, usage, error = _relayed(model, body)
+    assert error is None and message is None
+    [call] = received(fake)
+    assert call["body"] == {**body, "model": "thinking:Yes"}  # nothing else changed
+    assert call["headers"]["x-api-key"] == "secret-key"
+    names = [event.split(b"\n", 1)[0] for event in events]
+    assert names == [b"event: " + name for name in (
+        b"message_start", b"ping", b"content_block_start", b"content_block_delta",
+        b"content_block_delta", b"content_block_stop", b"content_block_start",
+        b"content_block_delta", b"content_block_delta", b"content_block_stop",
+        b"message_delta", b"message_stop")]
+    assert b'"model":"m"' in events[0] and b"thinking:Yes" not in b"".join(events)
+    assert b'"signature_delta"' in events[4] and events[-1].endswith(b"\n\n")
+    assert usage == Usage(16, 3, 7, 0, False)
+
+    clear(fake)
+    events, message, usage, error = _relayed(model, {**body, "stream": False})
+    assert error is None and events == [] and message is not None
+    assert message["model"] == "m" and message["content"][0]["type"] == "thinking"
+    assert usage == Usage(16, 3, 7, 0, False)
+
+
+def test_a_relayed_request_is_retried_and_fails_like_any(fake: str) -> None:
+    body = {"model": "claude", "max_tokens": 10, "stream": True,
+            "messages": [{"role": "user", "content": "hi"}]}
+    clear(fake)
+    events, _, _, error = _relayed(_routed("anthropic", fake, "status=529", "ok:B"), body)
+    assert error is None and b'"text":"B"' in b"".join(events)
+    assert [r["body"]["model"] for r in received(fake)] == ["status=529", "ok:B"]
+    events, _, _, error = _relayed(_routed("anthropic", fake, "streamerror:Part"), body)
+    assert isinstance(error, StreamError) and b'"text":"Pa"' in b"".join(events)
+    _, _, _, error = _relayed(_routed("anthropic", fake, "leak=400"), body)
+    assert isinstance(error, ProviderError) and error.status == 400
+    assert not any(word in error.message for word in LEAKED)

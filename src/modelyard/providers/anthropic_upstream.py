@@ -18,11 +18,19 @@ text, `thinking` blocks as reasoning, `tool_use` blocks as tool calls (their
 reasons, and usage (`input_tokens` plus the cache's reads and writes as the prompt,
 `cache_read_input_tokens` as its cached part). Failures are the OpenAI deployments'
 (`openai_compat`): 429 and 529 (overloaded) are retried elsewhere, Retry-After honoured.
+
+`AnthropicRelay` serves `POST /v1/messages` for a model whose deployments are Anthropic's,
+with no round trip through Chat Completions: the client's own body goes upstream under the
+deployment's model name (`RoutedModel.prepare_native`), with the chat path's routing,
+retries, breakers and reservation, and the answer's bytes come back as they were written
+(streamed events one by one; the whole `message`), only its `model` set back to the name
+the client asked for; the usage is read on the way for the bill.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +57,7 @@ from modelyard.providers.upstream_stream import (
     token_bound,
 )
 from modelyard.sampling import Sampling
+from modelyard.usage import Usage
 
 ANTHROPIC_VERSION = "2023-06-01"
 API = "Anthropic's Messages API"
@@ -77,6 +86,9 @@ class AnthropicDeployment(UpstreamDeployment):
     async def send(self, call: UpstreamCall, prompt_estimate: int,
                    on_end: Callable[[bool], None], request_id: str = "") -> UpstreamStream:
         def reader(response: Response) -> UpstreamStream:
+            if call.relay_as is not None:
+                return AnthropicRelay(response, prompt_estimate, on_end, model=call.relay_as,
+                                      request_id=request_id, deployment=self.name)
             return AnthropicStream(response, prompt_estimate, on_end, request_id=request_id,
                                    deployment=self.name)
         return await self.exchange(call.path, orjson.dumps(call.body), call.stream, reader)
@@ -322,3 +334,60 @@ class AnthropicStream(UpstreamStream):
         self._prompt_usage(usage)
         self.completion_tokens = _count(usage["output_tokens"], "output_tokens")
         self.estimated = False
+
+
+class AnthropicRelay(AnthropicStream):
+    """An answer relayed as it came. Streamed: `events()` yields each upstream event's
+    bytes; whole: `message` is the answer's body."""
+
+    def __init__(self, response: Response, prompt_estimate: int,
+                 on_end: Callable[[bool], None], *, model: str, request_id: str = "",
+                 deployment: str = "") -> None:
+        super().__init__(response, prompt_estimate, on_end, request_id=request_id,
+                         deployment=deployment)
+        self._model = model
+        self._raw: deque[bytes] = deque()
+        self._event_bytes = b""
+        self.message: dict[str, Any] | None = None
+        """The whole answer (a non-streamed request), its model set back."""
+
+    @property
+    def usage(self) -> Usage:
+        """The counts so far (final once `estimated` is false)."""
+        return self._usage()
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """The events' bytes, in order, each as one SSE event; a failure of the upstream
+        raises the stream's `StreamError` (the detail is logged)."""
+        while True:
+            if self._raw:
+                yield self._raw.popleft()
+                continue
+            self._pending.clear()  # the deltas are not wanted here, only the counts
+            if self._done:
+                break
+            try:
+                await self._read_event()
+            except Exception as exc:  # whatever the upstream did: the stream's error
+                self._done = True
+                self._raw.clear()
+                await self._end(failed=True)
+                raise self.failure(exc) from None
+        await self._end(failed=False)
+
+    def _event(self, event: bytes) -> bool:
+        self._event_bytes = event + b"\n\n"
+        carried = super()._event(event)
+        if carried and self._event_bytes:
+            self._raw.append(self._event_bytes)
+        return carried
+
+    def _read_chunk(self, chunk: dict[str, Any]) -> None:
+        super()._read_chunk(chunk)
+        kind = chunk.get("type")
+        if kind == "message":
+            self.message = {**chunk, "model": self._model}
+        elif kind == "message_start" and isinstance(chunk.get("message"), dict):
+            chunk["message"]["model"] = self._model
+            self._event_bytes = (b"event: message_start\ndata: " + orjson.dumps(chunk)
+                                 + b"\n\n")

@@ -69,6 +69,9 @@ class UpstreamCall:
     path: str
     body: dict[str, Any]
     stream: bool
+    relay_as: str | None = None
+    """A request in the deployment's own API whose answer is relayed as it came, under
+    this model name (`AnthropicRelay`); None: read into deltas."""
 
 
 StreamFactory = Callable[[Response], UpstreamStream]

@@ -98,6 +98,43 @@ class RoutedModel(Provider[RouteWork]):
                                 for r in self.routes]}
 
     async def prepare_chat(self, request: ChatRequest) -> PreparedChat[RouteWork]:
+        prompt, max_tokens = self._bounds(request)
+        work: RouteWork = {}
+        for route in self.routes:  # a parameter no upstream can take is refused now
+            deployment = route.deployment
+            if isinstance(deployment, LocalDeployment):
+                local = work[deployment.name] = await deployment.prepare(request)
+                if local is not None:  # the reservation covers whichever runs it
+                    prompt = max(prompt, local.prompt_tokens)
+                    max_tokens = max(max_tokens, local.max_tokens)
+                continue
+            work[deployment.name] = deployment.build(
+                request, deployment.config.upstream_model or self.model_id, max_tokens,
+                self.config.defaults, self.config.drop_unsupported_params)
+        return PreparedChat(request, prompt, max_tokens, work, self)
+
+    def speaks(self, kind: str) -> bool:
+        """Whether a deployment of this kind ("anthropic", ...) serves this model."""
+        return any(route.deployment.config.kind == kind for route in self.routes)
+
+    def prepare_native(self, request: ChatRequest, body: dict[str, Any],
+                       ) -> PreparedChat[RouteWork]:
+        """A Messages API request (`body`, as the client sent it; `request`, its
+        translation, for the bounds) for this model's Anthropic deployments only, relayed
+        as it is: `body` under each deployment's model name, max_tokens within the
+        context, the answer an `AnthropicRelay`."""
+        prompt, max_tokens = self._bounds(request)
+        work: RouteWork = {}
+        for route in self.routes:
+            deployment = route.deployment
+            work[deployment.name] = UpstreamCall(
+                "messages", {**body, "model": deployment.config.upstream_model or self.model_id,
+                             "max_tokens": max_tokens}, request.stream,
+                relay_as=self.model_id) if isinstance(deployment, AnthropicDeployment) else None
+        return PreparedChat(request, prompt, max_tokens, work, self)
+
+    def _bounds(self, request: ChatRequest) -> tuple[int, int]:
+        """The prompt's upper bound and max_tokens (a 422 for what cannot fit)."""
         # Whether the prompt fits is the upstream's to say (its tokenizer): refused here
         # only when even a rough estimate (4 characters a token) cannot fit. What is
         # reserved is a true upper bound (UTF-8 bytes), so no prompt costs more than it.
@@ -115,19 +152,7 @@ class RoutedModel(Provider[RouteWork]):
                                     f"({max_tokens}) exceed the context of {context} tokens",
                                     param="max_tokens", code="context_length_exceeded")
             max_tokens = context - estimate
-        work: RouteWork = {}
-        for route in self.routes:  # a parameter no upstream can take is refused now
-            deployment = route.deployment
-            if isinstance(deployment, LocalDeployment):
-                local = work[deployment.name] = await deployment.prepare(request)
-                if local is not None:  # the reservation covers whichever runs it
-                    prompt = max(prompt, local.prompt_tokens)
-                    max_tokens = max(max_tokens, local.max_tokens)
-                continue
-            work[deployment.name] = deployment.build(
-                request, deployment.config.upstream_model or self.model_id, max_tokens,
-                self.config.defaults, self.config.drop_unsupported_params)
-        return PreparedChat(request, prompt, max_tokens, work, self)
+        return prompt, max_tokens
 
     async def start_chat(self, prepared: PreparedChat[RouteWork]) -> ChatStream:
         request_id = prepared.request.request_id
