@@ -19,6 +19,7 @@ from modelyard.config import Config
 from modelyard.engine.metrics import EngineMetrics
 from modelyard.models import resolve_model_source
 from modelyard.platform import service
+from modelyard.platform.response_store import DatabaseResponses
 from modelyard.providers.base import ChatModel
 from modelyard.providers.embedding_catalog import build_embeddings
 from modelyard.providers.local import LocalProvider
@@ -53,8 +54,9 @@ def build_app(config: Config, *, progress: bool = True) -> ASGIApp:
     chat_models = tuple(model for model in config.models if model.task == "chat")
     providers.update(build_catalog(chat_models, config.router, os.environ, local, registry))
     fingerprint = hashlib.sha256(f"{__version__}:{fingerprint_source}".encode()).hexdigest()
-    state = AppState(providers=providers, registry=registry,
-                     gate=service.accounts_gate(config, registry),
+    gate = service.accounts_gate(config, registry)
+    state = AppState(providers=providers, registry=registry, gate=gate,
+                     responses=DatabaseResponses(gate.db),
                      system_fingerprint=f"fp_{fingerprint[:10]}",
                      usage_drain_seconds=config.router.usage_drain_seconds, engine=local,
                      max_requests_in_flight=config.server.limit_concurrency,

@@ -14,7 +14,7 @@ from tests.platform.services import postgres_url, redis_prefix
 
 __all__ = ["postgres_url", "redis_prefix"]
 
-TABLES = ("usage", "reservations", "api_keys", "credits", "accounts")
+TABLES = ("usage", "reservations", "api_keys", "credits", "accounts", "responses")
 
 
 async def _clean(url: str) -> None:

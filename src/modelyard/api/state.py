@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from modelyard.api.preparation import Preparation
 from modelyard.api.reply import body_cap
 from modelyard.platform.gate import Gate, OpenGate
+from modelyard.platform.response_store import MemoryResponses, ResponseStore
 from modelyard.providers.base import ChatModel
 from modelyard.providers.embeddings import EmbeddingModel
 
@@ -40,6 +41,8 @@ class AppState:
     preparation: Preparation = field(default_factory=Preparation)
     embeddings: dict[str, EmbeddingModel] = field(default_factory=dict)
     """The models /v1/embeddings answers for (the built-in one and the catalog's)."""
+    responses: ResponseStore = field(default_factory=MemoryResponses)
+    """Where /v1/responses keeps stored responses (the platform database when it runs)."""
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def __post_init__(self) -> None:

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import SQLAlchemyError
 
 from modelyard.config import PlatformConfig
-from modelyard.platform import keys, ledger
+from modelyard.platform import keys, ledger, response_store
 from modelyard.platform.accounts import KeyRecord, find_key
 from modelyard.platform.database import Database
 from modelyard.platform.gate import Admission, Caller, Gate, Outcome, PlatformError, Ticket
@@ -266,10 +266,15 @@ class AccountsGate(Gate):
                     next_sweep = now + sweep_every
                 days = self.settings.usage_retention_days
                 if days > 0 and now >= next_purge:
-                    purged = await ledger.purge_usage(self.db, utcnow() - timedelta(days=days))
+                    before = utcnow() - timedelta(days=days)
+                    purged = await ledger.purge_usage(self.db, before)
                     if purged:
                         logger.info("deleted %d usage record(s) older than %d days", purged,
                                     days)
+                    purged = await response_store.purge(self.db, before)
+                    if purged:
+                        logger.info("deleted %d stored response(s) older than %d days",
+                                    purged, days)
                     next_purge = now + PURGE_INTERVAL_S
             except (SQLAlchemyError, OSError, LimiterUnavailable) as exc:
                 logger.warning("platform maintenance failed, will retry: %s", exc)

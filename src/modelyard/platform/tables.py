@@ -124,3 +124,14 @@ usage = Table(
     # Written without optional fields (such as `user`) that the database would refuse.
     Column("degraded", Boolean, nullable=False, server_default=false()),
 )
+
+responses = Table(
+    "responses", metadata,
+    Column("id", String(64), primary_key=True),
+    # The account whose key created it: only that account reads, continues or deletes it.
+    Column("account_id", String(32), nullable=False),
+    Column("created_at", DateTime, nullable=False, index=True),
+    Column("input", Text, nullable=False),  # JSON: the conversation's input items
+    Column("body", Text, nullable=False),  # JSON: the response as it was answered
+)
+"""Responses kept by `POST /v1/responses` (`store: true`)."""
