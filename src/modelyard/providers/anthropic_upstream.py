@@ -348,6 +348,7 @@ class AnthropicRelay(AnthropicStream):
         self._model = model
         self._raw: deque[bytes] = deque()
         self._event_bytes = b""
+        self._draining = False
         self.message: dict[str, Any] | None = None
         """The whole answer (a non-streamed request), its model set back."""
 
@@ -375,10 +376,15 @@ class AnthropicRelay(AnthropicStream):
                 raise self.failure(exc) from None
         await self._end(failed=False)
 
+    async def drain_usage(self, seconds: float) -> Usage | None:
+        self._draining = True  # nobody reads the events any more: keep none
+        self._raw.clear()
+        return await super().drain_usage(seconds)
+
     def _event(self, event: bytes) -> bool:
         self._event_bytes = event + b"\n\n"
         carried = super()._event(event)
-        if carried and self._event_bytes:
+        if carried and not self._draining:
             self._raw.append(self._event_bytes)
         return carried
 

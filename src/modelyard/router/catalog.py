@@ -113,9 +113,9 @@ class RoutedModel(Provider[RouteWork]):
                 self.config.defaults, self.config.drop_unsupported_params)
         return PreparedChat(request, prompt, max_tokens, work, self)
 
-    def speaks(self, kind: str) -> bool:
-        """Whether a deployment of this kind ("anthropic", ...) serves this model."""
-        return any(route.deployment.config.kind == kind for route in self.routes)
+    def served_by(self, kind: str) -> bool:
+        """Whether every deployment of this model is of this kind ("anthropic", ...)."""
+        return all(route.deployment.config.kind == kind for route in self.routes)
 
     def prepare_native(self, request: ChatRequest, body: dict[str, Any],
                        ) -> PreparedChat[RouteWork]:
