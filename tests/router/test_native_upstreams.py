@@ -437,3 +437,17 @@ def test_a_relayed_request_is_retried_and_fails_like_any(fake: str) -> None:
     _, _, _, error = _relayed(_routed("anthropic", fake, "leak=400"), body)
     assert isinstance(error, ProviderError) and error.status == 400
     assert not any(word in error.message for word in LEAKED)
+
+
+def test_anthropic_thinking_leaves_the_models_sampling_defaults_out(fake: str) -> None:
+    clear(fake)
+    deployment = DeploymentConfig(kind="anthropic", base_url=f"{fake}/v1", upstream_model="ok")
+    config = CatalogModelConfig(id="m", deployments=(deployment,),
+                                defaults=Sampling(temperature=0.6, top_k=20))
+    model = RoutedModel(config, RouterConfig(), [AnthropicDeployment(deployment, None)])
+    _run(model, _request(False, thinking_budget=1024))
+    model = RoutedModel(config, RouterConfig(), [AnthropicDeployment(deployment, None)])
+    _run(model, _request(False))
+    thinking, plain = (r["body"] for r in received(fake))
+    assert "temperature" not in thinking and "top_k" not in thinking
+    assert (plain["temperature"], plain["top_k"]) == (0.6, 20)

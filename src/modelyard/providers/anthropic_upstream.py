@@ -105,7 +105,10 @@ def messages_body(request: ChatRequest, model: str, max_tokens: int, defaults: S
         unsupported.add("seed")
     if request.response_format is not None and request.response_format.get("type") != "text":
         unsupported.add("response_format")
-    sampling = request.sampling_over(defaults)
+    budget = thinking_budget(request)
+    # Extended thinking takes no temperature or top_k and a top_p of 0.95 or more: with
+    # it on, the model's defaults are not sent (the request's own fields still are).
+    sampling = request.sampling if budget else request.sampling_over(defaults)
     temperature = sampling.temperature
     if temperature is not None and temperature > 1:
         if request.sampling.temperature is not None and not drop_unsupported:
@@ -130,7 +133,6 @@ def messages_body(request: ChatRequest, model: str, max_tokens: int, defaults: S
     choice = _tool_choice(request)
     if choice is not None:
         body["tool_choice"] = choice
-    budget = thinking_budget(request)
     if budget == 0:
         body["thinking"] = {"type": "disabled"}
     elif budget is not None:
