@@ -47,6 +47,32 @@ def error_shape_problems(status: int, body: bytes) -> list[str]:
     return problems
 
 
+ANTHROPIC_ERROR_TYPES = {"invalid_request_error", "authentication_error", "billing_error",
+                         "permission_error", "not_found_error", "request_too_large",
+                         "rate_limit_error", "api_error", "timeout_error", "overloaded_error"}
+
+
+def anthropic_error_problems(status: int, body: bytes) -> list[str]:
+    """What is wrong with an error answer of an Anthropic path (empty when it is in
+    Anthropic's shape: `{"type": "error", "error": {"type", "message"}}`)."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return [f"{status}: the body is not JSON: {body[:200]!r}"]
+    if not isinstance(payload, dict) or set(payload) != {"type", "error"} or (
+            payload["type"] != "error") or not isinstance(payload["error"], dict):
+        return [f"{status}: not Anthropic's error shape: {body[:200]!r}"]
+    error = payload["error"]
+    problems = [] if set(error) == {"type", "message"} else [
+        f"{status}: the error does not have exactly type and message: {body[:200]!r}"]
+    if error.get("type") not in ANTHROPIC_ERROR_TYPES:
+        problems.append(f"{status}: not one of Anthropic's error types: {body[:200]!r}")
+    message = error.get("message")
+    if not isinstance(message, str) or not message or "Traceback (most recent" in message:
+        problems.append(f"{status}: error.message is empty or a stack trace: {body[:200]!r}")
+    return problems
+
+
 def assert_error_shape(response: httpx.Response) -> dict[str, Any]:
     """The `error` object of an error answer, failing unless it is in SPEC.md's shape."""
     problems = error_shape_problems(response.status_code, response.content)

@@ -25,7 +25,13 @@ from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 from schemathesis.generation.case import Case
 
-from tests.adversarial.harness import LONG, error_shape_problems, fault_model, record
+from tests.adversarial.harness import (
+    LONG,
+    anthropic_error_problems,
+    error_shape_problems,
+    fault_model,
+    record,
+)
 from tests.adversarial.ledger_invariant import wait_for_ledger
 from tests.e2e.server import RunningServer, running_server
 from tests.router.fault_process import running_fault_server
@@ -37,6 +43,9 @@ fifth for the /api/v1 aliases of routes fuzzed under /v1 too)."""
 CHAT = ["/v1/chat/completions", "/api/v1/chat/completions"]
 COMPLETIONS = ["/v1/completions", "/api/v1/completions"]
 GENERATING = CHAT + COMPLETIONS
+MESSAGES = ["/v1/messages"]
+"""Anthropic's Messages API: its errors in Anthropic's shape, its model pinned too."""
+ANTHROPIC = [*MESSAGES, "/v1/messages/count_tokens"]
 EMBEDDINGS = ["/v1/embeddings", "/api/v1/embeddings"]
 EMBEDDING_MODEL = "all-minilm-l6-v2"
 """The built-in embedding model, which the fuzzed server runs by default."""
@@ -47,6 +56,7 @@ OPERATIONS = [
     ("GET", "/v1/models/{model}"), ("GET", "/api/v1/models/{model}"),
     ("POST", "/tokenize"), ("POST", "/detokenize"),
     ("POST", "/v1/embeddings"), ("POST", "/api/v1/embeddings"),
+    ("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens"),
     ("GET", "/admin/accounts"), ("POST", "/admin/accounts"),
     ("GET", "/admin/accounts/{name}"), ("POST", "/admin/accounts/{name}/topup"),
     ("GET", "/admin/keys"), ("POST", "/admin/keys"), ("POST", "/admin/keys/{key_id}/revoke"),
@@ -63,6 +73,11 @@ RUNNABLE_MESSAGES = {
                              "content": {"type": "string", "minLength": 1, "maxLength": 200}}}}
 """Messages the model validators accept (content present): so that most requests that fit
 the schema pass validation and run, with every other field fuzzed as described."""
+RUNNABLE_ANTHROPIC_MESSAGES = {
+    "type": "array", "minItems": 1, "maxItems": 4,
+    "items": {"type": "object", "additionalProperties": False, "required": ["role", "content"],
+              "properties": {"role": {"enum": ["user"]},
+                             "content": {"type": "string", "minLength": 1, "maxLength": 200}}}}
 
 
 class Fuzzed:
@@ -89,6 +104,11 @@ def _pinned(document: dict[str, Any], messages: dict[str, Any] | None = None) ->
         body["schema"]["properties"]["model"] = {"type": "string", "enum": [MODEL]}
         if messages is not None and path in CHAT:
             body["schema"]["properties"]["messages"] = messages
+    for path in ANTHROPIC:
+        body = pinned["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        body["schema"]["properties"]["model"] = {"type": "string", "enum": [MODEL]}
+        if messages is not None:
+            body["schema"]["properties"]["messages"] = RUNNABLE_ANTHROPIC_MESSAGES
     for path in EMBEDDINGS:
         body = pinned["paths"][path]["post"]["requestBody"]["content"]["application/json"]
         body["schema"]["properties"]["model"] = {"type": "string", "enum": [EMBEDDING_MODEL]}
@@ -131,7 +151,8 @@ def _check(case: Case[Any], response: schemathesis.Response) -> None:
         SEEN["5xx"] += 1
     assert status < 500, f"{where}\n{response.text[:500]}"
     if status >= 400:
-        problems = error_shape_problems(status, response.content)
+        shape = anthropic_error_problems if case.path in ANTHROPIC else error_shape_problems
+        problems = shape(status, response.content)
         SEEN["bad errors"] += bool(problems)
         assert not problems, f"{where}\n{problems}"
     elif case.path in GENERATING:
@@ -141,6 +162,13 @@ def _check(case: Case[Any], response: schemathesis.Response) -> None:
             assert 'data: {"error"' not in response.text, where
         else:
             assert response.json()["choices"], where
+    elif case.path in MESSAGES:
+        SEEN["chat answered"] += 1
+        if "text/event-stream" in " ".join(response.headers.get("content-type", [])):
+            assert response.text.rstrip().endswith('data: {"type":"message_stop"}'), where
+            assert "event: error" not in response.text, where
+        else:
+            assert response.json()["type"] == "message", where
 
 
 VARIANTS = [("runnable", GenerationMode.POSITIVE), ("runnable", GenerationMode.NEGATIVE),
@@ -149,7 +177,7 @@ CASES = [pytest.param(method, path, schema, mode, id=f"{method} {path} {label}")
          for method, path in OPERATIONS
          for (schema, mode), label in zip(VARIANTS, ("fits", "breaks", "as-described"),
                                           strict=True)
-         if schema == "runnable" or path in GENERATING]
+         if schema == "runnable" or path in GENERATING + MESSAGES]
 
 
 @pytest.mark.parametrize(("method", "path", "schema", "mode"), CASES)

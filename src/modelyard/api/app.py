@@ -12,11 +12,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
 
 from modelyard.api.admin import router as admin_router
+from modelyard.api.anthropic.messages import router as anthropic_router
 from modelyard.api.auth import AuthMiddleware
 from modelyard.api.chat import router as chat_router
 from modelyard.api.completions import router as completions_router
+from modelyard.api.dialects import error_style
 from modelyard.api.embeddings import router as embeddings_router
-from modelyard.api.errors import as_api_error, error_body
+from modelyard.api.errors import APIError, as_api_error, error_body
 from modelyard.api.lane import ChatLane
 from modelyard.api.request_limit import RequestLimit
 from modelyard.api.routes import json_response, router
@@ -47,10 +49,12 @@ def create_app(state: AppState) -> ASGIApp:
     app.include_router(admin_router)
     app.include_router(tokens_router)
     app.include_router(embeddings_router)
+    app.include_router(anthropic_router)
 
     async def answer_error(request: Request, exc: Exception) -> Response:
         error = as_api_error(exc)
-        return json_response(error.body(), error.status, error.headers)
+        status, body = error_style(request.url.path).answer(error)
+        return json_response(body, status, error.headers)
 
     # One answer for every error: Starlette's exception middleware answers a
     # ModelyardError; its outermost one any other exception (and re-raises it to the log).
@@ -63,7 +67,9 @@ def create_app(state: AppState) -> ASGIApp:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        return json_response(error_body(exc.status_code, str(exc.detail)), exc.status_code)
+        error = APIError(exc.status_code, str(exc.detail))
+        status, body = error_style(request.url.path).answer(error)
+        return json_response(body, status)
 
     return RequestLimit(AuthMiddleware(ChatLane(app, state), gate=state.gate),
                         state.max_requests_in_flight)

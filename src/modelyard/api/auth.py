@@ -1,7 +1,10 @@
 """Authentication as a plain ASGI middleware (no buffering of streamed bodies).
 
 It asks the app's `Gate` who the caller is and puts the answer in the request state
-(`request.state.caller`); a refusal is answered here in SPEC.md's error shape.
+(`request.state.caller`); a refusal is answered here in the error shape of the path's
+dialect (api/dialects.py). The key comes as `Authorization: Bearer <key>` or, as
+Anthropic's clients send it, `x-api-key: <key>` (the same keys; Authorization wins when
+both are sent).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from modelyard.api.dialects import error_style
 from modelyard.api.errors import as_api_error
 from modelyard.platform.gate import Gate, PlatformError
 
@@ -25,20 +29,26 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         header: str | None = None
+        api_key: bytes | None = None
         for name, value in scope["headers"]:
             if name == b"authorization":
                 header = value.decode("latin-1")
                 break
+            if name == b"x-api-key":
+                api_key = value
+        if header is None and api_key is not None:
+            header = "Bearer " + api_key.decode("latin-1")
         try:
             caller = await self.gate.authenticate(header)
         except PlatformError as exc:
             error = as_api_error(exc)
-            body = orjson.dumps(error.body())
+            status, payload = error_style(scope["path"]).answer(error)
+            body = orjson.dumps(payload)
             headers = [(b"content-type", b"application/json"),
                        (b"content-length", str(len(body)).encode()),
                        (b"www-authenticate", b"Bearer")]
             headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
-            await send({"type": "http.response.start", "status": error.status,
+            await send({"type": "http.response.start", "status": status,
                         "headers": headers})
             await send({"type": "http.response.body", "body": body})
             return

@@ -26,7 +26,7 @@ from modelyard.api.preparation import cheap
 from modelyard.api.responses import SSE_DONE, ChoiceResult, Completion, tool_call_body
 from modelyard.api.schema import ChatCompletionRequest
 from modelyard.api.state import AppState
-from modelyard.providers.base import ChatRequest, ChatStream, Prepared
+from modelyard.providers.base import ChatModel, ChatRequest, ChatStream, Prepared
 
 logger = logging.getLogger(__name__)
 
@@ -96,23 +96,8 @@ async def answer_chat(run: Run, body: bytes) -> None:
     request_id = f"chatcmpl-{os.urandom(16).hex()}"
     request = _to_chat_request(payload, request_id, caller.account_id)
     n = payload.choices
-    prepared: Prepared | None = None
-    if cheap(request, len(body)):  # exact counts for less than a thread costs
-        prepared = await provider.prepare_chat(request)
-        prompt_tokens, max_tokens = prepared.prompt_tokens, prepared.max_tokens
-    else:  # upper bounds now; the work once the request is paid for, off the loop
-        prompt_tokens = provider.prompt_token_bound(request)
-        max_tokens = provider.max_tokens_bound(request)
-    check_choices(state, n, max_tokens)
-    # n choices may each generate max_tokens: the most the request can cost.
-    bill = await run.admit(payload.model, prompt_tokens, max_tokens * n, payload.user)
-    if prepared is None:
-        prepared = await state.preparation.prepare(provider, request)
-        if prepared.prompt_tokens > prompt_tokens or prepared.max_tokens > max_tokens:
-            logger.warning("%s: %d prompt and %d completion tokens exceed their bounds "
-                           "(%d, %d); the charge is capped at the reservation",
-                           payload.model, prepared.prompt_tokens, prepared.max_tokens,
-                           prompt_tokens, max_tokens)
+    prepared, bill = await admit_chat(run, provider, request, len(body), payload.model,
+                                      payload.user)
     run.stream = await prepared.start()
     completion = Completion(request_id, int(time.time()), payload.model,
                             state.system_fingerprint)
@@ -120,6 +105,32 @@ async def answer_chat(run: Run, body: bytes) -> None:
         await _stream(run, completion, run.stream, n, payload.include_usage, bill)
     else:
         await _collect(run, completion, run.stream, n, bool(payload.logprobs), bill)
+
+
+async def admit_chat(run: Run, provider: ChatModel, request: ChatRequest, body_size: int,
+                     model: str, user: str | None) -> tuple[Prepared, Bill]:
+    """Admit a request on the chat core and prepare it (see the module's docstring): every
+    endpoint that translates onto `ChatRequest` takes this step."""
+    state = run.state
+    n = request.n
+    prepared: Prepared | None = None
+    if cheap(request, body_size):  # exact counts for less than a thread costs
+        prepared = await provider.prepare_chat(request)
+        prompt_tokens, max_tokens = prepared.prompt_tokens, prepared.max_tokens
+    else:  # upper bounds now; the work once the request is paid for, off the loop
+        prompt_tokens = provider.prompt_token_bound(request)
+        max_tokens = provider.max_tokens_bound(request)
+    check_choices(state, n, max_tokens)
+    # n choices may each generate max_tokens: the most the request can cost.
+    bill = await run.admit(model, prompt_tokens, max_tokens * n, user)
+    if prepared is None:
+        prepared = await state.preparation.prepare(provider, request)
+        if prepared.prompt_tokens > prompt_tokens or prepared.max_tokens > max_tokens:
+            logger.warning("%s: %d prompt and %d completion tokens exceed their bounds "
+                           "(%d, %d); the charge is capped at the reservation",
+                           model, prepared.prompt_tokens, prepared.max_tokens,
+                           prompt_tokens, max_tokens)
+    return prepared, bill
 
 
 def check_choices(state: AppState, n: int, max_tokens: int) -> None:

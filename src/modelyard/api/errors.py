@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Protocol
 
+import orjson
 from pydantic import ValidationError
 
 from modelyard.errors import ModelyardError, Refusal
@@ -53,6 +54,31 @@ def as_api_error(exc: BaseException) -> APIError:
     request_id = os.urandom(16).hex()
     logger.error("request %s failed", request_id, exc_info=exc)
     return APIError(500, f"internal server error (request {request_id})", code="server_error")
+
+
+class ErrorStyle(Protocol):
+    """How an API dialect writes an error: SPEC.md's (OpenAI's) shape by default,
+    Anthropic's on its paths (api/dialects.py says which path takes which)."""
+
+    def answer(self, error: APIError) -> tuple[int, dict[str, Any]]:
+        """The status and JSON body of an error answered before anything was sent."""
+        ...
+
+    def event(self, error: APIError) -> bytes:
+        """The last bytes of a stream that fails after it started."""
+        ...
+
+
+class _OpenAIStyle:
+    def answer(self, error: APIError) -> tuple[int, dict[str, Any]]:
+        return error.status, error.body()
+
+    def event(self, error: APIError) -> bytes:
+        return b"data: " + orjson.dumps(error.body()) + b"\n\ndata: [DONE]\n\n"
+
+
+OPENAI: ErrorStyle = _OpenAIStyle()
+"""SPEC.md's shape: `{"error": {...}}`; a failed stream's last event, then `[DONE]`."""
 
 
 def error_body(

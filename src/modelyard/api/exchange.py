@@ -38,7 +38,7 @@ from typing import Any
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from modelyard.api.errors import APIError, as_api_error
+from modelyard.api.errors import OPENAI, APIError, ErrorStyle, as_api_error
 from modelyard.api.reply import Reply, read_body
 from modelyard.api.shutdown import SHUTTING_DOWN
 from modelyard.api.state import AppState
@@ -111,20 +111,23 @@ class Exchange(Response):
     """A whole exchange as an ASGI response: what a FastAPI route answers with, for an
     endpoint that reads its body itself."""
 
-    def __init__(self, state: AppState, endpoint: Endpoint) -> None:
+    def __init__(self, state: AppState, endpoint: Endpoint,
+                 errors: ErrorStyle = OPENAI) -> None:
         super().__init__()
         self.state = state
         self.endpoint = endpoint
+        self.errors = errors
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await handle(self.state, scope, receive, send, self.endpoint)
+        await handle(self.state, scope, receive, send, self.endpoint, self.errors)
 
 
 async def handle(state: AppState, scope: Scope, receive: Receive, send: Send,
-                 endpoint: Endpoint) -> None:
-    """One request, from its check-in to its settlement."""
+                 endpoint: Endpoint, errors: ErrorStyle = OPENAI) -> None:
+    """One request, from its check-in to its settlement; its errors in the `errors`
+    style of its dialect."""
     caller: Caller = scope["state"]["caller"]
-    reply = Reply(send)
+    reply = Reply(send, errors)
     try:
         ticket = await state.gate.check_in(caller)
     except Exception as exc:  # a refusal (429), or a failure of modelyard's (a 500)

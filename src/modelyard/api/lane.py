@@ -13,8 +13,10 @@ import logging
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from modelyard.api.anthropic.messages import MESSAGES_PATHS, answer_messages
 from modelyard.api.chat import CHAT_PATHS, answer_chat
 from modelyard.api.completions import COMPLETION_PATHS, answer_completions
+from modelyard.api.dialects import error_style
 from modelyard.api.embeddings import EMBEDDING_PATHS, answer_embeddings
 from modelyard.api.exchange import Endpoint, handle
 from modelyard.api.state import AppState
@@ -25,6 +27,7 @@ LANES: dict[str, Endpoint] = {
     **dict.fromkeys(CHAT_PATHS, answer_chat),
     **dict.fromkeys(COMPLETION_PATHS, answer_completions),
     **dict.fromkeys(EMBEDDING_PATHS, answer_embeddings),
+    **dict.fromkeys(MESSAGES_PATHS, answer_messages),
 }
 
 
@@ -38,4 +41,4 @@ class ChatLane:
         if endpoint is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        await handle(self.state, scope, receive, send, endpoint)
+        await handle(self.state, scope, receive, send, endpoint, error_style(scope["path"]))

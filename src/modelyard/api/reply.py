@@ -14,8 +14,8 @@ from typing import Any
 import orjson
 from starlette.types import Receive, Send
 
-from modelyard.api.errors import APIError
-from modelyard.api.responses import SSE_DONE, sse
+from modelyard.api.errors import OPENAI, APIError, ErrorStyle
+from modelyard.api.responses import SSE_DONE
 
 JSON = b"application/json"
 MIN_BODY_CAP = 1024 * 1024
@@ -73,10 +73,11 @@ def _raw(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
 class Reply:
     """One response, sent once: a JSON body, or a stream of SSE chunks. `finished` turns
     true just before the last byte is handed over (a disconnect after it is no longer the
-    client giving up)."""
+    client giving up). Errors are written in the `errors` style of the endpoint's dialect."""
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, errors: ErrorStyle = OPENAI) -> None:
         self._send = send
+        self.errors = errors
         self.started = False
         self.streaming = False
         self.finished = False
@@ -110,7 +111,7 @@ class Reply:
         if self.finished:
             return
         if not self.started:
-            await self.json(error.body(), error.status, error.headers)
+            status, body = self.errors.answer(error)
+            await self.json(body, status, error.headers)
         elif self.streaming:
-            await self.chunk(sse(error.body()))
-            await self.close_stream()
+            await self.close_stream(self.errors.event(error))

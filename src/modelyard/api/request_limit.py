@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from modelyard.api.errors import error_body
+from modelyard.api.dialects import error_style
+from modelyard.api.errors import APIError
 from modelyard.api.routes import json_response
 
 EXEMPT_PATHS = frozenset({"/health", "/metrics"})
@@ -30,10 +31,10 @@ class RequestLimit:
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.limit:
-            response = json_response(
-                error_body(503, f"the server is answering {self.limit} requests, its limit; "
-                           "retry shortly", code="server_overloaded"),
-                503, {"Retry-After": str(RETRY_AFTER_SECONDS)})
+            error = APIError(503, f"the server is answering {self.limit} requests, its limit; "
+                             "retry shortly", code="server_overloaded")
+            status, body = error_style(scope["path"]).answer(error)
+            response = json_response(body, status, {"Retry-After": str(RETRY_AFTER_SECONDS)})
             await response(scope, receive, send)
             return
         self.in_flight += 1

@@ -33,7 +33,13 @@ from pydantic import (
 from starlette.types import Receive, Scope, Send
 
 from modelyard.api import bounds
-from modelyard.api.errors import APIError, as_api_error, from_validation_error
+from modelyard.api.errors import (
+    OPENAI,
+    APIError,
+    ErrorStyle,
+    as_api_error,
+    from_validation_error,
+)
 from modelyard.api.openapi import request_body
 from modelyard.api.preparation import CHEAP_BODY_BYTES
 from modelyard.api.reply import Reply, read_body
@@ -203,10 +209,11 @@ Work = Callable[[AppState, Caller, bytes], Awaitable[dict[str, Any]]]
 
 
 async def handle(state: AppState, work: Work, scope: Scope, receive: Receive,
-                 send: Send) -> None:
-    """One request: checked in before its body is read, checked out whatever happens."""
+                 send: Send, errors: ErrorStyle = OPENAI) -> None:
+    """One request: checked in before its body is read, checked out whatever happens; its
+    errors in the `errors` style of its dialect."""
     caller: Caller = scope["state"]["caller"]
-    reply = Reply(send)
+    reply = Reply(send, errors)
     try:
         ticket = await state.gate.check_in(caller)
     except Exception as exc:  # a refusal (429), or a failure of modelyard's (a 500)
@@ -227,24 +234,25 @@ async def handle(state: AppState, work: Work, scope: Scope, receive: Receive,
         await state.gate.check_out(ticket)
 
 
-class _Exchange(Response):
+class UnbilledExchange(Response):
     """The exchange as an ASGI response, so that it reads the body itself (capped, with a
     deadline) after the check-in."""
 
-    def __init__(self, state: AppState, work: Work) -> None:
+    def __init__(self, state: AppState, work: Work, errors: ErrorStyle = OPENAI) -> None:
         super().__init__()
         self.state = state
         self.work = work
+        self.errors = errors
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await handle(self.state, self.work, scope, receive, send)
+        await handle(self.state, self.work, scope, receive, send, self.errors)
 
 
 @router.post("/tokenize", openapi_extra=request_body(TokenizeRequest))
 async def tokenize(request: Request) -> Response:
-    return _Exchange(request.app.state.modelyard, _tokenize)
+    return UnbilledExchange(request.app.state.modelyard, _tokenize)
 
 
 @router.post("/detokenize", openapi_extra=request_body(DetokenizeRequest))
 async def detokenize(request: Request) -> Response:
-    return _Exchange(request.app.state.modelyard, _detokenize)
+    return UnbilledExchange(request.app.state.modelyard, _detokenize)

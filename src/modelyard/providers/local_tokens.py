@@ -28,9 +28,15 @@ class LocalTokenizer:
         return self._provider.runner.tokenize(text, add_special=add_special, special=True)
 
     def tokenize_messages(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                          add_special: bool) -> list[int]:
+                          add_special: bool, tools: list[dict[str, Any]] | None = None,
+                          enable_thinking: bool | None = None) -> list[int]:
         provider = self._provider
-        prompt = provider.render_prompt(messages, add_generation_prompt=add_generation_prompt)
+        # the template's arguments as a chat request's plan (providers/constraints.py) sets
+        kwargs: dict[str, Any] = {"tools": tools} if tools else {}
+        if enable_thinking is not None and provider.think_tags is not None:
+            kwargs["enable_thinking"] = enable_thinking
+        prompt = provider.render_prompt(messages, add_generation_prompt=add_generation_prompt,
+                                        **kwargs)
         if not add_special:
             return provider.tokenize_prompt(prompt)  # the chat route's prompt, token for token
         ids: list[int] = []

@@ -25,12 +25,14 @@ class Tokenizer(Protocol):
         added around it, as a completion prompt would be."""
 
     def tokenize_messages(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                          add_special: bool) -> list[int]:
+                          add_special: bool, tools: list[dict[str, Any]] | None = None,
+                          enable_thinking: bool | None = None) -> list[int]:
         """Chat messages (the chat route's template dicts) rendered through the model's chat
         template and tokenized exactly as a chat completion's prompt is, so that the count
         is the prompt tokens that request would be billed for; `add_special`: the
-        tokenizer's special tokens added at the start as well, whatever the template wrote.
-        Raises a `ProviderError` (422) when the template refuses the messages."""
+        tokenizer's special tokens added at the start as well, whatever the template wrote;
+        `tools` (OpenAI function tools) and `enable_thinking` rendered as a chat request's
+        are. Raises a `ProviderError` (422) when the template refuses the messages."""
 
     def detokenize(self, ids: list[int]) -> str:
         """The text of `ids` (each within the vocabulary), special tokens written out."""
