@@ -43,6 +43,7 @@ def gateway(fake: str, tmp_path_factory: pytest.TempPathFactory,
               ("claude/thinking", "anthropic", "thinking:Yes"),
               ("claude/tools", "anthropic", "tools"),
               ("claude/busy", "anthropic", "status=529"),
+              ("claude/broken", "anthropic", "streamerror:Partial"),
               ("gemini/ok", "gemini", "ok:Hello"),
               ("gemini/thinking", "gemini", "thinking:Yes"),
               ("gemini/tools", "gemini", "tools")]
@@ -187,3 +188,57 @@ def test_refusals_and_an_overloaded_upstream(sdk: openai.OpenAI) -> None:
                                     messages=[{"role": "user", "content": "hi"}])
     assert busy.value.status_code == 503
     assert busy.value.response.headers["retry-after"] == "7"
+
+
+def test_messages_to_an_anthropic_model_are_relayed_natively(
+        sdk: openai.OpenAI, gateway: RunningServer, fake: str) -> None:
+    """POST /v1/messages through the `anthropic` SDK: the body reaches the deployment as
+    the client wrote it (its model name replaced), and the answer comes back as the
+    deployment wrote it, billed from its usage."""
+    import anthropic
+
+    key = gateway.create_key("native")  # the account the `sdk` fixture created
+    client = anthropic.Anthropic(base_url=gateway.base_url, api_key=key, max_retries=0,
+                                 timeout=30)
+    clear(fake)
+    message = client.messages.create(
+        model="claude/thinking", max_tokens=2000, system="Be brief.",
+        thinking={"type": "enabled", "budget_tokens": 1024}, metadata={"user_id": "u-1"},
+        messages=[{"role": "user", "content": [{"type": "text", "text": "hi",
+                                                "cache_control": {"type": "ephemeral"}}]}])
+    [call] = received(fake)
+    assert call["body"] == {
+        "model": "thinking:Yes", "max_tokens": 2000, "system": "Be brief.",
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "metadata": {"user_id": "u-1"},
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi",
+                                                   "cache_control": {"type": "ephemeral"}}]}]}
+    assert message.id == "msg_fake" and message.model == "claude/thinking"
+    thinking, text = message.content
+    assert thinking.type == "thinking" and thinking.signature == "c2ln"
+    assert text.type == "text" and text.text == "Yes"
+    assert message.usage.cache_read_input_tokens == 3
+    assert _last_record(gateway, "claude/thinking")["cost_micros"] == 13 + 7 * 2
+
+    with client.messages.stream(model="claude/tools", max_tokens=100,
+                                messages=[{"role": "user", "content": "Weather?"}],
+                                tools=[{"name": "get_weather", "input_schema": {
+                                    "type": "object"}}]) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "tool_use" and final.model == "claude/tools"
+    tool = final.content[-1]
+    assert tool.type == "tool_use" and tool.input == {"city": "Paris"}
+    assert _last_record(gateway, "claude/tools")["estimated"] is False
+
+    with pytest.raises(anthropic.APIStatusError) as busy:  # the upstream's 529, retry-after
+        client.messages.create(model="claude/busy", max_tokens=10,
+                               messages=[{"role": "user", "content": "hi"}])
+    assert busy.value.status_code == 529 and busy.value.response.headers["retry-after"] == "7"
+    assert busy.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+    text = ""
+    with (pytest.raises(anthropic.APIError) as broken,  # the upstream's error event
+          client.messages.stream(model="claude/broken", max_tokens=10,
+                                 messages=[{"role": "user", "content": "hi"}]) as stream):
+        for chunk in stream.text_stream:
+            text += chunk
+    assert text == "Partial" and "Overloaded" not in str(broken.value)  # ours, opaque

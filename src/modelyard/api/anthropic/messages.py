@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from modelyard.api.anthropic.answer import Collected, EventWriter, Head
 from modelyard.api.anthropic.count_tokens import count_tokens_work
 from modelyard.api.anthropic.errors import ANTHROPIC
+from modelyard.api.anthropic.native import native_model, relay_messages
 from modelyard.api.anthropic.schema import CountTokensRequest, MessagesRequest
 from modelyard.api.anthropic.translate import to_chat_request
 from modelyard.api.chat import admit_chat
@@ -60,6 +61,10 @@ async def answer_messages(run: Run, body: bytes) -> None:
     report_stop = bool(payload.stop_sequences) and provider.tokenizer() is not None
     request = to_chat_request(payload, message_id, run.ticket.caller.account_id, report_stop)
     user = payload.metadata.user_id if payload.metadata else None
+    native = native_model(provider)
+    if native is not None:  # Anthropic's own deployments: the body relayed as it is
+        await relay_messages(run, native, body, request, payload.model, user)
+        return
     prepared, bill = await admit_chat(run, provider, request, len(body), payload.model, user)
     run.stream = await prepared.start()
     head = Head(message_id, payload.model, request.stop if report_stop else ())
