@@ -47,6 +47,8 @@ MESSAGES = ["/v1/messages"]
 """Anthropic's Messages API: its errors in Anthropic's shape, its model pinned too."""
 ANTHROPIC = [*MESSAGES, "/v1/messages/count_tokens"]
 EMBEDDINGS = ["/v1/embeddings", "/api/v1/embeddings"]
+RESPONSES = ["/v1/responses"]
+"""OpenAI's Responses API: its model pinned, its events checked."""
 EMBEDDING_MODEL = "all-minilm-l6-v2"
 """The built-in embedding model, which the fuzzed server runs by default."""
 OPERATIONS = [
@@ -57,6 +59,8 @@ OPERATIONS = [
     ("POST", "/tokenize"), ("POST", "/detokenize"),
     ("POST", "/v1/embeddings"), ("POST", "/api/v1/embeddings"),
     ("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens"),
+    ("POST", "/v1/responses"), ("GET", "/v1/responses/{response_id}"),
+    ("DELETE", "/v1/responses/{response_id}"),
     ("GET", "/admin/accounts"), ("POST", "/admin/accounts"),
     ("GET", "/admin/accounts/{name}"), ("POST", "/admin/accounts/{name}/topup"),
     ("GET", "/admin/keys"), ("POST", "/admin/keys"), ("POST", "/admin/keys/{key_id}/revoke"),
@@ -112,6 +116,11 @@ def _pinned(document: dict[str, Any], messages: dict[str, Any] | None = None) ->
     for path in EMBEDDINGS:
         body = pinned["paths"][path]["post"]["requestBody"]["content"]["application/json"]
         body["schema"]["properties"]["model"] = {"type": "string", "enum": [EMBEDDING_MODEL]}
+    for path in RESPONSES:
+        body = pinned["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        body["schema"]["properties"]["model"] = {"type": "string", "enum": [MODEL]}
+        if messages is not None:
+            body["schema"]["properties"]["input"] = RUNNABLE_MESSAGES
     return pinned
 
 
@@ -169,6 +178,14 @@ def _check(case: Case[Any], response: schemathesis.Response) -> None:
             assert "event: error" not in response.text, where
         else:
             assert response.json()["type"] == "message", where
+    elif case.path in RESPONSES and case.method == "POST":
+        SEEN["chat answered"] += 1
+        if "text/event-stream" in " ".join(response.headers.get("content-type", [])):
+            last = response.text.rstrip().rsplit("\n\n", 1)[-1]
+            assert last.startswith(("event: response.completed",
+                                    "event: response.incomplete")), where
+        else:
+            assert response.json()["object"] == "response", where
 
 
 VARIANTS = [("runnable", GenerationMode.POSITIVE), ("runnable", GenerationMode.NEGATIVE),
@@ -177,7 +194,7 @@ CASES = [pytest.param(method, path, schema, mode, id=f"{method} {path} {label}")
          for method, path in OPERATIONS
          for (schema, mode), label in zip(VARIANTS, ("fits", "breaks", "as-described"),
                                           strict=True)
-         if schema == "runnable" or path in GENERATING + MESSAGES]
+         if schema == "runnable" or path in GENERATING + MESSAGES + RESPONSES]
 
 
 @pytest.mark.parametrize(("method", "path", "schema", "mode"), CASES)

@@ -21,6 +21,7 @@ from modelyard.api.embeddings import router as embeddings_router
 from modelyard.api.errors import APIError, as_api_error, error_body
 from modelyard.api.lane import ChatLane
 from modelyard.api.request_limit import RequestLimit
+from modelyard.api.responses_api.endpoint import router as responses_router
 from modelyard.api.routes import json_response, router
 from modelyard.api.state import AppState
 from modelyard.api.tokens import router as tokens_router
@@ -49,6 +50,7 @@ def create_app(state: AppState) -> ASGIApp:
     app.include_router(admin_router)
     app.include_router(tokens_router)
     app.include_router(embeddings_router)
+    app.include_router(responses_router)
     app.include_router(anthropic_router)
 
     async def answer_error(request: Request, exc: Exception) -> Response:

@@ -19,6 +19,7 @@ from modelyard.api.completions import COMPLETION_PATHS, answer_completions
 from modelyard.api.dialects import error_style
 from modelyard.api.embeddings import EMBEDDING_PATHS, answer_embeddings
 from modelyard.api.exchange import Endpoint, handle
+from modelyard.api.responses_api.endpoint import RESPONSES_PATHS, answer_responses
 from modelyard.api.state import AppState
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ LANES: dict[str, Endpoint] = {
     **dict.fromkeys(CHAT_PATHS, answer_chat),
     **dict.fromkeys(COMPLETION_PATHS, answer_completions),
     **dict.fromkeys(EMBEDDING_PATHS, answer_embeddings),
+    **dict.fromkeys(RESPONSES_PATHS, answer_responses),
     **dict.fromkeys(MESSAGES_PATHS, answer_messages),
 }
 
