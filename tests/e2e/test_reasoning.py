@@ -84,6 +84,32 @@ def test_streamed_reasoning_arrives_as_reasoning_content(thinking_client: openai
     assert "</think>" not in reasoning + content
 
 
+def test_responses_answer_with_a_reasoning_item(thinking_client: openai.OpenAI) -> None:
+    response = thinking_client.responses.create(
+        model=MODEL, input=QUESTION[0]["content"], temperature=0, max_output_tokens=200,
+        reasoning={"effort": "low"}, extra_body={"thinking_budget": 128}, store=False)
+    reasoning, message = response.output[:2]
+    assert reasoning.type == "reasoning" and reasoning.content and reasoning.content[0].text
+    assert message.type == "message" and response.output_text
+    assert "</think>" not in reasoning.content[0].text + response.output_text
+    assert response.usage is not None
+    assert 0 < response.usage.output_tokens_details.reasoning_tokens <= 128
+
+
+def test_responses_stream_reasoning_text_events(thinking_client: openai.OpenAI) -> None:
+    stream = thinking_client.responses.create(
+        model=MODEL, input=QUESTION[0]["content"], temperature=0, max_output_tokens=160,
+        stream=True, extra_body={"thinking_budget": 128}, store=False)
+    events = list(stream)
+    kinds = [event.type for event in events]
+    first_text = kinds.index("response.output_text.delta")
+    assert "response.reasoning_text.delta" in kinds[:first_text]
+    assert "response.reasoning_text.done" in kinds[:first_text]
+    deltas = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    final = events[-1].response  # type: ignore[union-attr]
+    assert final.output[0].type == "reasoning" and final.output[0].content[0].text == deltas
+
+
 def test_enable_thinking_false_skips_the_block(thinking_client: openai.OpenAI) -> None:
     reply = _ask(thinking_client, enable_thinking=False)
     assert not reply.choices[0].message.model_dump().get("reasoning_content")

@@ -62,6 +62,17 @@ def test_stream_events(client: openai.OpenAI) -> None:
     assert final.usage is not None and final.usage.output_tokens > 0
 
 
+def test_the_sdks_stream_helper_assembles_the_same_answer(client: openai.OpenAI) -> None:
+    """`responses.stream` rebuilds the response from the events alone (items, parts and
+    deltas must agree): its result is the final event's response."""
+    with client.responses.stream(model=MODEL, input="Name three colors.",
+                                 max_output_tokens=24, store=False) as stream:
+        texts = [event.delta for event in stream if event.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert final.output_text == "".join(texts) and texts
+    assert final.output[0].type == "message"
+
+
 def test_function_tool_round_trip(client: openai.OpenAI) -> None:
     question = [{"role": "user", "content": "What is the weather in Paris?"}]
     first = client.responses.create(model=MODEL, input=question,  # type: ignore[arg-type]

@@ -232,6 +232,9 @@ class ResponsesRequest(_Strict):
     previous_response_id: Annotated[Identifier, Field(max_length=RESPONSE_ID_CHARS)] | None = None
     stream: bool = False
     background: bool | None = None
+    # modelyard's own reasoning fields, as on chat completions (SPEC.md)
+    enable_thinking: bool | None = None
+    thinking_budget: Annotated[int, Field(ge=128, le=32768)] | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -120,6 +120,8 @@ def to_chat_request(payload: ResponsesRequest, items: list[InputItem], request_i
         parallel_tool_calls=payload.parallel_tool_calls is not False,
         response_format=_response_format(payload),
         reasoning_effort=_effort(payload),
+        enable_thinking=payload.enable_thinking,
+        thinking_budget=payload.thinking_budget,
         stream=payload.stream,
     )
 
