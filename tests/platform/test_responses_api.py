@@ -4,13 +4,18 @@ stream started ends it with `response.failed`."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
+from datetime import timedelta
 from typing import Any
 
 import httpx
 import orjson
+from sqlalchemy import update
 
-from modelyard.platform.response_store import DatabaseResponses
+from modelyard.config import PlatformConfig
+from modelyard.platform.response_store import DatabaseResponses, StoredResponse
+from modelyard.platform.tables import responses, utcnow
 from modelyard.providers.base import ChatDelta, PreparedChat, ProviderError
 from modelyard.usage import Usage
 from tests.platform.fakes import FakeProvider
@@ -110,3 +115,23 @@ def test_a_failure_after_the_start_is_response_failed_and_billed(backend: Backen
         gone = await platform.client.get(f"/v1/responses/{failed['id']}", headers=_auth(key))
         assert gone.status_code == 404
     scenario(backend, body)
+
+
+def test_the_gates_sweep_deletes_responses_past_the_usage_retention(backend: Backend) -> None:
+    async def body(platform: Harness) -> None:
+        store = DatabaseResponses(platform.gate.db)
+        record = StoredResponse("resp_" + "1" * 32, "acct", [], {"id": "resp_" + "1" * 32})
+        fresh = StoredResponse("resp_" + "2" * 32, "acct", [], {"id": "resp_" + "2" * 32})
+        await store.save(record)
+        await store.save(fresh)
+        await platform.db.write(lambda connection: connection.execute(
+            update(responses).where(responses.c.id == record.id).values(
+                created_at=utcnow() - timedelta(days=2))))
+        await platform.gate.start()
+        for _ in range(100):
+            if await store.load("acct", record.id) is None:
+                break
+            await asyncio.sleep(0.02)
+        assert await store.load("acct", record.id) is None
+        assert await store.load("acct", fresh.id) is not None
+    scenario(backend, body, settings=PlatformConfig(usage_retention_days=1))
