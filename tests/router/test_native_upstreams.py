@@ -150,13 +150,18 @@ def test_anthropic_tool_choice_thinking_and_model_defaults(fake: str) -> None:
     clear(fake)
     named = {"type": "function", "function": {"name": "get_weather"}}
     model = _routed("anthropic", fake, "ok")
-    _run(model, _request(False, tools=[WEATHER], tool_choice=named, enable_thinking=False))
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}},
+              "additionalProperties": False}
+    _run(model, _request(False, tools=[WEATHER], tool_choice=named, enable_thinking=False,
+                         response_format={"type": "json_schema",
+                                          "json_schema": {"name": "x", "schema": schema}}))
     _run(model, _request(False, reasoning_effort="high", messages=[
         {"role": "user", "content": "a"}, {"role": "user", "content": "b"}]))
     first, second = (r["body"] for r in received(fake))
     assert first["tool_choice"] == {"type": "tool", "name": "get_weather"}
     assert first["thinking"] == {"type": "disabled"} and first["stream"] is False
     assert first["messages"] == [{"role": "user", "content": "hi"}]
+    assert first["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
     assert second["thinking"] == {"type": "enabled", "budget_tokens": 16384}
     assert second["messages"] == [{"role": "user", "content": [
         {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]

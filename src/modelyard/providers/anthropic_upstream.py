@@ -7,9 +7,10 @@ results of parallel calls must be), with images as `image` blocks, assistant too
 as `tool_use` blocks and tool messages as `tool_result` blocks; tools with
 `input_schema`, tool_choice (`auto`, `any`, `tool`, `none`, with
 `disable_parallel_tool_use`), stop_sequences, temperature (0 to 1), top_p, top_k,
-max_tokens and `thinking` (a budget). Refused with a 422 unless the model drops them:
-n > 1, seed, logit_bias, logprobs, the penalties, min_p, response_format other than text,
-a temperature above 1 (clamped to 1 when dropped).
+max_tokens, `thinking` (a budget) and a json_schema response format as
+`output_config.format`. Refused with a 422 unless the model drops them: n > 1, seed,
+logit_bias, logprobs, the penalties, min_p, response_format json_object, a temperature
+above 1 (clamped to 1 when dropped).
 
 The answer, streamed (`message_start`, `content_block_*`, `message_delta`,
 `message_stop`, `ping`, `error` events) or whole (a `message`), is read into `ChatDelta`s:
@@ -103,8 +104,10 @@ def messages_body(request: ChatRequest, model: str, max_tokens: int, defaults: S
         unsupported.add("n")
     if request.seed is not None:
         unsupported.add("seed")
-    if request.response_format is not None and request.response_format.get("type") != "text":
-        unsupported.add("response_format")
+    output_format = _output_format(request.response_format)
+    if output_format is None and request.response_format is not None \
+            and request.response_format.get("type") != "text":
+        unsupported.add("response_format")  # json_object: no schema to give
     budget = thinking_budget(request)
     # Extended thinking takes no temperature or top_k and a top_p of 0.95 or more: with
     # it on, the model's defaults are not sent (the request's own fields still are).
@@ -137,8 +140,18 @@ def messages_body(request: ChatRequest, model: str, max_tokens: int, defaults: S
         body["thinking"] = {"type": "disabled"}
     elif budget is not None:
         body["thinking"] = {"type": "enabled", "budget_tokens": budget}
+    if output_format is not None:
+        body["output_config"] = {"format": output_format}
     body["stream"] = request.stream
     return body
+
+
+def _output_format(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A json_schema response format as structured output's `output_config.format`."""
+    if not response_format or response_format.get("type") != "json_schema":
+        return None
+    schema = (response_format.get("json_schema") or {}).get("schema")
+    return {"type": "json_schema", "schema": schema} if schema else None
 
 
 def _messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
