@@ -78,6 +78,7 @@ def _nested(depth: int) -> dict[str, Any]:
     ({"max_tokens": 2000, "thinking": {"type": "enabled", "budget_tokens": 4000}},
      "budget_tokens"),
     ({"metadata": {"user_id": "x\x1b"}}, "user_id"),
+    ({"system": [{"type": "text", "text": "x" * bounds.MAX_MESSAGE_CHARS}] * 2}, "system"),
 ])
 def test_refused_with_a_400_naming_the_field(change: dict[str, Any], named: str) -> None:
     body = {**BASE, **change}

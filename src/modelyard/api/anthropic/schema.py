@@ -217,7 +217,12 @@ class CountTokensRequest(_Strict):
         return self
 
     def _check_messages(self) -> None:
-        total = 0
+        system = self.system
+        total = len(system) if isinstance(system, str) else sum(
+            len(block.text) for block in system or ())
+        if total > bounds.MAX_MESSAGE_CHARS:
+            raise APIError(400, f"system has at most {bounds.MAX_MESSAGE_CHARS} characters",
+                           param="system")
         for index, message in enumerate(self.messages):
             if not isinstance(message.content, str) and any(
                     isinstance(block, ImageBlock) or (
