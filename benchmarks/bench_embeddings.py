@@ -7,9 +7,9 @@ request is checked in, admitted, settled and recorded) and `llama-server --embed
 (no key) with as many slots as the highest concurrency and the same batch size. For each
 concurrency (default 1, 8 and 32 clients, each sending its next request as soon as its
 last was answered) and each server in turn, repeated `--rounds` times and interleaved so
-that both see the same machine: requests/s and the median latency of one request whose
-input is one text of exactly `--tokens` tokens ([CLS] and [SEP] included). The tables
-show the medians over rounds.
+that both see the same machine: requests/s, and the median and 99th percentile latency of
+a request whose input is one text of exactly `--tokens` tokens ([CLS] and [SEP]
+included). The table shows the medians over rounds.
 
     .venv/bin/python benchmarks/bench_embeddings.py --llama-server /path/to/llama-server
 
@@ -134,9 +134,9 @@ def start_llama_server(binary: Path, model: Path, workdir: Path, threads: int, b
 
 
 async def closed_loop(target: Target, payload: bytes, clients: int,
-                      seconds: float) -> tuple[float, float, int]:
+                      seconds: float) -> tuple[float, float, float, int]:
     """`clients` loops, each sending its next request once its last was answered:
-    requests/s, the median latency (ms) and the failures."""
+    requests/s, the median and 99th percentile latency (ms) and the failures."""
     pool = Pool(target.port)
     latencies: list[float] = []
     failures = 0
@@ -155,8 +155,11 @@ async def closed_loop(target: Target, payload: bytes, clients: int,
     await asyncio.gather(*(client() for _ in range(clients)))
     wall = time.perf_counter() - started
     pool.close()
-    median = statistics.median(latencies) * 1000 if latencies else float("nan")
-    return len(latencies) / wall, median, failures
+    if not latencies:
+        return 0.0, float("nan"), float("nan"), failures
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+    return len(latencies) / wall, statistics.median(latencies) * 1000, p99 * 1000, failures
 
 
 def check_answer(target: Target, text: str) -> list[float]:
@@ -194,7 +197,7 @@ def main() -> None:
           f"{info['load_average_at_start']:.1f}; {MODEL} ({model.name}), one input of "
           f"{args.tokens} tokens per request, {args.threads} threads, batch {args.batch}, "
           f"{args.seconds:g} s per measurement, median of {args.rounds} rounds", flush=True)
-    results: dict[str, dict[int, list[tuple[float, float, int]]]] = {}
+    results: dict[str, dict[int, list[tuple[float, float, float, int]]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         targets: list[Target] = []
@@ -216,13 +219,13 @@ def main() -> None:
                         results.setdefault(target.name, {}).setdefault(clients, []).append(
                             measured)
                         print(f"  {target.name} x{clients}: {measured[0]:.1f} req/s, "
-                              f"p50 {measured[1]:.1f} ms, {measured[2]} failed", flush=True)
+                              f"p50 {measured[1]:.1f} ms, p99 {measured[2]:.1f} ms, "
+                              f"{measured[3]} failed", flush=True)
         finally:
             for target in targets:
                 target.process.terminate()
                 target.process.wait(30)
-    print("\n| concurrency | modelyard req/s | modelyard p50 | llama-server req/s "
-          "| llama-server p50 |")
+    print("\n| concurrency | modelyard req/s | p50 / p99 | llama-server req/s | p50 / p99 |")
     print("|---:|---:|---:|---:|---:|")
     summary: dict[str, dict[str, dict[str, float]]] = {}
     for clients in levels:
@@ -231,11 +234,12 @@ def main() -> None:
             runs = results[name][clients]
             rate = statistics.median(r[0] for r in runs)
             p50 = statistics.median(r[1] for r in runs)
-            failed = sum(r[2] for r in runs)
+            p99 = statistics.median(r[2] for r in runs)
+            failed = sum(r[3] for r in runs)
             cells += [f"{rate:.1f}" + (f" ({failed} failed)" if failed else ""),
-                      f"{p50:.1f} ms"]
+                      f"{p50:.0f} / {p99:.0f} ms"]
             summary.setdefault(name, {})[str(clients)] = {
-                "requests_per_second": rate, "p50_ms": p50, "failed": failed}
+                "requests_per_second": rate, "p50_ms": p50, "p99_ms": p99, "failed": failed}
         print(f"| {clients} | {' | '.join(cells)} |")
     save_results("embeddings", {"machine": info, "cosine_between_servers": similarity,
                                 "results": summary}, args)
