@@ -172,6 +172,16 @@ class RouterConfig:
     """How long an open breaker waits before one half-open probe request."""
     usage_drain_seconds: Annotated[float, Strict(), Field(ge=0)] = 10.0
     """After a client went away, how long to keep reading an upstream for its usage."""
+    affinity: Flag = True
+    """Cache-aware routing: a model's deployments that keep a prefix cache (see
+    `prefix_cache`) share its requests by consistent hashing of the caller's account and
+    the prompt's first messages, so a conversation's turns reach the replica that holds
+    its earlier turns; false: weighted random, as for the other deployments."""
+    affinity_epsilon: Annotated[float, Strict(), Field(ge=0)] = 0.5
+    """Bounded load: a deployment already holding more than (1 + this) x its weight's
+    share of the model's active requests passes a request on to the next on the ring."""
+    affinity_prefix_chars: Positive = 1024
+    """Characters of each leading message (as JSON) that make the affinity key."""
 
 
 @dataclass(frozen=True, config=_FORBID)
@@ -224,6 +234,10 @@ class DeploymentConfig:
     """The whole answer's limit (a stream's is checked between events)."""
     name: Text | None = None
     """Shown in logs and metrics; None: derived from base_url and upstream_model."""
+    prefix_cache: Flag | None = None
+    """Whether the deployment keeps a prefix cache that routing should follow (`[router]
+    affinity`); None: true for a local deployment and for the vllm, sglang, llamacpp and
+    passthrough (another modelyard) profiles."""
 
     @field_validator("base_url")
     @classmethod

@@ -20,7 +20,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -40,6 +40,7 @@ from modelyard.providers.base import (
 from modelyard.providers.gemini_upstream import GeminiDeployment
 from modelyard.providers.openai_compat import UpstreamCall, UpstreamDeployment, UpstreamError
 from modelyard.providers.tokens import Tokenizer
+from modelyard.router.affinity import Affinity, keeps_prefix_cache, ring_names
 from modelyard.router.balancer import choose
 from modelyard.router.breaker import Breaker
 from modelyard.router.local_route import LocalDeployment
@@ -89,6 +90,11 @@ class RoutedModel(Provider[RouteWork]):
         for route in self.routes:
             self.metrics.watch(self.model_id, route.deployment.name, route.breaker,
                                route.active_requests)
+        cached = [r for r in self.routes if keeps_prefix_cache(r.deployment.config)]
+        self.affinity: Affinity[Route] | None = Affinity(
+            list(zip(ring_names([r.deployment.name for r in cached]), cached, strict=True)),
+            lambda r: r.weight, Route.active_requests, router.affinity_epsilon,
+            router.affinity_prefix_chars) if router.affinity and len(cached) > 1 else None
 
     def describe(self) -> dict[str, Any]:
         capabilities = {name: name in self.config.capabilities
@@ -156,6 +162,7 @@ class RoutedModel(Provider[RouteWork]):
 
     async def start_chat(self, prepared: PreparedChat[RouteWork]) -> ChatStream:
         request_id = prepared.request.request_id
+        key = self.affinity.key(prepared.request) if self.affinity is not None else 0
         tried: set[int] = set()
         last: UpstreamError | None = None
         wait = 1.0  # the longest Retry-After a failed deployment asked for
@@ -164,7 +171,8 @@ class RoutedModel(Provider[RouteWork]):
             candidates = [r for i, r in enumerate(self.routes) if i not in tried
                           and prepared.work[r.deployment.name] is not None
                           and not r.deployment.full and r.breaker.available(now)]
-            route = choose(candidates, lambda r: r.weight, self._rng)
+            route = choose(candidates, lambda r: r.weight, self._rng) \
+                if self.affinity is None else self.affinity.choose(candidates, key, self._rng)
             if route is None or not route.breaker.acquire(now):
                 break
             tried.add(self.routes.index(route))
@@ -274,20 +282,28 @@ NATIVE_KINDS: dict[str, type[UpstreamDeployment]] = {
 
 def build_catalog(models: tuple[CatalogModelConfig, ...], router: RouterConfig,
                   environ: Any, local: ChatModel | None,
-                  registry: CollectorRegistry | None = None) -> dict[str, ChatModel]:
-    """The catalog's providers by model id (the built-in engine's own model not included)."""
+                  registry: CollectorRegistry | None = None,
+                  engines: Mapping[str, ChatModel] | None = None) -> dict[str, ChatModel]:
+    """The catalog's providers by model id (the built-in engine's own model not included);
+    `engines`: the local models with a source of their own, by catalog id (their local
+    deployment is that engine, not the [model] one)."""
     catalog: dict[str, ChatModel] = {}
     metrics = RouterMetrics(registry)
     for model in models:
+        engine = (engines or {}).get(model.id)
         if len(model.deployments) == 1 and model.deployments[0].kind == "local":
+            if engine is not None:
+                catalog[model.id] = engine
+                continue
             assert local is not None
             catalog[model.id] = AliasProvider(model.id, local)
             continue
         deployments: list[UpstreamDeployment | LocalDeployment] = []
         for d in model.deployments:
             if d.kind == "local":
-                assert local is not None
-                deployments.append(LocalDeployment(d, local))
+                target = engine or local
+                assert target is not None
+                deployments.append(LocalDeployment(d, target))
             else:
                 kind = NATIVE_KINDS.get(d.kind, UpstreamDeployment)
                 deployments.append(kind(d, environ.get(d.api_key_env) if d.api_key_env
