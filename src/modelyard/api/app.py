@@ -25,6 +25,8 @@ from modelyard.api.responses_api.endpoint import router as responses_router
 from modelyard.api.routes import json_response, router
 from modelyard.api.state import AppState
 from modelyard.api.tokens import router as tokens_router
+from modelyard.console import api_caller, is_console_path
+from modelyard.console import router as console_router
 from modelyard.errors import ModelyardError
 
 
@@ -52,6 +54,9 @@ def create_app(state: AppState) -> ASGIApp:
     app.include_router(embeddings_router)
     app.include_router(responses_router)
     app.include_router(anthropic_router)
+    # The web console's HTML pages: kept out of the OpenAPI document (include_in_schema=False
+    # on its routers), so tests/adversarial/test_fuzz.py's OPERATIONS need not list them.
+    app.include_router(console_router)
 
     async def answer_error(request: Request, exc: Exception) -> Response:
         error = as_api_error(exc)
@@ -73,5 +78,6 @@ def create_app(state: AppState) -> ASGIApp:
         status, body = error_style(request.url.path).answer(error)
         return json_response(body, status)
 
-    return RequestLimit(AuthMiddleware(ChatLane(app, state), gate=state.gate),
+    return RequestLimit(AuthMiddleware(ChatLane(app, state), gate=state.gate,
+                                       own_auth=is_console_path, session_caller=api_caller),
                         state.max_requests_in_flight)

@@ -9,23 +9,33 @@ both are sent).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from modelyard.api.dialects import error_style
 from modelyard.api.errors import as_api_error
-from modelyard.platform.gate import Gate, PlatformError
+from modelyard.platform.gate import Caller, Gate, PlatformError
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})
+SessionCaller = Callable[[Gate, Scope], Awaitable[Caller | None]]
+"""The caller of a request that carries no key but a console session (console/__init__)."""
 
 
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp, gate: Gate) -> None:
+    def __init__(self, app: ASGIApp, gate: Gate, *,
+                 own_auth: Callable[[str], bool] | None = None,
+                 session_caller: SessionCaller | None = None) -> None:
         self.app = app
         self.gate = gate
+        self.own_auth = own_auth
+        """Paths that authenticate by themselves (the console's pages, by their cookie)."""
+        self.session_caller = session_caller
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or (
+                self.own_auth is not None and self.own_auth(scope["path"])):
             await self.app(scope, receive, send)
             return
         header: str | None = None
@@ -39,7 +49,11 @@ class AuthMiddleware:
         if header is None and api_key is not None:
             header = "Bearer " + api_key.decode("latin-1")
         try:
-            caller = await self.gate.authenticate(header)
+            caller = None
+            if header is None and self.session_caller is not None:
+                caller = await self.session_caller(self.gate, scope)
+            if caller is None:
+                caller = await self.gate.authenticate(header)
         except PlatformError as exc:
             error = as_api_error(exc)
             status, payload = error_style(scope["path"]).answer(error)

@@ -20,6 +20,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -135,3 +136,42 @@ responses = Table(
     Column("body", Text, nullable=False),  # JSON: the response as it was answered
 )
 """Responses kept by `POST /v1/responses` (`store: true`)."""
+
+# An account's records newest first (the console's request log), migration 0005.
+Index("ix_usage_account_id_id", usage.c.account_id, usage.c.id)
+
+console_sessions = Table(
+    "console_sessions", metadata,
+    # The SHA-256 of the session cookie's value: the database never holds a usable cookie.
+    Column("id", String(64), primary_key=True),
+    # The key signed in with: the session lasts while the key does (checked each request).
+    Column("key_id", String(12), nullable=False, index=True),
+    Column("account_id", String(32), nullable=False),
+    Column("csrf", String(64), nullable=False),  # the session's CSRF token
+    Column("created_at", DateTime, nullable=False),
+    Column("expires_at", DateTime, nullable=False, index=True),
+)
+"""Signed-in sessions of the web console (modelyard/console)."""
+
+usage_daily = Table(
+    "usage_daily", metadata,
+    Column("account_id", String(32), primary_key=True),
+    Column("day", String(10), primary_key=True, index=True),  # YYYY-MM-DD, UTC
+    Column("model", String(200), primary_key=True),
+    Column("key_id", String(12), primary_key=True),
+    Column("requests", BigInteger, nullable=False),
+    Column("prompt_tokens", BigInteger, nullable=False),
+    Column("cached_tokens", BigInteger, nullable=False),
+    Column("completion_tokens", BigInteger, nullable=False),
+    Column("reasoning_tokens", BigInteger, nullable=False),
+    Column("cost", BigInteger, nullable=False),
+    Column("uncollected", BigInteger, nullable=False),
+)
+"""Usage records summed per account, day, model and key, up to `usage_rollup.last_id`
+(console/rollup.py): the console's totals read these instead of every record."""
+
+usage_rollup = Table(
+    "usage_rollup", metadata,
+    Column("id", Integer, primary_key=True),  # one row, id 1
+    Column("last_id", BigInteger, nullable=False),  # usage records up to it are in usage_daily
+)
