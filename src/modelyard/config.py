@@ -101,6 +101,10 @@ class EngineConfig:
     share_prefix_cache: Flag = False
     """Reuse cached prompt prefixes across accounts (one-tenant deployments). Off, each
     account reuses only its own, so no account can probe another's prompts."""
+    fair_share: Flag = True
+    """Share slots and prompt reading between accounts by weighted fair queuing (weights
+    per account, priority per key; see engine/fair_share.py); false: first come, first
+    served across all accounts."""
 
     @field_validator("step_token_budget")
     @classmethod

@@ -63,6 +63,7 @@ OPERATIONS = [
     ("DELETE", "/v1/responses/{response_id}"),
     ("GET", "/admin/accounts"), ("POST", "/admin/accounts"),
     ("GET", "/admin/accounts/{name}"), ("POST", "/admin/accounts/{name}/topup"),
+    ("POST", "/admin/accounts/{name}/weight"),
     ("GET", "/admin/keys"), ("POST", "/admin/keys"), ("POST", "/admin/keys/{key_id}/revoke"),
     ("GET", "/admin/usage"), ("GET", "/admin/usage/records"),
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+from datetime import datetime
 
 from modelyard.console import sessions
 from modelyard.platform import accounts as ops
@@ -225,4 +226,21 @@ def test_console_pages_stay_out_of_the_openapi_document(backend: Backend) -> Non
             "/openapi.json", headers={"Authorization": f"Bearer {platform.admin_key}"})
         assert not [path for path in document.json()["paths"]
                     if path == "/" or path.startswith("/console")]
+    run(backend, body)
+
+
+def test_a_restricted_key_cannot_mint_a_looser_one(backend: Backend) -> None:
+    async def body(platform: Harness) -> None:
+        key = await platform.key("acme", 0, models=["fake"], rpm=10,
+                                 expires_at=datetime(2090, 1, 1))
+        async with browser(platform) as client:
+            csrf = await sign_in(client, key)
+            for fields in ({"rpm": "100"}, {"models": "fake,other"}, {"expires": "2095-01-01"}):
+                refused = await client.post("/console/keys", data={"csrf": csrf, **fields})
+                assert refused.status_code == 422, fields
+            made = await client.post("/console/keys", data={"csrf": csrf, "name": "child"})
+            assert made.status_code == 200
+        child = next(k for k in await ops.list_keys(platform.db, "acme") if k.name == "child")
+        assert (child.models, child.rpm, child.expires_at, child.is_admin) == (
+            ("fake",), 10, datetime(2090, 1, 1), False)
     run(backend, body)

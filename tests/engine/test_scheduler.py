@@ -18,12 +18,22 @@ from modelyard.engine.scheduler import (
     SchedulerConfig,
     SchedulerOutput,
 )
-from modelyard.engine.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
+from modelyard.engine.sequence import (
+    COMMON_SHARE,
+    FinishReason,
+    SamplingParams,
+    Sequence,
+    SequenceStatus,
+    Share,
+)
 
 EOG = 2
 PLAIN = 7  # a token that ends nothing
 
 _prompt_bases = itertools.count(1)
+
+SHARES = (Share("x", 1.0), Share("y", 3.0), COMMON_SHARE)
+"""The fair-share accounts of the random workloads with shares."""
 
 WHOLE = False
 """`last_prompt_token_alone` for the tests that spell out step shapes with a prompt's end
@@ -53,12 +63,13 @@ def make_scheduler(
 
 
 def make_seq(seq_id: str, prompt_len: int = 0, max_tokens: int = 4, *,
-             prompt: list[int] | None = None, scope: str | None = None) -> Sequence:
+             prompt: list[int] | None = None, scope: str | None = None,
+             share: Share = COMMON_SHARE) -> Sequence:
     """A sequence; without `prompt`, its prompt shares no token with any other sequence's."""
     if prompt is None:
         prompt = fresh(prompt_len)
     return Sequence(seq_id, prompt, SamplingParams(max_tokens=max_tokens),
-                    eog_ids=frozenset({EOG}), cache_scope=scope)
+                    eog_ids=frozenset({EOG}), cache_scope=scope, share=share)
 
 
 def fresh(n: int) -> list[int]:
@@ -1334,9 +1345,12 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
 
 
 def run_random_workload(seed: int, prefix_caching: bool,
-                        alone: bool = True) -> dict[str, int]:
+                        alone: bool = True, shares: bool = False) -> dict[str, int]:
     """Drive a random workload, checking the invariants at every step; count what it did.
-    Requests come from three cache scopes (two accounts and the shared None)."""
+    Requests come from three cache scopes (two accounts and the shared None); with `shares`,
+    also from three fair-share accounts (of weights 1, 3 and the common share), drawn
+    independently of the cache scopes, and then admission is first come, first served
+    within each account only."""
     rng = random.Random(seed)
     config = SchedulerConfig(max_sequences=rng.choice([3, 4]),
                              step_token_budget=rng.choice([4, 7, 16, 64, 64]),
@@ -1419,12 +1433,15 @@ def run_random_workload(seed: int, prefix_caching: bool,
                                seq.num_prompt - 1) >= SHARE_MIN_TOKENS
                        for other in scheduler.running)
 
-        passed_over = max((i for i, seq in enumerate(waiting_before) if seq in new), default=0)
-        for seq in waiting_before[:passed_over]:
-            if seq.status is SequenceStatus.WAITING:
-                assert prefix_caching
-                assert waits_for_a_prefix(seq)
-        for seq in waiting_before[:WAITING_SCAN]:
+        queues = ([[s for s in waiting_before if s.share == share] for share in SHARES]
+                  if shares else [waiting_before])
+        for queue in queues:
+            passed_over = max((i for i, seq in enumerate(queue) if seq in new), default=0)
+            for seq in queue[:passed_over]:
+                if seq.status is SequenceStatus.WAITING:
+                    assert prefix_caching
+                    assert waits_for_a_prefix(seq)
+        for seq in ([] if shares else waiting_before[:WAITING_SCAN]):
             if seq.status is not SequenceStatus.WAITING:
                 continue
             if (output.num_tokens == config.step_token_budget or not scheduler.slots.free_slots
@@ -1449,8 +1466,9 @@ def run_random_workload(seed: int, prefix_caching: bool,
         if rng.random() < 0.3:
             prompt = random_prompt()
             scope = rng.choice(["a", "b", None])
+            share = rng.choice(SHARES) if shares else COMMON_SHARE
             group = [make_seq(f"r{next_id + i}", prompt=list(prompt),
-                              max_tokens=rng.randint(1, 10), scope=scope)
+                              max_tokens=rng.randint(1, 10), scope=scope, share=share)
                      for i in range(rng.choice([1, 1, 1, 2, 3]))]
             next_id += len(group)
             waiting = list(scheduler.waiting)
@@ -1527,6 +1545,13 @@ def run_random_workload(seed: int, prefix_caching: bool,
 def test_random_workload_keeps_the_invariants(seed: int, prefix_caching: bool,
                                               alone: bool) -> None:
     run_random_workload(seed, prefix_caching, alone)
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+@pytest.mark.parametrize("seed", range(20))
+def test_random_workload_with_fair_shares_keeps_the_invariants(
+        seed: int, prefix_caching: bool) -> None:
+    run_random_workload(seed, prefix_caching, shares=True)
 
 
 def test_random_workloads_copy_and_wait_only_with_prefix_caching() -> None:

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncGenerator
 from typing import Any
 
+from modelyard.engine.sequence import Share
 from modelyard.providers.base import (
     ChatDelta,
     ChatRequest,
@@ -28,6 +29,8 @@ class FakeProvider(Provider[None]):
         self.answer_tokens = answer_tokens
         self.default_max_tokens = default_max_tokens
         self.started = 0
+        self.shares: list[Share | None] = []
+        """The fair share each started request carried."""
 
     def describe(self) -> dict[str, Any]:
         return {"context_length": 4096}
@@ -45,6 +48,7 @@ class FakeProvider(Provider[None]):
 
     async def start_chat(self, prepared: PreparedChat[None]) -> ChatStream:
         self.started += 1
+        self.shares.append(prepared.request.share)
         return DeltaStream(self._answer(prepared))
 
     async def _answer(self, prepared: PreparedChat[None]) -> AsyncGenerator[ChatDelta, None]:

@@ -54,10 +54,16 @@ Amount = StrictStr | StrictInt | StrictFloat
 class NewAccount(_Body):
     name: str = Field(min_length=1, max_length=200)
     balance: Amount = "0"
+    weight: StrictInt | StrictFloat | None = None
+    """Its fair share of the built-in engines against other accounts' (None: 1)."""
 
 
 class TopUp(_Body):
     amount: Amount
+
+
+class Weight(_Body):
+    weight: StrictInt | StrictFloat
 
 
 class NewKey(_Body):
@@ -66,6 +72,8 @@ class NewKey(_Body):
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
     max_concurrent: int | None = Field(default=None, ge=1)
+    priority: int | None = None
+    """Its requests' place among its account's waiting for an engine (higher first)."""
     expires: str | None = None
     name: str | None = Field(default=None, max_length=200)
     admin: bool = False
@@ -124,14 +132,14 @@ def account_json(account: Account) -> dict[str, Any]:
     return {"object": "account", "id": account.id, "name": account.name,
             **{name: format_micros(value) for name, value in amounts.items()},
             **{f"{name}_micros": value for name, value in amounts.items()},
-            "created_at": _time(account.created_at)}
+            "weight": account.weight, "created_at": _time(account.created_at)}
 
 
 def key_json(key: KeyInfo) -> dict[str, Any]:
     return {"object": "api_key", "id": key.id, "account": key.account,
             "account_id": key.account_id, "name": key.name, "admin": key.is_admin,
             "models": None if key.models is None else list(key.models), "rpm": key.rpm,
-            "tpm": key.tpm, "max_concurrent": key.max_concurrent,
+            "tpm": key.tpm, "max_concurrent": key.max_concurrent, "priority": key.priority,
             "expires_at": _time(key.expires_at), "revoked_at": _time(key.revoked_at),
             "created_at": _time(key.created_at)}
 
@@ -168,7 +176,9 @@ async def list_accounts(request: Request) -> Response:
 async def create_account(request: Request) -> Response:
     db = _database(request)
     body = await _body(request, NewAccount)
-    account = await _run(ops.create_account(db, body.name, _micros(body.balance, "balance")))
+    account = await _run(ops.create_account(db, body.name, _micros(body.balance, "balance"),
+                                            None if body.weight is None
+                                            else float(body.weight)))
     return json_response(account_json(account), 201)
 
 
@@ -185,6 +195,15 @@ async def top_up(request: Request, name: str) -> Response:
     return json_response(account_json(account))
 
 
+@router.post("/accounts/{name}/weight", openapi_extra=request_body(Weight))
+async def set_weight(request: Request, name: str) -> Response:
+    """An account's fair-share weight (see engine/fair_share.py)."""
+    db = _database(request)
+    body = await _body(request, Weight)
+    return json_response(account_json(await _run(ops.set_weight(db, name,
+                                                                  float(body.weight)))))
+
+
 @router.get("/keys")
 async def list_keys(request: Request, account: str | None = None) -> Response:
     found = await _run(ops.list_keys(_database(request), account))
@@ -199,7 +218,8 @@ async def create_key(request: Request) -> Response:
     created = await _run(ops.create_key(db, body.account, models=body.models, rpm=body.rpm,
                                         tpm=body.tpm, expires_at=expires, name=body.name,
                                         is_admin=body.admin,
-                                        max_concurrent=body.max_concurrent))
+                                        max_concurrent=body.max_concurrent,
+                                        priority=body.priority))
     return json_response({**key_json(created.info), "key": created.text}, 201)
 
 

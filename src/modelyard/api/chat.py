@@ -11,6 +11,7 @@ body, a stream's usage chunk and `[DONE]`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -26,6 +27,8 @@ from modelyard.api.preparation import cheap
 from modelyard.api.responses import SSE_DONE, ChoiceResult, Completion, tool_call_body
 from modelyard.api.schema import ChatCompletionRequest
 from modelyard.api.state import AppState
+from modelyard.engine.sequence import Share
+from modelyard.platform.gate import Caller
 from modelyard.providers.base import ChatModel, ChatRequest, ChatStream, Prepared
 
 logger = logging.getLogger(__name__)
@@ -112,6 +115,7 @@ async def admit_chat(run: Run, provider: ChatModel, request: ChatRequest, body_s
     """Admit a request on the chat core and prepare it (see the module's docstring): every
     endpoint that translates onto `ChatRequest` takes this step."""
     state = run.state
+    request = with_share(request, run.ticket.caller)
     n = request.n
     prepared: Prepared | None = None
     if cheap(request, body_size):  # exact counts for less than a thread costs
@@ -131,6 +135,15 @@ async def admit_chat(run: Run, provider: ChatModel, request: ChatRequest, body_s
                            model, prepared.prompt_tokens, prepared.max_tokens,
                            prompt_tokens, max_tokens)
     return prepared, bill
+
+
+def with_share(request: ChatRequest, caller: Caller) -> ChatRequest:
+    """The request with its caller's share of the built-in engines (fair_share.py): its
+    account, the account's weight and the key's priority."""
+    if caller.account_id is None or request.share is not None:
+        return request
+    return dataclasses.replace(request, share=Share(caller.account_id, caller.weight,
+                                                    caller.priority))
 
 
 def check_choices(state: AppState, n: int, max_tokens: int) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
-from modelyard.api.chat import check_choices
+from modelyard.api.chat import check_choices, with_share
 from modelyard.api.completion_schema import CompletionRequest
 from modelyard.api.errors import APIError, from_validation_error
 from modelyard.api.exchange import Bill, Exchange, Run
@@ -75,7 +75,9 @@ async def answer_completions(run: Run, body: bytes) -> None:
     payload = _parse(body)
     provider = run.model(payload.model)
     completion_id = f"cmpl-{os.urandom(16).hex()}"
-    requests = _requests(payload, completion_id, run.ticket.caller.account_id)
+    caller = run.ticket.caller
+    requests = [with_share(r, caller) for r in _requests(payload, completion_id,
+                                                         caller.account_id)]
     generated = payload.generated_choices
     prepared: list[Prepared] = []
     if len(requests) == 1 and cheap(requests[0], len(body)):

@@ -189,7 +189,8 @@ async def _keys_page(request: Request, session: Session, *, created: str | None 
     found = await queries.keys(db_of(request), session.account_id)
     return render(request, "keys.html", {
         "session": session, "nav": "keys", "keys": [(k, _key_status(k)) for k in found],
-        "created": created, "error": error, "values": values or {}}, status)
+        "created": created, "error": error, "values": values or {},
+        "model_ids": [m.id for m in catalog(request, session)]}, status)
 
 
 @router.get("/console/keys")
@@ -207,18 +208,43 @@ def _limit(value: str, what: str) -> int | None:
     return int(value)
 
 
+def _within(asked: int | None, held: int | None, what: str) -> int | None:
+    """A new key's limit: never looser than the signed-in key's own."""
+    if held is None:
+        return asked
+    if asked is not None and asked > held:
+        raise AdminError(422, f"{what} may be at most {held}, the limit of the key you "
+                              "signed in with")
+    return held if asked is None else asked
+
+
 @router.post("/console/keys")
 @page
 async def create_key(request: Request) -> Response:
+    """A key of the session's account, never an admin key, and never beyond what the
+    signed-in key may do itself (its models, rate limits, concurrency and expiry), so a
+    restricted key cannot mint itself an unrestricted one."""
     session = await signed_in(request)
     fields = await form(request, session)
     try:
         models = [m.strip() for m in fields.get("models", "").split(",") if m.strip()]
+        if session.models is not None:
+            outside = sorted(set(models) - session.models)
+            if outside:
+                raise AdminError(422, f"the key you signed in with may not use "
+                                      f"{', '.join(outside)}")
+            models = models or sorted(session.models)
         expires = fields.get("expires", "").strip()
+        expires_at = ops.parse_when(expires, what="expires") if expires else None
+        if session.key_expires_at is not None:
+            if expires_at is not None and expires_at > session.key_expires_at:
+                raise AdminError(422, "a new key may not outlive the key you signed in with")
+            expires_at = expires_at or session.key_expires_at
         created = await ops.create_key(
             db_of(request), session.account, models=models or None,
-            rpm=_limit(fields.get("rpm", ""), "RPM"), tpm=_limit(fields.get("tpm", ""), "TPM"),
-            expires_at=ops.parse_when(expires, what="expires") if expires else None,
+            rpm=_within(_limit(fields.get("rpm", ""), "RPM"), session.rpm, "RPM"),
+            tpm=_within(_limit(fields.get("tpm", ""), "TPM"), session.tpm, "TPM"),
+            max_concurrent=session.max_concurrent, expires_at=expires_at,
             name=fields.get("name") or None)
     except AdminError as exc:
         return await _keys_page(request, session, error=exc.message, values=fields,

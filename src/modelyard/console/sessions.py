@@ -46,6 +46,7 @@ class Session:
     tpm: int | None
     max_concurrent: int | None
     expires_at: datetime
+    key_expires_at: datetime | None = None
 
     def caller(self) -> Caller:
         """The caller of the API as the key itself would be."""
@@ -94,7 +95,8 @@ def _find(connection: Connection, digest: str) -> Session | None:
         return None
     models = None if row.models is None else frozenset(json.loads(row.models))
     return Session(row.key_id, row.account_id, row.account, row.csrf, bool(row.is_admin),
-                   models, row.rpm, row.tpm, row.max_concurrent, row.expires_at)
+                   models, row.rpm, row.tpm, row.max_concurrent, row.expires_at,
+                   row.key_expires_at)
 
 
 async def find(db: Database, token: str | None) -> Session | None:

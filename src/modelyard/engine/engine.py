@@ -28,7 +28,13 @@ from modelyard.engine.metrics import EngineMetrics
 from modelyard.engine.runner import BatchItem, LlamaRunner
 from modelyard.engine.sampling import Sample, Sampler, choice_rngs
 from modelyard.engine.scheduler import QueueFullError, Scheduler, SchedulerConfig, SchedulerOutput
-from modelyard.engine.sequence import FinishReason, SamplingParams, Sequence
+from modelyard.engine.sequence import (
+    COMMON_SHARE,
+    FinishReason,
+    SamplingParams,
+    Sequence,
+    Share,
+)
 from modelyard.engine.state import EngineOutput, ReasoningTags, RequestState, SequenceState
 
 __all__ = ["Engine", "EngineOutput", "ReasoningTags"]
@@ -110,16 +116,18 @@ class Engine:
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                n: int = 1, *, constraint: Constraint | None = None,
                reasoning: ReasoningTags | None = None,
-               cache_scope: str | None = None) -> asyncio.Queue[EngineOutput]:
+               cache_scope: str | None = None,
+               share: Share = COMMON_SHARE) -> asyncio.Queue[EngineOutput]:
         """Queue a request with `n` choices; raises `QueueFullError` at once when full.
 
         `constraint` keeps the output inside a grammar; `reasoning` says the output starts
         inside a reasoning block whose length `params.thinking_budget` caps; prefix-cache
-        cells are reused only between requests of the same `cache_scope`."""
+        cells are reused only between requests of the same `cache_scope`; slots and prefill
+        are shared between accounts by their `share` (see fair_share.py)."""
         self._check_room(n)  # before any work: a full queue is refused cheaply
         ids = [request_id] if n == 1 else [f"{request_id}:{i}" for i in range(n)]
         seqs = [Sequence(seq_id, prompt_ids, params, eog_ids=self.runner.eog_ids,
-                         cache_scope=cache_scope) for seq_id in ids]
+                         cache_scope=cache_scope, share=share) for seq_id in ids]
         try:
             self.scheduler.check_fits(seqs)
         except ValueError:

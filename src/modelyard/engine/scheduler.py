@@ -11,6 +11,11 @@ and reports the sampled tokens back with `update_from_output()`. A step holds:
 all within `step_token_budget` tokens, so a long prompt is read a chunk per step and never
 stalls the sequences already decoding (chunked prefill).
 
+Fair share: the prefill chunks (2, 3) and the free slots go to accounts by weighted fair
+queuing, not by arrival order (fair_share.py): each step the account with the least service
+for its weight goes next, its prompts still being read first, then its waiting sequences in
+the order it sent them. Running sequences are never preempted.
+
 Prefix caching: a slot keeps the KV cells of the sequence that last held it. A new
 sequence starts reading its prompt after the longest prefix it shares with either a free
 slot's cells (it then takes that slot) or a running sequence's computed prompt (its slot
@@ -38,6 +43,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from modelyard.engine.fair_share import SLOT_STEP_COST, FairQueue, Flow
 from modelyard.engine.sequence import FinishReason, Sequence, SequenceStatus
 from modelyard.engine.slot_cache import SlotCache, common_prefix
 from modelyard.errors import ModelyardError
@@ -45,7 +51,8 @@ from modelyard.errors import ModelyardError
 SHARE_MIN_TOKENS = 32
 """Prompt tokens worth waiting for another sequence to compute instead of reading them."""
 WAITING_SCAN = 64
-"""Waiting sequences looked at per step when earlier ones wait for a shared prefix."""
+"""Waiting sequences of an account looked at per step when earlier ones wait for a shared
+prefix."""
 
 
 class QueueFullError(ModelyardError, RuntimeError):
@@ -77,6 +84,9 @@ class SchedulerConfig:
     was read or found in the prefix cache, so a seed gives the same text either way:
     llama.cpp's attention for a token inside a chunk of many takes another path (tiled)
     than for a token alone, which moved first-token log-probabilities by hundredths."""
+    fair_share: bool = True
+    """Share slots and prefill between accounts (`Sequence.share`) by weighted fair
+    queuing; off, every sequence waits in one queue, first come, first served."""
 
 
 @dataclass(frozen=True)
@@ -112,7 +122,8 @@ class Scheduler:
         if config.step_token_budget < config.max_sequences:
             raise ValueError("step_token_budget must be at least max_sequences")
         self.config = config
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = FairQueue(config.fair_share)
+        """The waiting sequences (in arrival order when iterated), one queue per account."""
         self.running: list[Sequence] = []
         self.slots = SlotCache(config.max_sequences, config.kv_capacity,
                                prefix_caching=config.prefix_caching,
@@ -141,7 +152,7 @@ class Scheduler:
             raise QueueFullError(f"{len(self.waiting)} sequences are already waiting")
         for seq in seqs:
             seq.status = SequenceStatus.WAITING
-            self.waiting.append(seq)
+            self.waiting.push(seq)
 
     def abort(self, seq_id: str) -> Sequence | None:
         """Finish a sequence wherever it is (client gone); its slot is free for the next step."""
@@ -161,6 +172,7 @@ class Scheduler:
         if seq.status is SequenceStatus.FINISHED:
             return
         self.running.remove(seq)
+        self.waiting.ended(seq)
         self.slots.release(seq.slot, seq.kv_reservation, seq.token_ids, seq.num_computed,
                            seq.cache_scope)
         seq.slot = None
@@ -187,27 +199,17 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         output = SchedulerOutput()
         budget = self.config.step_token_budget
+        fair = self.waiting
+        prefilling: dict[Flow, deque[Sequence]] = {}
         for seq in self.running:
-            if not seq.is_prefilling:
+            fair.charge(seq, SLOT_STEP_COST)  # its slot, for this step
+            if seq.is_prefilling:
+                prefilling.setdefault(fair.key(seq), deque()).append(seq)
+            else:
                 output.chunks.append(ScheduledChunk(seq, seq.num_computed,
                                                     seq.token_ids[seq.num_computed:], True))
                 budget -= len(output.chunks[-1].tokens)
-        for seq in self.running:
-            if budget <= 0:
-                break
-            if seq.is_prefilling:
-                budget -= self._add_prefill(output, seq, budget)
-        for seq in list(self.waiting)[:WAITING_SCAN]:
-            if budget <= 0 or not self._can_admit(seq):
-                break
-            reused, source = self._best_prefix(seq)
-            if self._should_wait(seq, reused):
-                continue
-            self.waiting.remove(seq)
-            self._assign_slot(seq, reused, source)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            budget -= self._add_prefill(output, seq, budget)
+        self._fill(output, budget, prefilling)
         for chunk in output.chunks:
             if chunk.seq.slot is not None:
                 self.slots.written(chunk.seq.slot, chunk.start + len(chunk.tokens))
@@ -215,6 +217,54 @@ class Scheduler:
         # before this step's batch.
         output.kv_truncations, output.kv_copies = self.slots.take_pending()
         return output
+
+    def _fill(self, output: SchedulerOutput, budget: int,
+              prefilling: dict[Flow, deque[Sequence]]) -> None:
+        """Give the rest of the budget away a prefill chunk at a time, each to the account
+        whose turn it is: a prompt it is still reading, else its next waiting sequence if
+        a slot and the KV room are free. When the sequence whose turn it is does not fit,
+        nobody is admitted past it."""
+        fair = self.waiting
+        heads = fair.heads(WAITING_SCAN)
+        admitting = True
+        while budget > 0:
+            flows = [flow for flow, seqs in prefilling.items() if seqs]
+            if admitting:
+                flows += [flow for flow in heads if not prefilling.get(flow)]
+            if not flows:
+                return
+            flow = min(flows, key=fair.turn)
+            reading = prefilling.get(flow)
+            if reading:
+                seq = reading.popleft()
+                n = self._add_prefill(output, seq, budget)
+                fair.charge(seq, n)
+                budget -= n
+                continue
+            waiting = heads[flow]
+            while waiting:
+                seq = waiting[0]
+                if not self._can_admit(seq):
+                    admitting = False
+                    break
+                waiting.popleft()
+                reused, source = self._best_prefix(seq)
+                if self._should_wait(seq, reused):
+                    continue
+                self._admit(seq, reused, source)
+                n = self._add_prefill(output, seq, budget)
+                fair.charge(seq, SLOT_STEP_COST + n)
+                budget -= n
+                break
+            if not waiting:
+                del heads[flow]
+
+    def _admit(self, seq: Sequence, reused: int, source: tuple[str, int]) -> None:
+        self.waiting.remove(seq)
+        self.waiting.started(seq)
+        self._assign_slot(seq, reused, source)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
 
     def _can_admit(self, seq: Sequence) -> bool:
         return self.slots.can_allocate(seq.kv_reservation)

@@ -42,6 +42,20 @@ class SamplingParams:
     """Most tokens inside a reasoning block before the engine closes it itself."""
 
 
+@dataclass(frozen=True)
+class Share:
+    """Whose turn a sequence waits for (see fair_share.py): its account's `key` and
+    `weight`, and the `priority` of its API key inside the account (higher goes first)."""
+
+    key: str | None = None
+    """The account; None is the common share of requests that name none."""
+    weight: float = 1.0
+    priority: int = 0
+
+
+COMMON_SHARE = Share()
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -70,6 +84,9 @@ class Sequence:
     finish_reason: FinishReason | None = None
     cache_scope: str | None = None
     """Who may reuse this sequence's KV cells (e.g. its account); None is shared by all."""
+    share: Share = COMMON_SHARE
+    """Whose share of slots and prefill this sequence uses (its account, not its cache
+    scope: accounts may share a cache scope)."""
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -25,6 +25,9 @@ from modelyard.platform.tables import accounts, api_keys, credits, storable, utc
 
 ADMIN_ACCOUNT = "admin"
 MAX_LIMIT = 2**31 - 1
+MIN_WEIGHT, MAX_WEIGHT = 0.01, 1000.0
+"""Bounds of an account's fair-share weight (1 is the default)."""
+MAX_PRIORITY = 100
 """The largest RPM or TPM a key may have (a 32-bit column)."""
 NAME_MAX = 200
 """Account, key and model names (their columns)."""
@@ -48,6 +51,8 @@ class Account:
     credited: int
     spent: int
     created_at: datetime
+    weight: float = 1.0
+    """Its share of the built-in engines' slots and prefill against other accounts'."""
 
     @property
     def available(self) -> int:
@@ -69,6 +74,8 @@ class KeyInfo:
     created_at: datetime
     max_concurrent: int | None = None
     """Requests in flight at once; None: the configured default."""
+    priority: int = 0
+    """Its requests' place among its account's waiting for an engine (higher first)."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,9 @@ class KeyRecord:
     expires_at: datetime | None
     revoked: bool
     max_concurrent: int | None = None
+    priority: int = 0
+    weight: float = 1.0
+    """Its account's weight."""
 
 
 def parse_when(value: str, *, what: str = "date") -> datetime:
@@ -130,7 +140,11 @@ def _known_key(key_id: str) -> str:
 
 def _account(row: Any) -> Account:
     return Account(row.id, row.name, row.balance, row.reserved, row.credited, row.spent,
-                   row.created_at)
+                   row.created_at, _weight(row.weight))
+
+
+def _weight(value: float | None) -> float:
+    return 1.0 if value is None else float(value)
 
 
 def _models(raw: str | None) -> tuple[str, ...] | None:
@@ -140,13 +154,13 @@ def _models(raw: str | None) -> tuple[str, ...] | None:
 _KEY_COLUMNS = (api_keys.c.id, api_keys.c.account_id, accounts.c.name.label("account"),
                 api_keys.c.name, api_keys.c.is_admin, api_keys.c.models, api_keys.c.rpm,
                 api_keys.c.tpm, api_keys.c.expires_at, api_keys.c.revoked_at,
-                api_keys.c.created_at, api_keys.c.max_concurrent)
+                api_keys.c.created_at, api_keys.c.max_concurrent, api_keys.c.priority)
 
 
 def _key_info(row: Any) -> KeyInfo:
     return KeyInfo(row.id, row.account_id, row.account, row.name, bool(row.is_admin),
                    _models(row.models), row.rpm, row.tpm, row.expires_at, row.revoked_at,
-                   row.created_at, row.max_concurrent)
+                   row.created_at, row.max_concurrent, row.priority or 0)
 
 
 def _account_by_name(connection: Connection, name: str) -> Account:
@@ -156,26 +170,35 @@ def _account_by_name(connection: Connection, name: str) -> Account:
     return _account(row)
 
 
-def _new_account(connection: Connection, name: str, balance: int) -> Account:
+def _new_account(connection: Connection, name: str, balance: int,
+                 weight: float | None = None) -> Account:
     account_id = f"acct_{secrets.token_hex(8)}"
     now = utcnow()
     connection.execute(insert(accounts).values(
         id=account_id, name=name, balance=balance, reserved=0, credited=balance, spent=0,
-        created_at=now))
+        created_at=now, weight=weight))
     if balance:
         connection.execute(insert(credits).values(
             account_id=account_id, amount=balance, note="initial balance", created_at=now))
-    return Account(account_id, name, balance, 0, balance, 0, now)
+    return Account(account_id, name, balance, 0, balance, 0, now, _weight(weight))
 
 
-async def create_account(db: Database, name: str, balance: int = 0) -> Account:
+def _check_weight(weight: float) -> None:
+    if not MIN_WEIGHT <= weight <= MAX_WEIGHT:
+        raise AdminError(422, f"the weight must be between {MIN_WEIGHT:g} and {MAX_WEIGHT:g}")
+
+
+async def create_account(db: Database, name: str, balance: int = 0,
+                         weight: float | None = None) -> Account:
     name = _text(name, "an account name")
+    if weight is not None:
+        _check_weight(weight)
     if balance < 0:
         raise AdminError(422, "the balance must not be negative")
     if balance > MAX_AMOUNT_MICROS:
         raise AdminError(422, f"the balance must be at most {format_micros(MAX_AMOUNT_MICROS)}")
     try:
-        return await db.write(_new_account, name, balance)
+        return await db.write(_new_account, name, balance, weight)
     except IntegrityError:
         raise AdminError(409, f"an account named {name!r} already exists") from None
 
@@ -206,6 +229,18 @@ async def top_up(db: Database, name: str, amount: int, note: str = "top-up") -> 
     return await db.write(_top_up, known_name(name), amount, _text(note, "a note"))
 
 
+def _set_weight(connection: Connection, name: str, weight: float) -> Account:
+    connection.execute(update(accounts).where(accounts.c.name == name).values(weight=weight))
+    return _account_by_name(connection, name)
+
+
+async def set_weight(db: Database, name: str, weight: float) -> Account:
+    """Change an account's fair-share weight; its keys take it once their cached lookup
+    expires (`key_cache_seconds`)."""
+    _check_weight(weight)
+    return await db.write(_set_weight, known_name(name), weight)
+
+
 async def get_account(db: Database, name: str) -> Account:
     return await db.read(_account_by_name, known_name(name))
 
@@ -221,25 +256,27 @@ async def list_accounts(db: Database) -> list[Account]:
 
 def _new_key(connection: Connection, account: str, models: list[str] | None, rpm: int | None,
              tpm: int | None, expires_at: datetime | None, name: str | None,
-             is_admin: bool, max_concurrent: int | None = None) -> CreatedKey:
+             is_admin: bool, max_concurrent: int | None = None,
+             priority: int | None = None) -> CreatedKey:
     owner = _account_by_name(connection, account)
     created = keys.new_key()
     now = utcnow()
     connection.execute(insert(api_keys).values(
         id=created.id, account_id=owner.id, digest=created.digest, name=name,
         is_admin=is_admin, models=None if models is None else json.dumps(models), rpm=rpm,
-        tpm=tpm, max_concurrent=max_concurrent, expires_at=expires_at, revoked_at=None,
-        created_at=now))
+        tpm=tpm, max_concurrent=max_concurrent, priority=priority, expires_at=expires_at,
+        revoked_at=None, created_at=now))
     info = KeyInfo(created.id, owner.id, owner.name, name, is_admin,
                    None if models is None else tuple(models), rpm, tpm, expires_at, None, now,
-                   max_concurrent)
+                   max_concurrent, priority or 0)
     return CreatedKey(info, created.text)
 
 
 async def create_key(db: Database, account: str, *, models: list[str] | None = None,
                      rpm: int | None = None, tpm: int | None = None,
                      expires_at: datetime | None = None, name: str | None = None,
-                     is_admin: bool = False, max_concurrent: int | None = None) -> CreatedKey:
+                     is_admin: bool = False, max_concurrent: int | None = None,
+                     priority: int | None = None) -> CreatedKey:
     for what, limit in (("rpm", rpm), ("tpm", tpm), ("max_concurrent", max_concurrent)):
         if limit is not None and not 1 <= limit <= MAX_LIMIT:
             raise AdminError(422, f"{what} must be between 1 and {MAX_LIMIT}")
@@ -249,8 +286,10 @@ async def create_key(db: Database, account: str, *, models: list[str] | None = N
             raise AdminError(422, "models must name at least one model")
     if name is not None:
         name = _text(name, "a key name") if name.strip() else None
+    if priority is not None and not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
+        raise AdminError(422, f"priority must be between {-MAX_PRIORITY} and {MAX_PRIORITY}")
     return await db.write(_new_key, known_name(account), models, rpm, tpm, expires_at, name,
-                          is_admin, max_concurrent)
+                          is_admin, max_concurrent, priority)
 
 
 def _keys(connection: Connection, account: str | None, key_id: str | None) -> list[KeyInfo]:
@@ -286,7 +325,8 @@ async def revoke_key(db: Database, key_id: str) -> KeyInfo:
 _AUTH_QUERY = select(api_keys.c.id, api_keys.c.account_id, api_keys.c.digest,
                      api_keys.c.is_admin, api_keys.c.models, api_keys.c.rpm, api_keys.c.tpm,
                      api_keys.c.expires_at, api_keys.c.revoked_at,
-                     api_keys.c.max_concurrent).where(
+                     api_keys.c.max_concurrent, api_keys.c.priority, accounts.c.weight).join(
+    accounts, accounts.c.id == api_keys.c.account_id).where(
     api_keys.c.id == bindparam("key_id"))
 
 
@@ -297,7 +337,8 @@ def _find_key(connection: Connection | RawConnection, key_id: str) -> KeyRecord 
     models = _models(row.models)
     return KeyRecord(row.id, row.account_id, row.digest, bool(row.is_admin),
                      None if models is None else frozenset(models), row.rpm, row.tpm,
-                     row.expires_at, row.revoked_at is not None, row.max_concurrent)
+                     row.expires_at, row.revoked_at is not None, row.max_concurrent,
+                     row.priority or 0, _weight(row.weight))
 
 
 async def find_key(db: Database, key_id: str) -> KeyRecord | None:

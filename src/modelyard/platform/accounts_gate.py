@@ -95,7 +95,8 @@ class AccountsGate(Gate):
         if record.expires_at is not None and record.expires_at <= utcnow():
             raise _unauthorized("this API key has expired")
         return Caller(record.id, record.account_id, record.is_admin, record.models,
-                      record.rpm, record.tpm, record.max_concurrent)
+                      record.rpm, record.tpm, record.max_concurrent, record.weight,
+                      record.priority)
 
     async def _find(self, key_id: str) -> KeyRecord | None:
         ttl = self.settings.key_cache_seconds

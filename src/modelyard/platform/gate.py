@@ -41,6 +41,11 @@ class Caller:
     tpm: int | None = None
     max_concurrent: int | None = None
     """The key's own limit of requests in flight (None: the gate's default)."""
+    weight: float = 1.0
+    """The account's weight in the fair share of a built-in engine's slots and prefill."""
+    priority: int = 0
+    """The key's priority among its account's requests waiting for an engine (higher
+    first); the account's share stays the same."""
 
 
 @dataclass

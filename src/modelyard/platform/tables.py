@@ -61,6 +61,7 @@ accounts = Table(
     Column("credited", BigInteger, nullable=False, server_default="0"),
     Column("spent", BigInteger, nullable=False, server_default="0"),
     Column("created_at", DateTime, nullable=False),
+    Column("weight", Float),  # its fair share of the engines; None: 1 (migration 0006)
     CheckConstraint("reserved >= 0 AND reserved <= balance", name="ck_accounts_reserved"),
 )
 
@@ -84,6 +85,7 @@ api_keys = Table(
     Column("rpm", Integer),
     Column("tpm", Integer),
     Column("max_concurrent", Integer),  # requests in flight; None: the configured default
+    Column("priority", Integer),  # among its account's requests; None: 0 (migration 0006)
     Column("expires_at", DateTime),
     Column("revoked_at", DateTime),
     Column("created_at", DateTime, nullable=False),

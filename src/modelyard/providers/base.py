@@ -17,7 +17,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
 
-from modelyard.engine.sequence import SamplingParams
+from modelyard.engine.sequence import SamplingParams, Share
 from modelyard.errors import ModelyardError, Refusal
 from modelyard.providers.tokens import Tokenizer
 from modelyard.sampling import NEUTRAL, Sampling
@@ -81,6 +81,9 @@ class ChatRequest:
     cache_scope: str | None = None
     """Who may share prefix-cache cells with this request (the caller's account); None
     shares with every request that also has none."""
+    share: Share | None = None
+    """Whose share of a built-in engine's slots and prefill the request takes (the caller's
+    account, its weight and its key's priority); None: the common share."""
     prompt: RawPrompt | None = None
     """A text completion (/v1/completions): this prompt instead of `messages`."""
 

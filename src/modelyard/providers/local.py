@@ -20,7 +20,7 @@ from modelyard.engine.grammar import GrammarCompiler
 from modelyard.engine.metrics import EngineMetrics
 from modelyard.engine.runner import LlamaRunner, RunnerConfig
 from modelyard.engine.scheduler import QueueFullError, SchedulerConfig
-from modelyard.engine.sequence import SamplingParams
+from modelyard.engine.sequence import COMMON_SHARE, SamplingParams
 from modelyard.providers.base import (
     ChatDelta,
     ChatRequest,
@@ -89,6 +89,7 @@ class LocalProvider(Provider[_LocalWork]):
             max_waiting=engine_config.max_waiting,
             prefix_caching=engine_config.prefix_caching,
             max_cached_cells=2 * engine_config.context_per_sequence,
+            fair_share=engine_config.fair_share,
         ), metrics, self.grammar)
         self.engine.start()
 
@@ -228,7 +229,8 @@ class LocalProvider(Provider[_LocalWork]):
                                        request.n, constraint=work.plan.constraint,
                                        reasoning=reasoning,
                                        cache_scope=None if self.share_prefix_cache
-                                       else request.cache_scope)
+                                       else request.cache_scope,
+                                       share=request.share or COMMON_SHARE)
         except QueueFullError as exc:
             raise ProviderError(503, "the server is overloaded; retry shortly",
                                 code="server_overloaded",

@@ -134,6 +134,7 @@
     const stops = field("stop").value.split("\n").filter((line) => line !== "");
     if (stops.length) body.stop = stops;
     if (field("enable_thinking").checked) body.enable_thinking = true;
+    if (!field("separate_reasoning").checked) body.separate_reasoning = false;
     if (field("reasoning_effort").value) body.reasoning_effort = field("reasoning_effort").value;
     const schema = field("json_schema").value.trim();
     if (schema) {

@@ -1,0 +1,158 @@
+"""Weighted fair share of the engine between accounts: who gets the next free slot and the
+next prefill chunk (the scheduler asks; this class keeps the waiting queues and the counts).
+
+Every sequence carries a `Share`: its account (the key), the account's weight, and its API
+key's priority. Each account has its own queue of waiting sequences, ordered by priority,
+then by arrival (first come, first served within an account), and a virtual service: the
+tokens the engine spent on it, divided by its weight. Each step charges an account one token
+per slot it holds and every prompt token read for it. The next prefill chunk and the next
+free slot go to the account with the least virtual service (ties: the one holding fewer
+slots, then the earlier arrival), so under sustained load each account's share of slots and
+of prefill tokens goes to its weight, and a light account's request is admitted at the next
+free slot, ahead of a heavy account's backlog. This is start-time fair queuing with the
+charges of the virtual token counter (Sheng et al., "Fairness in Serving Large Language
+Models", OSDI 2024), with prefill read in chunks.
+
+An idle account banks no credit: when one becomes active (a sequence queued while it has
+none waiting or running) its service is raised to the least of the active accounts'. When
+no account is active, every count is forgotten. Running sequences are never preempted: the
+share acts only on admissions and prefill chunks.
+
+With `fair` off every sequence is in one queue, first come, first served.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections import deque
+from collections.abc import Iterator
+
+from modelyard.engine.sequence import Sequence
+
+SLOT_STEP_COST = 1.0
+"""Tokens charged per step for each slot an account holds (a decode token costs as much)."""
+MIN_WEIGHT = 1e-3
+
+Flow = str | None
+"""An account's key; None is the common share of sequences that name none."""
+
+
+class FairQueue:
+    """The waiting sequences, one queue per account, and each account's virtual service.
+
+    Iterating, `len`, `in` and indexing see every waiting sequence in arrival order."""
+
+    def __init__(self, fair: bool = True) -> None:
+        self.fair = fair
+        self._tickets: dict[Sequence, int] = {}
+        """Waiting sequences, in arrival order, with their arrival number."""
+        self._next_ticket = 0
+        self._flows: dict[Flow, list[Sequence]] = {}
+        """Each account's waiting sequences in the order they are to be admitted."""
+        self.service: dict[Flow, float] = {}
+        """Tokens spent on each account, divided by its weight."""
+        self.weights: dict[Flow, float] = {}
+        self.held: dict[Flow, int] = {}
+        """Slots each account holds (its running sequences)."""
+
+    def key(self, seq: Sequence) -> Flow:
+        return seq.share.key if self.fair else None
+
+    # -- the waiting sequences, in arrival order ---------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._tickets)
+
+    def __bool__(self) -> bool:
+        return bool(self._tickets)
+
+    def __iter__(self) -> Iterator[Sequence]:
+        return iter(list(self._tickets))
+
+    def __contains__(self, seq: object) -> bool:
+        return seq in self._tickets
+
+    def __getitem__(self, index: int) -> Sequence:
+        if index < 0:
+            index += len(self._tickets)
+        for seq in itertools.islice(self._tickets, index, None):
+            return seq
+        raise IndexError(index)
+
+    def queue(self, flow: Flow) -> list[Sequence]:
+        """An account's waiting sequences, in the order they are to be admitted."""
+        return list(self._flows.get(flow, ()))
+
+    def heads(self, limit: int) -> dict[Flow, deque[Sequence]]:
+        """The first `limit` waiting sequences of each account that has some."""
+        return {flow: deque(queue[:limit]) for flow, queue in self._flows.items()}
+
+    # -- changes ----------------------------------------------------------------------------
+
+    def push(self, seq: Sequence) -> None:
+        flow = self.key(seq)
+        if not self._active(flow):
+            self._lift(flow)
+        if self.fair:
+            self.weights[flow] = max(seq.share.weight, MIN_WEIGHT)
+        self._tickets[seq] = self._next_ticket
+        self._next_ticket += 1
+        bisect.insort(self._flows.setdefault(flow, []), seq, key=self._rank)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out of the waiting queues (admitted or aborted)."""
+        flow = self.key(seq)
+        queue = self._flows[flow]
+        queue.remove(seq)
+        if not queue:
+            del self._flows[flow]
+        del self._tickets[seq]
+
+    def started(self, seq: Sequence) -> None:
+        """A sequence (taken out of the queues) holds a slot now."""
+        flow = self.key(seq)
+        self.held[flow] = self.held.get(flow, 0) + 1
+
+    def ended(self, seq: Sequence) -> None:
+        """A running sequence gave its slot back."""
+        flow = self.key(seq)
+        left = self.held.get(flow, 0) - 1
+        if left > 0:
+            self.held[flow] = left
+        else:
+            self.held.pop(flow, None)
+
+    def charge(self, seq: Sequence, tokens: float) -> None:
+        flow = self.key(seq)
+        self.service[flow] = self.service.get(flow, 0.0) + tokens / self.weights.get(flow, 1.0)
+
+    # -- whose turn ---------------------------------------------------------------------------
+
+    def turn(self, flow: Flow) -> tuple[float, int, int]:
+        """Sorts accounts by whose turn it is: least service, then fewest slots held, then
+        the earliest waiting sequence (-1 for an account with none waiting)."""
+        queue = self._flows.get(flow)
+        first = self._tickets[queue[0]] if queue else -1
+        return self.service.get(flow, 0.0), self.held.get(flow, 0), first
+
+    def _rank(self, seq: Sequence) -> tuple[int, int]:
+        priority = seq.share.priority if self.fair else 0
+        return -priority, self._tickets[seq]
+
+    def _active(self, flow: Flow) -> bool:
+        return flow in self._flows or flow in self.held
+
+    def _lift(self, flow: Flow) -> None:
+        """An account becomes active: no credit for the time it was idle."""
+        active = [self.service.get(f, 0.0) for f in {*self._flows, *self.held}]
+        if not active:
+            self.service.clear()
+            self.weights.clear()
+            return
+        floor = min(active)
+        # Idle accounts at or below the floor would be raised to it anyway: forget them.
+        for idle in [f for f, s in self.service.items() if s <= floor and not self._active(f)]:
+            del self.service[idle]
+            self.weights.pop(idle, None)
+        self.service[flow] = max(self.service.get(flow, 0.0), floor)

@@ -1,0 +1,239 @@
+"""Fair share between accounts in the scheduler, driven by hand-made model outputs."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from modelyard.engine.scheduler import SHARE_MIN_TOKENS, Scheduler, SchedulerConfig, SchedulerOutput
+from modelyard.engine.sequence import (
+    COMMON_SHARE,
+    SamplingParams,
+    Sequence,
+    SequenceStatus,
+    Share,
+)
+
+PLAIN = 7
+_ids = itertools.count()
+_bases = itertools.count(1)
+
+
+def make_scheduler(*, max_sequences: int = 4, step_token_budget: int = 32,
+                   fair_share: bool = True, max_waiting: int = 1000) -> Scheduler:
+    return Scheduler(SchedulerConfig(
+        max_sequences=max_sequences, step_token_budget=step_token_budget,
+        kv_capacity=64 * 1024, context_per_sequence=1024, max_waiting=max_waiting,
+        fair_share=fair_share))
+
+
+def make_seq(share: Share, prompt_len: int = 40, max_tokens: int = 8, *,
+             prompt: list[int] | None = None) -> Sequence:
+    if prompt is None:
+        base = 10_000 * next(_bases)
+        prompt = [base + i for i in range(prompt_len)]
+    return Sequence(f"{share.key}-{next(_ids)}", prompt, SamplingParams(max_tokens=max_tokens),
+                    eog_ids=frozenset({2}), share=share)
+
+
+def step(scheduler: Scheduler) -> SchedulerOutput:
+    output = scheduler.schedule()
+    scheduler.update_from_output(output, {c.seq.seq_id: PLAIN for c in output.chunks
+                                          if c.sample})
+    return output
+
+
+def admitted_in(output: SchedulerOutput) -> list[Sequence]:
+    """The sequences whose first chunk this step holds (their reading starts at 0)."""
+    return [c.seq for c in output.chunks if c.start == 0]
+
+
+@pytest.mark.parametrize("weights", [
+    {"a": 1.0, "b": 1.0},
+    {"a": 1.0, "b": 3.0},
+    {"a": 1.0, "b": 2.0, "c": 5.0},
+])
+def test_shares_of_prefill_tokens_and_slots_converge_to_the_weights(
+        weights: dict[str, float]) -> None:
+    """Every account keeps a backlog of the same requests: each one's share of the prompt
+    tokens read and of the slots held goes to its weight's share."""
+    scheduler = make_scheduler(max_sequences=8, step_token_budget=32)
+    shares = {name: Share(name, weight) for name, weight in weights.items()}
+    prefill = dict.fromkeys(weights, 0)
+    slots = dict.fromkeys(weights, 0)
+    for n in range(3000):
+        for share in shares.values():   # a sustained load: always 5 waiting per account
+            while len(scheduler.waiting.queue(share.key)) < 5:
+                scheduler.add(make_seq(share))
+        output = step(scheduler)
+        if n < 300:
+            continue   # the start, before every account's service has caught up
+        for chunk in output.chunks:
+            key = chunk.seq.share.key
+            assert key is not None
+            slots[key] += 1
+            prefill[key] += max(0, min(chunk.start + len(chunk.tokens),
+                                       chunk.seq.num_prompt) - chunk.start)
+    total = sum(weights.values())
+    for name, weight in weights.items():
+        assert prefill[name] / sum(prefill.values()) == pytest.approx(weight / total, abs=0.03)
+        assert slots[name] / sum(slots.values()) == pytest.approx(weight / total, abs=0.03)
+
+
+def test_first_come_first_served_within_an_account() -> None:
+    scheduler = make_scheduler(max_sequences=2, step_token_budget=64)
+    a, b = Share("a"), Share("b")
+    sent = {"a": [make_seq(a, max_tokens=3) for _ in range(6)],
+            "b": [make_seq(b, max_tokens=3) for _ in range(6)]}
+    for pair in zip(sent["b"], sent["a"], strict=True):   # interleaved, b first
+        for seq in pair:
+            scheduler.add(seq)
+    order: list[Sequence] = []
+    while scheduler.has_work():
+        order += admitted_in(step(scheduler))
+    assert [s for s in order if s.share is a] == sent["a"]
+    assert [s for s in order if s.share is b] == sent["b"]
+    assert len(order) == 12
+
+
+def test_a_keys_priority_goes_first_within_its_account_only() -> None:
+    scheduler = make_scheduler(max_sequences=1, step_token_budget=64)
+    batch, interactive, other = Share("a"), Share("a", priority=1), Share("b")
+    backlog = [make_seq(batch, max_tokens=2) for _ in range(4)]
+    for seq in backlog:
+        scheduler.add(seq)
+    step(scheduler)                       # backlog[0] holds the only slot
+    urgent = make_seq(interactive, max_tokens=2)
+    b = make_seq(other, max_tokens=2)
+    scheduler.add(b)
+    scheduler.add(urgent)
+    assert scheduler.waiting.queue("a") == [urgent, *backlog[1:]]
+    order: list[Sequence] = []
+    while scheduler.has_work():
+        order += admitted_in(step(scheduler))
+    # b's turn comes first (a holds the slot); then a's interactive request, then its batch.
+    assert order == [b, urgent, *backlog[1:]]
+
+
+@pytest.mark.parametrize("weight", [0.25, 1.0, 8.0])
+def test_an_account_alone_gets_everything(weight: float) -> None:
+    """One account, whatever its weight, is scheduled exactly as without fair share: every
+    slot, the whole budget, in arrival order."""
+    runs = []
+    for fair in (True, False):
+        global _bases
+        _bases = itertools.count(1)
+        scheduler = make_scheduler(max_sequences=3, step_token_budget=16, fair_share=fair)
+        share = Share("alone", weight)
+        shapes = []
+        for n in range(200):
+            if n % 3 == 0:
+                scheduler.add(make_seq(share, 10 + n % 17, max_tokens=1 + n % 5))
+            output = step(scheduler)
+            shapes.append([(c.seq.seq_id.split("-")[0], c.start, len(c.tokens), c.sample)
+                           for c in output.chunks])
+            if len(scheduler.waiting) and output.num_tokens < 16:
+                assert not scheduler.slots.free_slots   # held back only by the slots
+        runs.append(shapes)
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize(("fair", "admitted_after"), [(True, 0), (False, 20)])
+def test_a_light_accounts_request_takes_the_next_free_slot_ahead_of_a_backlog(
+        fair: bool, admitted_after: int) -> None:
+    scheduler = make_scheduler(max_sequences=4, step_token_budget=64, fair_share=fair)
+    heavy, light = Share("heavy"), Share("light")
+    for i in range(24):   # 4 running, 20 waiting; one finishes every few steps
+        scheduler.add(make_seq(heavy, 40, max_tokens=6 + 3 * i))
+    for _ in range(3):
+        step(scheduler)
+    assert len(scheduler.running) == 4 and len(scheduler.waiting) == 20
+    mine = make_seq(light, 20, max_tokens=4)
+    scheduler.add(mine)
+    heavy_admitted = 0
+    while mine.status is SequenceStatus.WAITING:
+        heavy_admitted += sum(s.share is heavy for s in admitted_in(step(scheduler)))
+    assert heavy_admitted == admitted_after
+
+
+def test_a_light_accounts_prefill_chunk_goes_before_a_heavy_accounts_prompts() -> None:
+    scheduler = make_scheduler(max_sequences=4, step_token_budget=32)
+    heavy, light = Share("heavy"), Share("light")
+    long = [make_seq(heavy, 300, max_tokens=4) for _ in range(3)]
+    for seq in long:
+        scheduler.add(seq)
+    step(scheduler)   # the first long prompt takes the whole budget
+    mine = make_seq(light, 10, max_tokens=4)
+    scheduler.add(mine)
+    output = step(scheduler)
+    assert output.chunks[0].seq is mine   # its whole prompt but the last token, first
+    assert (output.chunks[0].start, len(output.chunks[0].tokens)) == (0, 9)
+    output = step(scheduler)
+    assert output.chunks[0].seq is mine and output.chunks[0].sample
+
+
+def test_an_idle_account_banks_no_credit() -> None:
+    """An account that was alone for a long time and one that was idle share equally from
+    the moment both are busy: the idle one does not take every slot to catch up."""
+    scheduler = make_scheduler(max_sequences=4, step_token_budget=32)
+    a, b = Share("a"), Share("b")
+    for _ in range(400):
+        while len(scheduler.waiting.queue("a")) < 3:
+            scheduler.add(make_seq(a, 20, max_tokens=6))
+        step(scheduler)
+    order: list[Sequence] = []
+    for _ in range(200):
+        for share in (a, b):
+            while len(scheduler.waiting.queue(share.key)) < 3:
+                scheduler.add(make_seq(share, 20, max_tokens=6))
+        order += admitted_in(step(scheduler))
+    first = order[:20]
+    assert 8 <= sum(s.share is a for s in first) <= 12
+
+
+def test_no_account_left_active_forgets_every_count() -> None:
+    scheduler = make_scheduler()
+    scheduler.add(make_seq(Share("a"), 10, max_tokens=2))
+    while scheduler.has_work():
+        step(scheduler)
+    assert scheduler.waiting.service == {"a": pytest.approx(scheduler.waiting.service["a"])}
+    scheduler.add(make_seq(Share("b"), 10, max_tokens=2))
+    assert scheduler.waiting.service == {}
+    assert scheduler.waiting.held == {}
+
+
+def test_the_choices_of_a_request_read_their_prompt_once_beside_another_account() -> None:
+    """Both accounts in one cache scope (a shared prefix cache), each with its own share:
+    the second choice waits for the first to read the prompt, then copies its cells."""
+    scheduler = make_scheduler(max_sequences=6, step_token_budget=64)
+    a, b = Share("a"), Share("b")
+    theirs = [make_seq(a, 30, max_tokens=20) for _ in range(2)]
+    for seq in theirs:
+        scheduler.add(seq)
+    prompt = [5000 + i for i in range(200)]
+    choices = [make_seq(b, prompt=prompt, max_tokens=4) for _ in range(2)]
+    scheduler.add_group(choices)
+    copies = []
+    order: list[Sequence] = []
+    while scheduler.has_work():
+        output = step(scheduler)
+        copies += output.kv_copies
+        order += [c.seq for c in output.chunks if c.start == c.seq.num_cached]
+    assert order[:3] == [theirs[0], choices[0], theirs[1]]   # turns alternate
+    assert order[3] is choices[1]
+    # Copied from the first choice (all but what was left to read when it was admitted).
+    assert choices[1].num_cached > 200 - SHARE_MIN_TOKENS
+    assert len(copies) == 1
+
+
+def test_fair_share_off_keeps_arrival_order_across_accounts() -> None:
+    scheduler = make_scheduler(max_sequences=1, fair_share=False)
+    seqs = [make_seq(Share(name), 10, max_tokens=2) for name in "aabba"]
+    seqs.append(make_seq(COMMON_SHARE, 10, max_tokens=2))
+    for seq in seqs:
+        scheduler.add(seq)
+    order: list[Sequence] = []
+    while scheduler.has_work():
+        order += admitted_in(step(scheduler))
+    assert order == seqs

@@ -1,0 +1,68 @@
+"""An account's fair-share weight and a key's priority: set through the admin API, stored
+(SQLite, PostgreSQL), and carried by the account's requests to the provider."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from modelyard.engine.sequence import Share
+from modelyard.platform import accounts as ops
+from tests.platform.harness import Backend, Harness, scenario
+
+
+async def admin(platform: Harness, path: str, body: dict[str, Any]) -> Any:
+    response = await platform.client.post(
+        f"/admin{path}", json=body, headers={"Authorization": f"Bearer {platform.admin_key}"})
+    return response
+
+
+def test_weight_and_priority_reach_the_provider(backend: Backend) -> None:
+    async def body(platform: Harness) -> None:
+        created = await admin(platform, "/accounts",
+                              {"name": "acme", "balance": "10", "weight": 3})
+        assert created.status_code == 201 and created.json()["weight"] == 3.0
+        account_id = created.json()["id"]
+        key = await admin(platform, "/keys", {"account": "acme", "priority": 2})
+        assert key.status_code == 201 and key.json()["priority"] == 2
+        plain = await platform.key("acme")
+
+        assert (await platform.chat(key.json()["key"])).status_code == 200
+        assert (await platform.chat(plain)).status_code == 200
+        response = await platform.client.post(
+            "/v1/completions", headers={"Authorization": f"Bearer {plain}"},
+            json={"model": "fake", "prompt": "one two", "max_tokens": 2})
+        assert response.status_code == 200
+        assert platform.provider.shares == [Share(account_id, 3.0, 2), Share(account_id, 3.0),
+                                            Share(account_id, 3.0)]
+
+        changed = await admin(platform, "/accounts/acme/weight", {"weight": 0.5})
+        assert changed.status_code == 200 and changed.json()["weight"] == 0.5
+        assert (await platform.chat(plain)).status_code == 200
+        assert platform.provider.shares[-1] == Share(account_id, 0.5)
+    scenario(backend, body)
+
+
+def test_an_account_without_a_weight_has_weight_one(backend: Backend) -> None:
+    async def body(platform: Harness) -> None:
+        key = await platform.key("plain", 10_000)
+        assert (await ops.get_account(platform.db, "plain")).weight == 1.0
+        assert (await platform.chat(key)).status_code == 200
+        [share] = platform.provider.shares
+        assert share is not None and (share.weight, share.priority) == (1.0, 0)
+    scenario(backend, body)
+
+
+def test_weights_and_priorities_out_of_bounds_are_422(backend: Backend) -> None:
+    async def body(platform: Harness) -> None:
+        await platform.key("acme", 10_000)
+        for path, payload in [("/accounts", {"name": "zero", "weight": 0}),
+                              ("/accounts", {"name": "huge", "weight": 1e9}),
+                              ("/accounts/acme/weight", {"weight": -1}),
+                              ("/keys", {"account": "acme", "priority": 1000})]:
+            response = await admin(platform, path, payload)
+            assert response.status_code == 422, (path, payload, response.text)
+        assert (await admin(platform, "/accounts/acme/weight", {"weight": "2"})).status_code \
+            == 400   # a string is no weight
+        assert (await admin(platform, "/accounts/nobody/weight", {"weight": 2})).status_code \
+            == 404
+    scenario(backend, body)
