@@ -244,3 +244,13 @@ def test_a_restricted_key_cannot_mint_a_looser_one(backend: Backend) -> None:
         assert (child.models, child.rpm, child.expires_at, child.is_admin) == (
             ("fake",), 10, datetime(2090, 1, 1), False)
     run(backend, body)
+
+
+def test_an_unknown_console_address_is_an_html_404(backend: Backend) -> None:
+    async def body(platform: Harness) -> None:
+        async with browser(platform) as client:
+            answer = await client.get("/console/nothing/here")
+            assert answer.status_code == 404
+            assert answer.headers["content-type"].startswith("text/html")
+            assert "frame-ancestors 'none'" in answer.headers["content-security-policy"]
+    run(backend, body)

@@ -23,7 +23,7 @@ from modelyard.platform.gate import Caller, Gate, PlatformError
 router = APIRouter(include_in_schema=False)
 router.include_router(pages_router)
 router.include_router(admin_router)
-router.include_router(assets_router)
+router.include_router(assets_router)  # last: it ends with the catch-all 404 page
 
 
 def is_console_path(path: str) -> bool:

@@ -7,7 +7,7 @@ from importlib.resources import files
 
 from fastapi import APIRouter, Request, Response
 
-from modelyard.console.web import page
+from modelyard.console.web import current, page, render
 
 router = APIRouter(include_in_schema=False)
 TYPES = {"console.css": "text/css; charset=utf-8",
@@ -26,3 +26,13 @@ async def asset(request: Request, name: str) -> Response:
     if request.headers.get("if-none-match") == _TAGS[name]:
         return Response(status_code=304, headers=headers)
     return Response(_FILES[name], media_type=TYPES[name], headers=headers)
+
+
+@router.get("/console/{rest:path}")
+@page
+async def unknown(request: Request, rest: str) -> Response:
+    """Any other console address: a page saying so (not the API's JSON 404)."""
+    session = await current(request)
+    return render(request, "message.html", {
+        "session": session, "title": "Not found", "message": "There is no such page."},
+        status=404)
