@@ -39,6 +39,8 @@ def snapshot(registry: CollectorRegistry) -> dict[str, Any]:
             elif name in ("modelyard_queue_depth", "modelyard_running_sequences",
                           "modelyard_kv_cells_reserved", "modelyard_generated_tokens_total",
                           "modelyard_prompt_tokens_total"):
-                engine[name.removeprefix("modelyard_").removesuffix("_total")] = sample.value
+                # summed over the engines when several run (one per local model)
+                short = name.removeprefix("modelyard_").removesuffix("_total")
+                engine[short] = engine.get(short, 0.0) + sample.value
     return {"time": time.time(), "engine": engine or None,
             "deployments": [deployments[key] for key in sorted(deployments)]}
