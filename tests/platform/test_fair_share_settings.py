@@ -3,8 +3,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from modelyard.cli import main
 from modelyard.engine.sequence import Share
 from modelyard.platform import accounts as ops
 from tests.platform.harness import Backend, Harness, scenario
@@ -66,3 +71,22 @@ def test_weights_and_priorities_out_of_bounds_are_422(backend: Backend) -> None:
         assert (await admin(platform, "/accounts/nobody/weight", {"weight": 2})).status_code \
             == 404
     scenario(backend, body)
+
+
+def test_the_commands_set_weights_and_priorities(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("MODELYARD_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("MODELYARD_DATABASE_URL", raising=False)
+
+    def cli(*args: str) -> Any:
+        assert main([*args, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    assert cli("accounts", "create", "acme", "--weight", "2")[0]["weight"] == 2.0
+    assert cli("accounts", "weight", "acme", "0.5")[0]["weight"] == 0.5
+    created = cli("keys", "create", "--account", "acme", "--priority", "3")
+    [key] = [k for k in cli("keys", "list") if k["id"] == created["id"]]
+    assert key["priority"] == 3
+    assert main(["accounts", "weight", "acme", "0"]) == 2   # out of bounds: a message
+    assert capsys.readouterr().err.startswith("modelyard: ")

@@ -38,7 +38,14 @@ def add_commands(commands: Any) -> None:
     create = accounts.add_parser("create", parents=[common], help="create an account")
     create.add_argument("name")
     create.add_argument("--balance", default="0", help="initial balance (default 0)")
+    create.add_argument("--weight", type=float,
+                        help="its fair share of the built-in engines (default 1)")
     create.set_defaults(handler=_create_account)
+    weight = accounts.add_parser("weight", parents=[common],
+                                 help="set an account's fair-share weight")
+    weight.add_argument("name")
+    weight.add_argument("weight", type=float)
+    weight.set_defaults(handler=_set_weight)
     topup = accounts.add_parser("topup", parents=[common], help="add to an account's balance")
     topup.add_argument("name")
     topup.add_argument("amount")
@@ -56,6 +63,9 @@ def add_commands(commands: Any) -> None:
     new.add_argument("--max-concurrent", type=int,
                      help="requests in flight at once (default: [platform] "
                           "max_concurrent_per_key)")
+    new.add_argument("--priority", type=int,
+                     help="its requests' place among its account's waiting for an engine "
+                          "(higher first; default 0)")
     new.add_argument("--expires", help="expiry: a date or ISO time, UTC")
     new.add_argument("--name", help="a label")
     new.add_argument("--admin", action="store_true", help="an admin key")
@@ -106,7 +116,8 @@ def _when(value: datetime | None) -> str | None:
 def _account_json(account: Account) -> dict[str, Any]:
     return {"id": account.id, "name": account.name, "balance": format_micros(account.balance),
             "reserved": format_micros(account.reserved), "spent": format_micros(account.spent),
-            "credited": format_micros(account.credited), "created_at": _when(account.created_at)}
+            "credited": format_micros(account.credited), "weight": account.weight,
+            "created_at": _when(account.created_at)}
 
 
 def _accounts_out(found: list[Account], as_json: bool) -> str:
@@ -120,7 +131,7 @@ def _accounts_out(found: list[Account], as_json: bool) -> str:
 def _key_json(key: KeyInfo) -> dict[str, Any]:
     return {"id": key.id, "account": key.account, "name": key.name, "admin": key.is_admin,
             "models": None if key.models is None else list(key.models), "rpm": key.rpm,
-            "tpm": key.tpm, "max_concurrent": key.max_concurrent,
+            "tpm": key.tpm, "max_concurrent": key.max_concurrent, "priority": key.priority,
             "expires_at": _when(key.expires_at), "revoked_at": _when(key.revoked_at),
             "created_at": _when(key.created_at)}
 
@@ -135,8 +146,13 @@ def _keys_out(found: list[KeyInfo], as_json: bool) -> str:
 
 
 async def _create_account(db: Database, args: argparse.Namespace) -> str:
-    account = await ops.create_account(db, args.name, to_micros(args.balance, what="balance"))
+    account = await ops.create_account(db, args.name, to_micros(args.balance, what="balance"),
+                                       args.weight)
     return _accounts_out([account], args.json)
+
+
+async def _set_weight(db: Database, args: argparse.Namespace) -> str:
+    return _accounts_out([await ops.set_weight(db, args.name, args.weight)], args.json)
 
 
 async def _top_up(db: Database, args: argparse.Namespace) -> str:
@@ -153,7 +169,7 @@ async def _create_key(db: Database, args: argparse.Namespace) -> str:
     expires = None if args.expires is None else ops.parse_when(args.expires, what="--expires")
     created = await ops.create_key(db, args.account, models=models, rpm=args.rpm, tpm=args.tpm,
                                    expires_at=expires, name=args.name, is_admin=args.admin,
-                                   max_concurrent=args.max_concurrent)
+                                   max_concurrent=args.max_concurrent, priority=args.priority)
     if args.json:
         return json.dumps({"key": created.text, "id": created.info.id})
     return (f"{_keys_out([created.info], False)}\n\n"
