@@ -139,7 +139,8 @@ async def form(request: Request, session: Session | None) -> dict[str, str]:
     carries the session's CSRF token and, when the browser says where it came from, comes
     from this server."""
     origin = request.headers.get("origin")
-    if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+    hosts = {request.headers.get("host"), request.headers.get("x-forwarded-host")}
+    if origin is not None and urlsplit(origin).netloc not in hosts:
         raise Answer(forbidden(request, session, "This form came from another site."))
     body = await request.body()
     if len(body) > MAX_FORM_BYTES:
