@@ -7,9 +7,9 @@ from __future__ import annotations
 from markupsafe import Markup, escape
 
 WIDTH = 600
-HEIGHT = 160
-TOP = 16
-BOTTOM = 22
+HEIGHT = 140
+TOP = 4
+BOTTOM = 1
 
 
 def _short(value: int) -> str:
@@ -28,16 +28,17 @@ def bars(points: list[tuple[str, int]], *, label: str, testid: str) -> Markup:
              f'{HEIGHT}" role="img" aria-label="{escape(label)}" '
              f'preserveAspectRatio="none"><title>{escape(label)}</title>',
              f'<line class="axis" x1="0" y1="{HEIGHT - BOTTOM}" x2="{WIDTH}" '
-             f'y2="{HEIGHT - BOTTOM}"/>']
+             f'y2="{HEIGHT - BOTTOM}" vector-effect="non-scaling-stroke"/>']
     for index, (day, value) in enumerate(points):
         height = 0.0 if peak == 0 else plot * value / peak
         x = index * step + step * 0.15
         parts.append(f'<rect class="bar" x="{x:.1f}" y="{HEIGHT - BOTTOM - height:.1f}" '
                      f'width="{step * 0.7:.1f}" height="{height:.1f}"><title>{escape(day)}: '
                      f'{value}</title></rect>')
-    if points:
-        parts.append(f'<text class="tick" x="0" y="{HEIGHT - 6}">{escape(points[0][0])}</text>')
-        parts.append(f'<text class="tick" x="{WIDTH}" y="{HEIGHT - 6}" text-anchor="end">'
-                     f'{escape(points[-1][0])}</text>')
-    parts.append(f'<text class="tick" x="0" y="11">max {_short(peak)}</text></svg>')
+    parts.append("</svg>")
+    # The labels in HTML beneath, not SVG text: they keep their size however the chart
+    # is stretched to its container.
+    first, last = (points[0][0], points[-1][0]) if points else ("", "")
+    parts.append(f'<p class="chart-axis"><span>{escape(first)}</span>'
+                 f'<span>max {_short(peak)}</span><span>{escape(last)}</span></p>')
     return Markup("".join(parts))
