@@ -105,12 +105,23 @@ class EngineConfig:
     """Share slots and prompt reading between accounts by weighted fair queuing (weights
     per account, priority per key; see engine/fair_share.py); false: first come, first
     served across all accounts."""
+    reserved_slots: NonNegative = 0
+    """With fair share, slots an account already holding one may not take while another
+    account had work lately, so a light account's request starts at once (a reserved slot
+    may stay empty); less than max_sequences."""
 
     @field_validator("step_token_budget")
     @classmethod
     def _budget_fits_every_sequence(cls, value: int, info: ValidationInfo) -> int:
         if value < info.data.get("max_sequences", 1):
             raise ValueError("must be at least engine.max_sequences")
+        return value
+
+    @field_validator("reserved_slots")
+    @classmethod
+    def _reserve_leaves_a_slot(cls, value: int, info: ValidationInfo) -> int:
+        if value >= info.data.get("max_sequences", 1):
+            raise ValueError("must be less than engine.max_sequences")
         return value
 
 

@@ -6,6 +6,8 @@ import itertools
 
 import pytest
 
+from modelyard.config import EngineConfig
+from modelyard.engine.fair_share import RESERVE_MEMORY_STEPS
 from modelyard.engine.scheduler import SHARE_MIN_TOKENS, Scheduler, SchedulerConfig, SchedulerOutput
 from modelyard.engine.sequence import (
     COMMON_SHARE,
@@ -237,3 +239,44 @@ def test_fair_share_off_keeps_arrival_order_across_accounts() -> None:
     while scheduler.has_work():
         order += admitted_in(step(scheduler))
     assert order == seqs
+
+
+def test_reserved_slots_start_a_light_accounts_request_at_once() -> None:
+    scheduler = Scheduler(SchedulerConfig(
+        max_sequences=4, step_token_budget=64, kv_capacity=64 * 1024,
+        context_per_sequence=1024, max_waiting=1000, reserved_slots=1))
+    heavy, light = Share("heavy"), Share("light")
+
+    def flood(steps: int) -> None:
+        for _ in range(steps):
+            while len(scheduler.waiting.queue("heavy")) < 4:
+                scheduler.add(make_seq(heavy, 20, max_tokens=30))
+            step(scheduler)
+
+    flood(50)
+    assert len(scheduler.running) == 4            # alone: every slot
+    mine = make_seq(light, 10, max_tokens=2)
+    scheduler.add(mine)
+    while mine.status is SequenceStatus.WAITING:  # waits for a slot to free, once
+        flood(1)
+    flood(20)
+    assert len(scheduler.running) == 3            # one slot kept for the light account now
+    again = make_seq(light, 10, max_tokens=2)
+    scheduler.add(again)
+    output = step(scheduler)
+    assert any(c.seq is again for c in output.chunks)   # admitted in the step it came
+    flood(RESERVE_MEMORY_STEPS + 50)              # the light account stays away
+    assert len(scheduler.running) == 4
+
+
+def test_a_reserve_needs_fair_share_and_leaves_a_slot() -> None:
+    with pytest.raises(ValueError, match=r"less than engine\.max_sequences"):
+        EngineConfig(max_sequences=4, reserved_slots=4)
+    scheduler = Scheduler(SchedulerConfig(
+        max_sequences=2, step_token_budget=64, kv_capacity=64 * 1024,
+        context_per_sequence=1024, max_waiting=1000, reserved_slots=1, fair_share=False))
+    for name in ("a", "b", "a"):
+        scheduler.add(make_seq(Share(name), 10, max_tokens=50))
+    for _ in range(3):
+        step(scheduler)
+    assert len(scheduler.running) == 2   # first come, first served: no reserve

@@ -1356,7 +1356,8 @@ def run_random_workload(seed: int, prefix_caching: bool,
                              step_token_budget=rng.choice([4, 7, 16, 64, 64]),
                              kv_capacity=rng.choice([64, 128, 400]), context_per_sequence=64,
                              max_waiting=6, prefix_caching=prefix_caching,
-                             last_prompt_token_alone=alone)
+                             last_prompt_token_alone=alone,
+                             reserved_slots=rng.choice([0, 1]) if shares else 0)
     scheduler = Scheduler(config)
     kv = KVModel(config.kv_capacity)
     # Prompts share prefixes: a few short system prompts, long ones (worth waiting for while

@@ -33,6 +33,8 @@ from modelyard.engine.sequence import Sequence
 SLOT_STEP_COST = 1.0
 """Tokens charged per step for each slot an account holds (a decode token costs as much)."""
 MIN_WEIGHT = 1e-3
+RESERVE_MEMORY_STEPS = 1024
+"""How many steps after an account last had work its reserved slots stay kept for it."""
 
 Flow = str | None
 """An account's key; None is the common share of sequences that name none."""
@@ -55,6 +57,9 @@ class FairQueue:
         self.weights: dict[Flow, float] = {}
         self.held: dict[Flow, int] = {}
         """Slots each account holds (its running sequences)."""
+        self.step = 0
+        self.last_active: dict[Flow, int] = {}
+        """The last step at which each account had work (waiting or running)."""
 
     def key(self, seq: Sequence) -> Flow:
         return seq.share.key if self.fair else None
@@ -126,6 +131,21 @@ class FairQueue:
     def charge(self, seq: Sequence, tokens: float) -> None:
         flow = self.key(seq)
         self.service[flow] = self.service.get(flow, 0.0) + tokens / self.weights.get(flow, 1.0)
+
+    def tick(self) -> None:
+        """A step begins: note who has work now, forget who has had none for long."""
+        self.step += 1
+        for flow in {*self._flows, *self.held}:
+            self.last_active[flow] = self.step
+        if len(self.last_active) > 2 * (len(self._flows) + len(self.held)) + 16:
+            horizon = self.step - RESERVE_MEMORY_STEPS
+            self.last_active = {f: s for f, s in self.last_active.items() if s >= horizon}
+
+    def others_active_lately(self, flow: Flow) -> bool:
+        """Whether an account other than `flow` had work within RESERVE_MEMORY_STEPS."""
+        horizon = self.step - RESERVE_MEMORY_STEPS
+        return any(step >= horizon for other, step in self.last_active.items()
+                   if other != flow)
 
     # -- whose turn ---------------------------------------------------------------------------
 

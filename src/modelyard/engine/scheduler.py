@@ -87,6 +87,11 @@ class SchedulerConfig:
     fair_share: bool = True
     """Share slots and prefill between accounts (`Sequence.share`) by weighted fair
     queuing; off, every sequence waits in one queue, first come, first served."""
+    reserved_slots: int = 0
+    """With fair share: free slots an account that already holds one may not take while
+    another account has had work lately (RESERVE_MEMORY_STEPS), so a light account's
+    request starts at once instead of waiting for a slot to free. Not work-conserving: a
+    reserved slot may stay empty; an account alone for long gets every slot again."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,7 @@ class Scheduler:
         output = SchedulerOutput()
         budget = self.config.step_token_budget
         fair = self.waiting
+        fair.tick()
         prefilling: dict[Flow, deque[Sequence]] = {}
         for seq in self.running:
             fair.charge(seq, SLOT_STEP_COST)  # its slot, for this step
@@ -242,6 +248,8 @@ class Scheduler:
                 budget -= n
                 continue
             waiting = heads[flow]
+            if self._keeps_reserve(flow):
+                waiting.clear()   # not this account's turn for what is left
             while waiting:
                 seq = waiting[0]
                 if not self._can_admit(seq):
@@ -258,6 +266,14 @@ class Scheduler:
                 break
             if not waiting:
                 del heads[flow]
+
+    def _keeps_reserve(self, flow: Flow) -> bool:
+        """Whether `flow` must leave the free slots left to other accounts."""
+        reserve = self.config.reserved_slots
+        return (reserve > 0 and self.config.fair_share
+                and len(self.slots.free_slots) <= reserve
+                and self.waiting.held.get(flow, 0) > 0
+                and self.waiting.others_active_lately(flow))
 
     def _admit(self, seq: Sequence, reused: int, source: tuple[str, int]) -> None:
         self.waiting.remove(seq)

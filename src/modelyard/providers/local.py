@@ -90,6 +90,7 @@ class LocalProvider(Provider[_LocalWork]):
             prefix_caching=engine_config.prefix_caching,
             max_cached_cells=2 * engine_config.context_per_sequence,
             fair_share=engine_config.fair_share,
+            reserved_slots=engine_config.reserved_slots,
         ), metrics, self.grammar)
         self.engine.start()
 
