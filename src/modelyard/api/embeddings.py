@@ -157,7 +157,7 @@ async def answer_embeddings(run: Run, body: bytes) -> None:
     request = payload.to_request(f"emb-{os.urandom(16).hex()}")
     prepared = await model.prepare(request)
     bill = await run.admit(payload.model, prepared.prompt_tokens, 0, payload.user)
-    result = await model.embed(prepared)
+    result = await prepared.embed()
     bill.sent(Usage(prompt_tokens=result.prompt_tokens, estimated=result.estimated))
     bill.status = 200
     await bill.settle_now()

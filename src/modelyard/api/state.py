@@ -16,7 +16,7 @@ from modelyard.api.reply import body_cap
 from modelyard.platform.gate import Gate, OpenGate
 from modelyard.platform.response_store import MemoryResponses, ResponseStore
 from modelyard.providers.base import ChatModel
-from modelyard.providers.embeddings import EmbeddingModel
+from modelyard.providers.embeddings import EmbeddingService
 
 
 @dataclass
@@ -39,7 +39,7 @@ class AppState:
     max_request_tokens: int = 32768
     """The most completion tokens a request with several choices may ask for in all."""
     preparation: Preparation = field(default_factory=Preparation)
-    embeddings: dict[str, EmbeddingModel] = field(default_factory=dict)
+    embeddings: dict[str, EmbeddingService] = field(default_factory=dict)
     """The models /v1/embeddings answers for (the built-in one and the catalog's)."""
     responses: ResponseStore = field(default_factory=MemoryResponses)
     """Where /v1/responses keeps stored responses (the platform database when it runs)."""

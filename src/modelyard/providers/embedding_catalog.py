@@ -13,15 +13,15 @@ from modelyard.engine.embedder import Embedder
 from modelyard.engine.embedding_model import EmbeddingModelConfig, LlamaEmbeddingModel
 from modelyard.engine.metrics import EmbeddingMetrics
 from modelyard.models.embedding_sources import resolve_embedding_source
-from modelyard.providers.embeddings import EmbeddingModel, LocalEmbeddings
+from modelyard.providers.embeddings import EmbeddingService, LocalEmbeddings
 from modelyard.providers.upstream_embeddings import UpstreamEmbeddings
 
 logger = logging.getLogger(__name__)
 
 
 def build_embeddings(config: Config, environ: Mapping[str, str],
-                     registry: CollectorRegistry | None = None) -> dict[str, EmbeddingModel]:
-    models: dict[str, EmbeddingModel] = {}
+                     registry: CollectorRegistry | None = None) -> dict[str, EmbeddingService]:
+    models: dict[str, EmbeddingService] = {}
     settings = config.embedding
     if settings.enabled:
         path = resolve_embedding_source(settings.source, config.models_dir)

@@ -14,7 +14,7 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -22,6 +22,7 @@ import numpy.typing as npt
 from modelyard.engine.embedder import Embedder, EmbedderFull, EmbedderStopped
 from modelyard.providers.base import ProviderError
 
+W = TypeVar("W")
 Vectors = npt.NDArray[np.float32]
 EncodingFormat = Literal["float", "base64"]
 
@@ -47,12 +48,43 @@ class EmbeddingRequest:
 
 
 @dataclass(frozen=True)
-class PreparedEmbedding:
+class PreparedEmbedding(Generic[W]):
+    """A request its model has read: what the platform reserves for, and the model's own
+    work (`W`: token ids, an upstream body)."""
+
     request: EmbeddingRequest
     prompt_tokens: int
     """Exact (the built-in model) or an upper bound (an upstream): what is reserved."""
-    work: Any
-    """The provider's own: token ids, an upstream body."""
+    work: W
+    model: EmbeddingModel[W]
+
+    async def embed(self) -> Embeddings:
+        """Run it on the model that prepared it."""
+        return await self.model.embed(self)
+
+
+class Prepared(Protocol):
+    """A `PreparedEmbedding` of any model, as the HTTP layer sees it."""
+
+    @property
+    def request(self) -> EmbeddingRequest: ...
+
+    @property
+    def prompt_tokens(self) -> int: ...
+
+    async def embed(self) -> Embeddings: ...
+
+
+class EmbeddingService(Protocol):
+    """An embedding model as the HTTP layer sees it, whatever its work type."""
+
+    model_id: str
+
+    def describe(self) -> dict[str, Any]: ...
+
+    async def prepare(self, request: EmbeddingRequest) -> Prepared: ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -64,8 +96,9 @@ class Embeddings:
     """Counted by modelyard (an upstream that reported no usage)."""
 
 
-class EmbeddingModel(ABC):
-    """Answers embedding requests for one model id."""
+class EmbeddingModel(ABC, Generic[W]):
+    """Answers embedding requests for one model id; `W` is what it prepares a request
+    into."""
 
     model_id: str
 
@@ -74,14 +107,14 @@ class EmbeddingModel(ABC):
         """Extra fields of the model's entry in /v1/models."""
 
     @abstractmethod
-    async def prepare(self, request: EmbeddingRequest) -> PreparedEmbedding:
+    async def prepare(self, request: EmbeddingRequest) -> PreparedEmbedding[W]:
         """Count the tokens; raise ProviderError for what cannot run."""
 
     @abstractmethod
-    async def embed(self, prepared: PreparedEmbedding) -> Embeddings:
+    async def embed(self, prepared: PreparedEmbedding[W]) -> Embeddings:
         """Run it (ProviderError when it cannot: overloaded, shutting down)."""
 
-    async def close(self) -> None:  # noqa: B027 - optional hook
+    async def close(self) -> None:
         """Release resources at shutdown."""
 
 
@@ -98,7 +131,10 @@ class Tokenizes(Protocol):
     def tokenize(self, text: str) -> list[int]: ...
 
 
-class LocalEmbeddings(EmbeddingModel):
+TokenIds = list[list[int]]
+
+
+class LocalEmbeddings(EmbeddingModel[TokenIds]):
     """The built-in embedding model: its own tokenizer, its own worker (`Embedder`)."""
 
     def __init__(self, model_id: str, tokenizer: Tokenizes, embedder: Embedder, *,
@@ -116,7 +152,7 @@ class LocalEmbeddings(EmbeddingModel):
         return {"task": "embedding", "context_length": self.tokenizer.max_input_tokens,
                 "dimensions": self.dimensions}
 
-    async def prepare(self, request: EmbeddingRequest) -> PreparedEmbedding:
+    async def prepare(self, request: EmbeddingRequest) -> PreparedEmbedding[TokenIds]:
         self._check_dimensions(request.dimensions)
         limit = self.tokenizer.max_input_tokens
         if request.tokenized:
@@ -141,7 +177,7 @@ class LocalEmbeddings(EmbeddingModel):
                                     param="input", code="context_length_exceeded")
             if not tokens:
                 raise ProviderError(422, f"input[{i}] is empty", param="input")
-        return PreparedEmbedding(request, sum(len(tokens) for tokens in ids), ids)
+        return PreparedEmbedding(request, sum(len(tokens) for tokens in ids), ids, self)
 
     def _check_dimensions(self, dimensions: int | None) -> None:
         native = self.dimensions
@@ -155,7 +191,7 @@ class LocalEmbeddings(EmbeddingModel):
             raise ProviderError(422, f"dimensions must be 1 to {native} for {self.model_id}",
                                 param="dimensions", code="unsupported_dimensions")
 
-    async def embed(self, prepared: PreparedEmbedding) -> Embeddings:
+    async def embed(self, prepared: PreparedEmbedding[TokenIds]) -> Embeddings:
         try:
             vectors = await self.embedder.embed(prepared.work)
         except EmbedderFull as exc:

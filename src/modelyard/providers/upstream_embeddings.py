@@ -86,7 +86,7 @@ class _Deployment:
             raise UpstreamError(502, str(exc), retriable=True) from None
 
 
-class UpstreamEmbeddings(EmbeddingModel):
+class UpstreamEmbeddings(EmbeddingModel[dict[str, Any]]):
     def __init__(self, config: CatalogModelConfig, router: RouterConfig, environ: Any,
                  rng: random.Random | None = None) -> None:
         self.model_id = config.id
@@ -102,7 +102,7 @@ class UpstreamEmbeddings(EmbeddingModel):
                 "deployments": [{"name": d.name, "breaker": d.breaker.state}
                                 for d in self.deployments]}
 
-    async def prepare(self, request: EmbeddingRequest) -> PreparedEmbedding:
+    async def prepare(self, request: EmbeddingRequest) -> PreparedEmbedding[dict[str, Any]]:
         if request.tokenized:
             bound = sum(len(tokens) for tokens in request.inputs)
             inputs: list[Any] = [list(tokens) for tokens in request.inputs]
@@ -114,9 +114,9 @@ class UpstreamEmbeddings(EmbeddingModel):
             body["dimensions"] = request.dimensions
         if request.user is not None:
             body["user"] = request.user
-        return PreparedEmbedding(request, bound, body)
+        return PreparedEmbedding(request, bound, body, self)
 
-    async def embed(self, prepared: PreparedEmbedding) -> Embeddings:
+    async def embed(self, prepared: PreparedEmbedding[dict[str, Any]]) -> Embeddings:
         request_id = prepared.request.request_id
         tried: set[int] = set()
         last: UpstreamError | None = None
