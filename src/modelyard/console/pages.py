@@ -375,9 +375,10 @@ async def models_page(request: Request) -> Response:
 async def playground_page(request: Request) -> Response:
     session = await signed_in(request)
     models = [m for m in catalog(request, session) if m.chat]
+    host = request.headers.get("x-forwarded-host") or request.headers.get("host", "localhost")
     return render(request, "playground.html", {
         "session": session, "nav": "playground", "models": models,
-        "origin": f"{request.url.scheme}://{request.headers.get('host', 'localhost')}"})
+        "origin": f"{'https' if is_https(request) else 'http'}://{host}"})
 
 
 __all__ = ["Answer", "router"]

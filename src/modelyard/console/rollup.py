@@ -115,7 +115,8 @@ async def roll(db: Database, *, retention_days: int = 0, force: bool = False) ->
 
 def _grouped(connection: Connection, groups: tuple[Group, ...], account_id: str | None,
              since: str | None, until: str | None) -> list[Totals]:
-    last = select(usage_rollup.c.last_id).where(usage_rollup.c.id == 1).scalar_subquery()
+    last = int(connection.execute(select(usage_rollup.c.last_id)
+                                  .where(usage_rollup.c.id == 1)).scalar_one())
     rolled_columns = [usage_daily.c[name].label(name) for name in groups]
     where: list[ColumnElement[bool]] = []
     if account_id is not None:
@@ -127,22 +128,23 @@ def _grouped(connection: Connection, groups: tuple[Group, ...], account_id: str 
     rolled = select(*rolled_columns, func.sum(usage_daily.c.requests).label("requests"),
                     *(func.sum(usage_daily.c[name]).label(name) for name in SUMS)
                     ).where(*where).group_by(*rolled_columns)
-    day = _day(usage.c.created_at)
-    fresh_columns = [(day if name == "day" else usage.c[name]).label(name) for name in groups]
+    # The records not summed yet: found by id alone (and account), so that the database
+    # reads that short id range, never the time index over every record; their days are
+    # filtered here.
+    day = _day(usage.c.created_at).label("day")
+    fresh_columns = [day, *(usage.c[name].label(name) for name in groups if name != "day")]
     fresh_where: list[ColumnElement[bool]] = [usage.c.id > last]
     if account_id is not None:
         fresh_where.append(usage.c.account_id == account_id)
-    if since is not None:
-        fresh_where.append(usage.c.created_at >= datetime.fromisoformat(since))
-    if until is not None:
-        fresh_where.append(usage.c.created_at
-                           < datetime.fromisoformat(until) + timedelta(days=1))
     fresh = select(*fresh_columns, func.count().label("requests"),
                    *(func.sum(usage.c[name]).label(name) for name in SUMS)
                    ).where(*fresh_where).group_by(*fresh_columns)
     merged: dict[tuple[str, ...], list[int]] = {}
     for query in (rolled, fresh):
         for row in connection.execute(query):
+            if query is fresh and ((since is not None and row.day < since)
+                                   or (until is not None and row.day > until)):
+                continue
             key = tuple(str(getattr(row, name)) for name in groups)
             sums = [int(row.requests or 0), *(int(getattr(row, name) or 0) for name in SUMS)]
             held = merged.get(key)
