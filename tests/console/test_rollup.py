@@ -53,7 +53,9 @@ def _read(totals: list[rollup.Totals], groups: tuple[str, ...]
 
 
 @pytest.mark.parametrize("seed", [7])
-def test_rolled_and_fresh_records_sum_like_a_scan(backend: Backend, seed: int) -> None:
+def test_rolled_and_fresh_records_sum_like_a_scan(backend: Backend, seed: int,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rollup, "CHUNK", 37)  # several transactions a roll
     rng = random.Random(seed)
     now = utcnow()
     rows: list[dict[str, Any]] = []

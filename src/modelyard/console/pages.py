@@ -37,6 +37,7 @@ from modelyard.console.web import (
     render,
     safe_next,
     signed_in,
+    state_of,
 )
 from modelyard.platform import accounts as ops
 from modelyard.platform.accounts import AdminError, KeyInfo
@@ -127,7 +128,8 @@ def _days(first: date, last: date) -> list[str]:
 async def _totals(request: Request, groups: tuple[rollup.Group, ...], account_id: str | None,
                   since: str | None, until: str | None) -> list[rollup.Totals]:
     gate = gate_of(request)
-    await rollup.roll(gate.db, retention_days=gate.settings.usage_retention_days)
+    state_of(request).run_in_background(
+        rollup.roll(gate.db, retention_days=gate.settings.usage_retention_days))
     return await rollup.totals(gate.db, groups, account_id=account_id, since=since,
                                until=until)
 

@@ -3,8 +3,9 @@
 `usage_daily` holds the usage records summed per account, UTC day, model and key, for every
 record up to `usage_rollup.last_id`. A totals query reads those sums and adds the few
 records past `last_id` (the last minute or so, an index range), so a page costs the same
-with 100 or 100,000 records. The console moves `last_id` forward (`roll`) before it reads,
-at most every `ROLL_INTERVAL_S` per process, taking records older than `GRACE_S` only: ids
+with 100 or 100,000 records. A page that reads totals starts moving `last_id` forward
+(`roll`, in the background), at most every `ROLL_INTERVAL_S` per process, `CHUNK` records a
+transaction, taking records older than `GRACE_S` only: ids
 are handed out before their transaction commits, and a settlement's transaction ends within
 seconds (the database's operation timeout), so by then no record with a smaller id can
 still appear. Rolling is one transaction holding the rollup row (`FOR UPDATE` on
@@ -35,11 +36,13 @@ from modelyard.platform.tables import usage, usage_daily, usage_rollup, utcnow
 logger = logging.getLogger(__name__)
 ROLL_INTERVAL_S = 10.0
 GRACE_S = 60.0
+CHUNK = 20_000
 SUMS = ("prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens", "cost",
         "uncollected")
 Group = Literal["day", "model", "key_id", "account_id"]
 _KEY = ("account_id", "day", "model", "key_id")
 _last_roll: dict[str, float] = {}
+_rolling: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -65,13 +68,18 @@ def _day(column: Any) -> ColumnElement[str]:
     return func.substr(cast(column, String), 1, 10)
 
 
-def _roll(connection: Connection, before: datetime, keep_from: str | None) -> int:
+def _roll(connection: Connection, before: datetime, keep_from: str | None) -> bool:
+    """Sum the next `CHUNK` records into `usage_daily`; whether more are waiting."""
     last = int(connection.execute(select(usage_rollup.c.last_id)
                                   .where(usage_rollup.c.id == 1).with_for_update()).scalar_one())
-    upto = connection.execute(select(func.max(usage.c.id)).where(
-        usage.c.id > last, usage.c.created_at < before)).scalar()
+    eligible = (usage.c.id > last, usage.c.created_at < before)
+    upto = connection.execute(select(usage.c.id).where(*eligible).order_by(usage.c.id)
+                              .offset(CHUNK - 1).limit(1)).scalar()
+    more = upto is not None
     if upto is None:
-        return 0
+        upto = connection.execute(select(func.max(usage.c.id)).where(*eligible)).scalar()
+    if upto is None:
+        return False
     day = _day(usage.c.created_at)
     rows = connection.execute(
         select(usage.c.account_id, day.label("day"), usage.c.model, usage.c.key_id,
@@ -92,25 +100,31 @@ def _roll(connection: Connection, before: datetime, keep_from: str | None) -> in
                        .values(last_id=upto))
     if keep_from is not None:
         connection.execute(delete(usage_daily).where(usage_daily.c.day < keep_from))
-    return len(values)
+    return more
 
 
 async def roll(db: Database, *, retention_days: int = 0, force: bool = False) -> None:
-    """Bring `usage_daily` up to the records older than `GRACE_S` (at most every
-    `ROLL_INTERVAL_S` in this process unless `force`)."""
+    """Bring `usage_daily` up to the records older than `GRACE_S`, `CHUNK` records a
+    transaction (each well inside the database's operation timeout, and SQLite's reads
+    get their turn between them); at most every `ROLL_INTERVAL_S` and one at a time in
+    this process unless `force`. Pages start it without waiting for it: their totals are
+    right either way (they read the records not summed yet), only slower until it ends."""
     now = time.monotonic()
-    if not force and now - _last_roll.get(db.url, -ROLL_INTERVAL_S) < ROLL_INTERVAL_S:
+    if not force and (db.url in _rolling or
+                      now - _last_roll.get(db.url, -ROLL_INTERVAL_S) < ROLL_INTERVAL_S):
         return
     _last_roll[db.url] = now
+    _rolling.add(db.url)
     wall = utcnow()
     keep_from = None if retention_days <= 0 else (
         wall - timedelta(days=retention_days)).date().isoformat()
     try:
-        await db.write(_roll, wall - timedelta(seconds=GRACE_S), keep_from)
+        while await db.write(_roll, wall - timedelta(seconds=GRACE_S), keep_from):
+            pass
     except (SQLAlchemyError, OSError) as exc:
-        # The totals stay right without it (they read the records not yet summed), only
-        # slower; the next page tries again.
         logger.warning("summing usage records for the console failed: %s", exc)
+    finally:
+        _rolling.discard(db.url)
 
 
 def _grouped(connection: Connection, groups: tuple[Group, ...], account_id: str | None,
