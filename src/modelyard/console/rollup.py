@@ -80,22 +80,21 @@ def _roll(connection: Connection, before: datetime, keep_from: str | None) -> bo
         upto = connection.execute(select(func.max(usage.c.id)).where(*eligible)).scalar()
     if upto is None:
         return False
+    # One statement: the database sums the records and adds them to the daily rows itself
+    # (nothing travels to Python and back).
     day = _day(usage.c.created_at)
-    rows = connection.execute(
-        select(usage.c.account_id, day.label("day"), usage.c.model, usage.c.key_id,
-               func.count().label("requests"),
-               *(func.coalesce(func.sum(usage.c[name]), 0).label(name) for name in SUMS))
-        .where(usage.c.id > last, usage.c.id <= upto)
-        .group_by(usage.c.account_id, day, usage.c.model, usage.c.key_id)).all()
+    summed = (select(usage.c.account_id, day.label("day"), usage.c.model, usage.c.key_id,
+                     func.count().label("requests"),
+                     *(func.coalesce(func.sum(usage.c[name]), 0).label(name)
+                       for name in SUMS))
+              .where(usage.c.id > last, usage.c.id <= upto)
+              .group_by(usage.c.account_id, day, usage.c.model, usage.c.key_id))
     dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-    values = [{name: getattr(row, name) for name in (*_KEY, "requests", *SUMS)} for row in rows]
-    for start in range(0, len(values), 400):
-        statement = dialect.insert(usage_daily).values(values[start:start + 400])
-        statement = statement.on_conflict_do_update(
-            index_elements=list(_KEY),
-            set_={name: usage_daily.c[name] + statement.excluded[name]
-                  for name in ("requests", *SUMS)})
-        connection.execute(statement)
+    statement = dialect.insert(usage_daily).from_select([*_KEY, "requests", *SUMS], summed)
+    connection.execute(statement.on_conflict_do_update(
+        index_elements=list(_KEY),
+        set_={name: usage_daily.c[name] + statement.excluded[name]
+              for name in ("requests", *SUMS)}))
     connection.execute(update(usage_rollup).where(usage_rollup.c.id == 1)
                        .values(last_id=upto))
     if keep_from is not None:
