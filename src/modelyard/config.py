@@ -109,6 +109,22 @@ class EngineConfig:
     """With fair share, slots an account already holding one may not take while another
     account had work lately, so a light account's request starts at once (a reserved slot
     may stay empty); less than max_sequences."""
+    memory_budget: NonNegative = 0
+    """Bytes the local models may hold together (an integer, or text such as "4GiB" or
+    "512MB"): each model's GGUF file plus its KV cache (estimated from the file's
+    metadata). Loading a `[[models]]` local model past it unloads the least recently used
+    idle ones first; 0: no budget."""
+    idle_unload_seconds: Annotated[float, Strict(), Field(ge=0)] = 600.0
+    """A `[[models]]` local model with a `source` that answered no request for this long
+    is unloaded (it loads again on its next request); 0: never."""
+    load_timeout_seconds: Seconds = 120.0
+    """How long a request waits for its model to load (then a 503 with Retry-After; the
+    load goes on)."""
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _bytes(cls, value: object) -> object:
+        return parse_bytes(value) if isinstance(value, str) else value
 
     @field_validator("step_token_budget")
     @classmethod
@@ -249,6 +265,16 @@ class DeploymentConfig:
     """The whole answer's limit (a stream's is checked between events)."""
     name: Text | None = None
     """Shown in logs and metrics; None: derived from base_url and upstream_model."""
+    source: Text | None = None
+    """A local deployment's own model, run by an engine of its own (`pypi:NAME`, a .gguf
+    path or `hf:OWNER/REPO/FILE.gguf`), loaded on its first request; None: the [model]
+    engine's."""
+    preload: Flag = False
+    """A local deployment with a `source`: load it at start (and never unload it for
+    being idle; a memory budget may still unload it)."""
+    idle_unload_seconds: Annotated[float, Strict(), Field(ge=0)] | None = None
+    """A local deployment with a `source`: its idle time before it is unloaded; None:
+    `engine.idle_unload_seconds`."""
     prefix_cache: Flag | None = None
     """Whether the deployment keeps a prefix cache that routing should follow (`[router]
     affinity`); None: true for a local deployment and for the vllm, sglang, llamacpp and
@@ -259,6 +285,22 @@ class DeploymentConfig:
     def _an_http_url(cls, value: str, info: ValidationInfo) -> str:
         if info.data.get("kind") != "local" and not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("source")
+    @classmethod
+    def _local_source(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("kind") != "local":
+            raise ValueError("is for local deployments only (kind = \"local\")")
+        if value is not None and not value:
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("preload", "idle_unload_seconds")
+    @classmethod
+    def _needs_source(cls, value: object, info: ValidationInfo) -> object:
+        if value not in (None, False) and info.data.get("source") is None:
+            raise ValueError("needs a `source` (the [model] engine is always loaded)")
         return value
 
     @field_validator("api_key_env")
@@ -341,6 +383,19 @@ class EmbeddingConfig:
     not."""
 
     _prices = field_validator("input_price")(_price)
+
+
+_BYTES = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """"4GiB", "512 MB", "1.5GiB" or "1000" as a number of bytes."""
+    found = _BYTES.fullmatch(text)
+    if found is None:
+        raise ValueError(f"must be a number of bytes or text such as '4GiB', got {text!r}")
+    return int(float(found.group(1)) * _UNITS[(found.group(2) or "").upper()])
 
 
 def _default_data_dir() -> Path:
@@ -442,7 +497,8 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
         raise ConfigError(where + describe(exc, raw)) from None
     if "models" in raw:
         local = "model" in raw or any(
-            d.kind == "local" for m in config.models for d in m.deployments)
+            d.kind == "local" and d.source is None for m in config.models
+            for d in m.deployments)
         config = _replace(config, where, local_model=local, engine_model_listed="model" in raw)
     for i, model in enumerate(config.models):
         for j, deployment in enumerate(model.deployments):

@@ -16,6 +16,7 @@ from modelyard.api.app import create_app
 from modelyard.api.preparation import Preparation
 from modelyard.api.state import AppState
 from modelyard.config import Config
+from modelyard.engine.decode_gate import DecodeGate
 from modelyard.engine.metrics import EngineMetrics
 from modelyard.models import resolve_model_source
 from modelyard.platform import service
@@ -23,6 +24,7 @@ from modelyard.platform.response_store import DatabaseResponses
 from modelyard.providers.base import ChatModel
 from modelyard.providers.embedding_catalog import build_embeddings
 from modelyard.providers.local import LocalProvider
+from modelyard.providers.local_models import build_local_models, engine_memory, pooled_deployment
 from modelyard.router.catalog import build_catalog
 
 logger = logging.getLogger(__name__)
@@ -43,16 +45,27 @@ def build_app(config: Config, *, progress: bool = True) -> ASGIApp:
     providers: dict[str, ChatModel] = {}
     local: ChatModel | None = None
     fingerprint_source = "catalog"
+    pooled = any(pooled_deployment(model) for model in config.models)
+    engine_metrics = EngineMetrics(registry) if config.local_model or pooled else None
+    decode_gate = DecodeGate() if pooled else None  # engines take turns on the cores
+    reserved = 0
     if config.local_model:
         model_path = resolve_model_source(config.model.source, config.models_dir,
                                           progress=progress)
-        local = LocalProvider(config, model_path, EngineMetrics(registry))
+        local = LocalProvider(config, model_path, engine_metrics, decode_gate)
+        reserved = engine_memory(config, model_path)
         if config.engine_model_listed:
             providers[local.model_id] = local
         fingerprint_source = model_path.name
         logger.info("serving %s from %s", local.model_id, model_path)
+    pool, engines = build_local_models(config, registry, metrics=engine_metrics,
+                                       decode_gate=decode_gate or DecodeGate(),
+                                       reserved_bytes=reserved, progress=progress)
+    if pool is not None:
+        pool.preload()
     chat_models = tuple(model for model in config.models if model.task == "chat")
-    providers.update(build_catalog(chat_models, config.router, os.environ, local, registry))
+    providers.update(build_catalog(chat_models, config.router, os.environ, local, registry,
+                                   engines))
     fingerprint = hashlib.sha256(f"{__version__}:{fingerprint_source}".encode()).hexdigest()
     gate = service.accounts_gate(config, registry)
     state = AppState(providers=providers, registry=registry, gate=gate,

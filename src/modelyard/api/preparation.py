@@ -24,6 +24,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from modelyard.providers.base import ChatModel, ChatRequest, Prepared, ProviderError
+from modelyard.providers.managed import until_loaded
 
 T = TypeVar("T")
 
@@ -60,7 +61,9 @@ class Preparation:
         return self._pool
 
     async def prepare(self, provider: ChatModel, request: ChatRequest) -> Prepared:
-        """`provider.prepare_chat(request)` in a worker thread, within the time budget."""
+        """`provider.prepare_chat(request)` in a worker thread, within the time budget
+        (a pooled local model loaded first, on the loop: its own bound)."""
+        await until_loaded(provider)
         future = self._executor().submit(lambda: drive(provider.prepare_chat(request)))
         waited = asyncio.wrap_future(future)
         waited.add_done_callback(_retrieve)  # also when nobody waits for it any more

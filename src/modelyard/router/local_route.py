@@ -21,6 +21,7 @@ from modelyard.providers.base import (
     ProviderError,
     StreamError,
 )
+from modelyard.providers.managed import ManagedModel
 from modelyard.providers.openai_compat import UpstreamError
 from modelyard.usage import Usage
 
@@ -39,7 +40,10 @@ class LocalDeployment:
         return self.active >= self.config.max_concurrency
 
     async def prepare(self, request: ChatRequest) -> Prepared | None:
-        """The request as the engine reads it, or None when the engine cannot take it."""
+        """The request as the engine reads it, or None when the engine cannot take it (or
+        is a pooled model not loaded yet: its load starts, the other deployments answer)."""
+        if isinstance(self.provider, ManagedModel) and not self.provider.load_soon():
+            return None
         try:
             return await self.provider.prepare_chat(request)
         except ProviderError:

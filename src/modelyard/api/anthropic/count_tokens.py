@@ -22,6 +22,7 @@ from modelyard.api.exchange import model_not_found
 from modelyard.api.preparation import CHEAP_BODY_BYTES
 from modelyard.api.state import AppState
 from modelyard.platform.gate import Caller
+from modelyard.providers.managed import until_loaded
 
 
 async def count_tokens_work(state: AppState, caller: Caller, body: bytes) -> dict[str, Any]:
@@ -32,6 +33,7 @@ async def count_tokens_work(state: AppState, caller: Caller, body: bytes) -> dic
     provider = state.providers.get(payload.model)
     if provider is None or not state.gate.may_use(caller, payload.model):
         raise model_not_found(payload.model)
+    await until_loaded(provider)  # a pooled local model loads on its first request
     tokenizer = provider.tokenizer()
     if tokenizer is None:
         raise APIError(400, f"the model '{payload.model}' is served by an upstream deployment "
