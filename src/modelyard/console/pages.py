@@ -138,8 +138,7 @@ async def _totals(request: Request, groups: tuple[rollup.Group, ...], account_id
 @page
 async def overview(request: Request) -> Response:
     session = await signed_in(request)
-    db = db_of(request)
-    account = await queries.account(db, session.account_id)
+    account = session.balance
     if account is None:
         raise not_found(request, session, "account")
     now = today()
