@@ -57,6 +57,8 @@ def gateway(server: RunningServer, api_key: str, fault: str,
                    extra='task = "embedding"'),
             _model("fault/weighted", _deployment(fault, "ok:A", weight=1.0),
                    _deployment(fault, "ok:B", weight=3.0)),
+            _model("fault/affinity", _deployment(fault, "ok:A") + "prefix_cache = true\n",
+                   _deployment(fault, "ok:B") + "prefix_cache = true\n"),
             _model("fault/failover", _deployment(fault, "toggle:T"), _deployment(fault, "ok:B"),
                    _deployment(dead, "ok:dead", connect_timeout=0.5)),
             _model("fault/reset", _deployment(fault, "reset:X"), _deployment(fault, "reset:Y")),
@@ -138,6 +140,35 @@ def test_weights_hold_over_a_thousand_requests(sdk: openai.OpenAI) -> None:
     assert set(counts) == {"A", "B"}
     # B has weight 3 of 4: binomial(1000, 0.75), sd 13.7; 5 sd makes a flake ~1e-6
     assert abs(counts["B"] - 750) < 5 * math.sqrt(1000 * 0.75 * 0.25)
+
+
+def test_a_conversation_stays_on_one_replica_and_accounts_are_placed_apart(
+        sdk: openai.OpenAI, gateway: RunningServer) -> None:
+    # Two deployments that keep a prefix cache: cache-aware routing ([router] affinity,
+    # on by default) sends every turn of a conversation where its first turn went, by the
+    # caller's account and the conversation's start.
+    other_key = gateway.create_key("affinity-other", balance="1000")
+
+    def placed(client: openai.OpenAI) -> list[list[str]]:
+        conversations = []
+        for i in range(24):
+            messages: Any = [{"role": "user", "content": f"conversation {i}"}]
+            tags = []
+            for turn in range(3):
+                tags.append(client.chat.completions.create(
+                    model="fault/affinity", messages=messages).choices[0].message.content)
+                messages += [{"role": "assistant", "content": tags[-1]},
+                             {"role": "user", "content": f"and then {turn}?"}]
+            conversations.append(tags)
+        return conversations
+    with openai.OpenAI(base_url=gateway.api_url, api_key=other_key, max_retries=0,
+                       timeout=60) as other:
+        mine, theirs = placed(sdk), placed(other)
+    for conversations in (mine, theirs):
+        assert all(len(set(tags)) == 1 for tags in conversations), conversations
+        assert {tags[0] for tags in conversations} == {"A", "B"}  # 2**-23 to fail
+    # the other account's identical conversations are placed by its own key
+    assert [tags[0] for tags in mine] != [tags[0] for tags in theirs]
 
 
 def test_a_dead_deployment_is_routed_around_and_its_breaker_opens_and_closes(

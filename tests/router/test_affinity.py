@@ -150,15 +150,16 @@ def test_a_replica_above_its_share_passes_the_request_to_the_next() -> None:
     a, b = Replica("a"), Replica("b")
     weight, load = (lambda r: r.weight), (lambda r: r.active)
     a.active = 2  # with this request 3 of 3; bound ceil(1.5 * 3 / 2) = 3
-    assert bounded_pick([a, b], weight, load, 0.5) is a
+    assert bounded_pick([a, b], {a, b}, weight, load, 0.5) is a
     a.active = 3  # 4 of 4 against a bound of 3
-    assert bounded_pick([a, b], weight, load, 0.5) is b
-    assert bounded_pick([a, b], weight, load, 0.0) is b
+    assert bounded_pick([a, b], {a, b}, weight, load, 0.5) is b
+    assert bounded_pick([a, b], {a, b}, weight, load, 0.0) is b
     b.active = 3  # both at 3: bound ceil(1.5 * 7 / 2) = 6
-    assert bounded_pick([a, b], weight, load, 0.5) is a
-    heavy = Replica("heavy", 3.0, active=6)  # 3/4 of 10 active with this one, x 1.5
-    assert bounded_pick([heavy, Replica("light")], weight, load, 0.5) is heavy
-    assert bounded_pick([], weight, load, 0.5) is None
+    assert bounded_pick([a, b], {a, b}, weight, load, 0.5) is a
+    heavy, light = Replica("heavy", 3.0, active=6), Replica("light")
+    # heavy: 7 of 7 with this one, within 1.5 x 3/4 of 7 (ceil 8)
+    assert bounded_pick([heavy, light], {heavy, light}, weight, load, 0.5) is heavy
+    assert bounded_pick([], set(), weight, load, 0.5) is None
 
 
 def test_bounded_load_spreads_one_hot_key_over_the_replicas() -> None:

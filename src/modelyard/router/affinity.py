@@ -34,7 +34,7 @@ import bisect
 import hashlib
 import math
 import random
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Sequence
 from typing import Generic, TypeVar
 
 import orjson
@@ -102,33 +102,41 @@ class Ring(Generic[T]):
         self._points = [point for point, _ in points]
         self._owners = [owner for _, owner in points]
 
-    def order(self, key: int) -> list[T]:
-        """Every node once, in the order met walking clockwise from `key`."""
-        seen: list[int] = []
+    def walk(self, key: int) -> Iterator[T]:
+        """Every node once, in the order met walking clockwise from `key` (lazily: the
+        walk usually stops at the first)."""
+        seen: set[int] = set()
         start = bisect.bisect_left(self._points, key)
         size = len(self._points)
         for step in range(size):
             owner = self._owners[(start + step) % size]
             if owner not in seen:
-                seen.append(owner)
+                seen.add(owner)
+                yield self.nodes[owner]
                 if len(seen) == len(self.nodes):
-                    break
-        return [self.nodes[i] for i in seen]
+                    return
+
+    def order(self, key: int) -> list[T]:
+        return list(self.walk(key))
 
 
-def bounded_pick(order: Sequence[T], weight: Callable[[T], float], load: Callable[[T], int],
-                 epsilon: float) -> T | None:
-    """The first of `order` whose load with one more request stays within
-    ceil((1 + epsilon) x its weight's share of all their loads plus this request)."""
-    if not order:
+def bounded_pick(order: Iterable[T], members: Collection[T], weight: Callable[[T], float],
+                 load: Callable[[T], int], epsilon: float) -> T | None:
+    """The first of `order` among `members` whose load with one more request stays within
+    ceil((1 + epsilon) x its weight's share of the members' loads plus this request)."""
+    if not members:
         return None
-    total_weight = sum(weight(node) for node in order)
-    active = sum(load(node) for node in order) + 1
+    total_weight = sum(weight(node) for node in members)
+    active = sum(load(node) for node in members) + 1
+    first = None
     for node in order:
+        if node not in members:
+            continue
+        first = first or node
         bound = math.ceil((1 + epsilon) * active * weight(node) / total_weight - 1e-9)
         if load(node) + 1 <= bound:
             return node
-    return order[0]  # unreachable: the bounds sum to more than the loads
+    return first  # unreachable with every member in `order`: the bounds exceed the loads
 
 
 class Affinity(Generic[T]):
@@ -158,9 +166,8 @@ class Affinity(Generic[T]):
                             lambda c: pool if c is None else self.weight(c), rng)
             if picked is not None:
                 return picked
-        allowed = set(ringed)
-        order = [node for node in self.ring.order(key) if node in allowed]
-        return bounded_pick(order, self.weight, self.load, self.epsilon)
+        return bounded_pick(self.ring.walk(key), set(ringed), self.weight, self.load,
+                            self.epsilon)
 
 
 def ring_names(names: Sequence[str]) -> list[str]:
