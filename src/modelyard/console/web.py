@@ -19,6 +19,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from modelyard.api.state import AppState
 from modelyard.console import sessions
 from modelyard.console.sessions import COOKIE, Session
+from modelyard.errors import ModelyardError
 from modelyard.platform.accounts_gate import AccountsGate
 from modelyard.platform.database import Database
 from modelyard.platform.money import format_micros
@@ -46,11 +47,12 @@ def _when(value: datetime | None) -> str:
 templates.filters["when"] = _when
 
 
-class Answer(Exception):
-    """Send this response instead of the page."""
+class Answer(ModelyardError):
+    """Send this response instead of the page (a sign-in redirect, a 403 or 404 page):
+    caught by the console's route wrapper, never by the API's error handlers."""
 
     def __init__(self, response: Response) -> None:
-        super().__init__()
+        super().__init__("console answer", status=response.status_code)
         self.response = response
 
 
