@@ -68,13 +68,16 @@ async def one_stream(provider: LocalProvider, tokens: int, seed: int) -> int:
     return generated
 
 
-async def load(busy: list[LocalProvider], args: argparse.Namespace) -> float:
-    """Completion tokens per second of `--concurrency` streams on each busy engine."""
-    started = time.perf_counter()
+async def load(busy: list[LocalProvider], args: argparse.Namespace) -> tuple[float, float]:
+    """Completion tokens per second of `--concurrency` streams on each busy engine, and per
+    CPU second of this process (threads that spin while they wait for a core burn CPU
+    without output; this stays fair when other work loads the machine)."""
+    started, cpu = time.perf_counter(), time.process_time()
     counts = await asyncio.gather(*(one_stream(p, args.tokens, i * 100 + j)
                                     for i, p in enumerate(busy)
                                     for j in range(args.concurrency)))
-    return sum(counts) / (time.perf_counter() - started)
+    return (sum(counts) / (time.perf_counter() - started),
+            sum(counts) / max(time.process_time() - cpu, 1e-9))
 
 
 async def measure(args: argparse.Namespace, paths: list[Path]) -> dict[str, dict[str, Any]]:
@@ -86,14 +89,17 @@ async def measure(args: argparse.Namespace, paths: list[Path]) -> dict[str, dict
     built = {name: engines(args, paths, threads, gate)
              for name, (threads, gate) in modes.items()}
     results: dict[str, dict[str, Any]] = {
-        name: {"threads_per_engine": threads, "both_busy": [], "one_busy": []}
+        name: {"threads_per_engine": threads, "both_busy": [], "one_busy": [],
+               "both_busy_per_cpu_s": [], "one_busy_per_cpu_s": []}
         for name, (threads, _) in modes.items()}
     for providers in built.values():
         await load(providers, args)  # warm-up
     for round_index in range(args.rounds):
         for name, providers in built.items():
-            results[name]["both_busy"].append(await load(providers, args))
-            results[name]["one_busy"].append(await load(providers[:1], args))
+            for key, busy in (("both_busy", providers), ("one_busy", providers[:1])):
+                rate, per_cpu = await load(busy, args)
+                results[name][key].append(rate)
+                results[name][f"{key}_per_cpu_s"].append(per_cpu)
         print(f"round {round_index + 1}: " + ", ".join(
             f"{name} {row['both_busy'][-1]:.1f}/{row['one_busy'][-1]:.1f}"
             for name, row in results.items()), flush=True)
@@ -118,12 +124,15 @@ def main() -> None:
     paths = [args.model_path, second]
     print(f"engines: {paths[0].name} and {paths[1].name}, {os.cpu_count()} cores", flush=True)
     results = asyncio.run(measure(args, paths))
-    print("\n| cores shared by | threads per engine | both busy, tok/s | one busy, tok/s |")
-    print("|---|---:|---:|---:|")
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+    print("\n| cores shared by | threads per engine | both busy: tok/s | tok per CPU s "
+          "| one busy: tok/s | tok per CPU s |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, row in results.items():
+        cells = [statistics.median(row[key]) for key in (
+            "both_busy", "both_busy_per_cpu_s", "one_busy", "one_busy_per_cpu_s")]
         print(f"| {name} | {row['threads_per_engine']} | "
-              f"{statistics.median(row['both_busy']):.1f} | "
-              f"{statistics.median(row['one_busy']):.1f} |")
+              + " | ".join(f"{cell:.1f}" for cell in cells) + " |")
     save_results("local_models", {"machine": machine("llama-cpp-python"),
                                   "models": [p.name for p in paths], "results": results}, args)
 
