@@ -42,6 +42,9 @@ def _nested(depth: int) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("change", "named"), [
+    ({"tools": [{"name": "f", "input_schema": {"type": "object", "maximum": 2**64}}]},
+     "tools"),
+    ({"extra": [2**70]}, "extra"),
     ({"max_tokens": None}, "max_tokens"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"max_tokens": "10"}, "max_tokens"),

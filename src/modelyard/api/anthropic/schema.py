@@ -198,6 +198,18 @@ class CountTokensRequest(_Strict):
     tool_choice: ToolChoice | None = None
     thinking: Thinking | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _integers_within_64_bits(cls, data: Any) -> Any:
+        # Inside objects and arrays (tool schemas, unknown fields) any integer must fit in
+        # 64 bits: the JSON encoder that measures and forwards them takes no larger one.
+        if isinstance(data, dict):
+            for name, value in data.items():
+                if isinstance(value, dict | list) and has_oversized_integer(value):
+                    raise APIError(400, f"'{name}' holds an integer beyond 64 bits",
+                                   param=str(name))
+        return data
+
     @field_validator("messages", mode="before")
     @classmethod
     def _few_enough_messages(cls, value: Any) -> Any:
