@@ -203,9 +203,11 @@ class CountTokensRequest(_Strict):
     def _integers_within_64_bits(cls, data: Any) -> Any:
         # Inside objects and arrays (tool schemas, unknown fields) any integer must fit in
         # 64 bits: the JSON encoder that measures and forwards them takes no larger one.
+        # (A message's tool_use input is checked by its own field, which names it.)
         if isinstance(data, dict):
             for name, value in data.items():
-                if isinstance(value, dict | list) and has_oversized_integer(value):
+                if name != "messages" and isinstance(value, dict | list) \
+                        and has_oversized_integer(value):
                     raise APIError(400, f"'{name}' holds an integer beyond 64 bits",
                                    param=str(name))
         return data
