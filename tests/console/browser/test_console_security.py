@@ -45,7 +45,7 @@ def test_one_account_cannot_reach_another_accounts_pages_or_keys(
     alice_key = console_server.create_key("iso-alice", balance="10")
     alice_id = key_id(alice_key)
     mallory_key = console_server.create_key("iso-mallory", balance="10")
-    ask(console_server, alice_key)
+    ask(console_server, alice_key, max_tokens=1)
 
     alice_context = new_context()
     alice = alice_context.new_page()
@@ -103,7 +103,7 @@ def test_one_account_cannot_reach_another_accounts_pages_or_keys(
     alice.goto("/console/keys")
     expect(alice.locator(f'tr[data-key-id="{alice_id}"]').get_by_test_id("key-status")) \
         .to_have_text("active")
-    ask(console_server, alice_key)
+    ask(console_server, alice_key, max_tokens=1)
 
 
 def test_sign_out_and_a_revoked_key_end_the_session(
