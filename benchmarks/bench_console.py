@@ -15,8 +15,8 @@ SQLite (a file in a temporary directory, as `modelyard serve` keeps it) and Post
 database of its own, created and dropped by the run; `--postgres-url` names the server,
 default the local standard port). PostgreSQL's statistics are refreshed after the fill
 (as autovacuum does); SQLite's are left as a server's would be (it collects none by
-itself). The first render of each page is shown apart: the first totals page after the
-fill sums the 100,000 records into the daily totals once.
+itself). The first render of each page is shown apart: after the fill nothing is summed
+into the daily totals yet, and the first totals page starts that in the background.
 
     .venv/bin/python benchmarks/bench_console.py              # about 2 minutes
     .venv/bin/python benchmarks/bench_console.py --quick      # a smoke run
