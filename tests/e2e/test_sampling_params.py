@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import openai
@@ -141,18 +142,38 @@ def test_frequency_and_repetition_penalties_reduce_repetition(client: openai.Ope
         assert penalised.lower().count("dog") < plain.lower().count("dog") / 2, penalty
 
 
-def test_presence_penalty_changes_how_many_distinct_words_are_used(
+def test_presence_penalty_moves_the_choice_away_from_or_towards_repeats(
         client: openai.OpenAI) -> None:
+    """Reported log-probabilities come after the penalties. While the greedy texts agree, a
+    token already generated is less likely with presence_penalty 2 (more likely with -2);
+    where they first part, the penalized text takes a new token where the plain one
+    repeats (a repeat where the plain one does not). Counting distinct words instead hung
+    on near ties that the batch a sequence is decoded in can flip."""
     animals = [{"role": "user",
                 "content": "List ten animals, one word each, separated by commas."}]
 
-    def distinct(**penalty: object) -> int:
-        text = _text(_ask(client, messages=animals, temperature=0, max_tokens=60, **penalty))
-        return len(set(text.replace(",", " ").split()))
+    def entries(**penalty: object) -> list[Any]:
+        reply = _ask(client, messages=animals, temperature=0, max_tokens=32, logprobs=True,
+                     **penalty)
+        assert reply.choices[0].logprobs is not None
+        return list(reply.choices[0].logprobs.content or [])
 
-    plain = distinct()
-    assert distinct(presence_penalty=2.0) > plain
-    assert distinct(presence_penalty=-2.0) < plain
+    plain = entries()
+    for penalty, sign in ((2.0, -1), (-2.0, 1)):
+        seen: set[str] = set()
+        evidence = 0
+        for base, other in zip(plain, entries(presence_penalty=penalty), strict=False):
+            if base.token != other.token:  # where the texts part
+                repeats = (base.token in seen, other.token in seen)
+                wrong = (True, False) if sign > 0 else (False, True)
+                assert repeats != wrong, (penalty, base.token, other.token)
+                evidence += repeats == wrong[::-1]
+                break
+            if base.token in seen and base.logprob < -1e-3:
+                assert sign * (other.logprob - base.logprob) > 0, (penalty, base.token)
+                evidence += 1
+            seen.add(base.token)
+        assert evidence >= 1, f"presence_penalty {penalty} left no trace"
 
 
 def test_include_stop_str_in_output_keeps_the_stop(client: openai.OpenAI) -> None:
