@@ -12,7 +12,7 @@ is the gateway: its catalog holds the same two replicas twice, as passthrough de
 
 The workload: conversations, each a first user message holding a different snippet of code
 (about 300 tokens) and then follow-up questions; each turn repeats the earlier turns with
-their answers (streamed, at most 32 tokens, greedy). `--concurrency` conversations run at
+their answers (streamed, at most `--max-tokens`, greedy). `--concurrency` conversations run at
 once, the next starts when one ends; between turns the user thinks (uniformly 0 to twice
 `--think` seconds), while the other conversations' turns reach the replicas. So a
 replica's prefix cache (a few conversations) is smaller than what all active conversations
