@@ -1,0 +1,245 @@
+"""Fair share between accounts: a light account's time to first token while another floods.
+
+Account A keeps `--flood` long requests in flight (each answered one starts the next);
+account B sends one short streamed request every `--interval` seconds and times its first
+token. Three scenarios in one run, one server at a time, each a fresh `modelyard serve`
+with the platform on (SQLite) and the default engine settings:
+
+- `idle`: B alone on an idle server (fair share on);
+- `fair share`: B beside A's flood, `[engine] fair_share = true` (the default);
+- `fair share, 1 reserved slot`: the same with `reserved_slots = 1` (A, holding slots,
+  may not take the last free one while B has had work lately);
+- `FIFO`: the same, `fair_share = false` (first come, first served across accounts).
+
+Prints B's TTFT p50 and p99, the ratio of each p50 to idle's, and A's completion tokens
+per second in the window (what fairness costs the flood). Run after nothing else loads the
+machine:
+
+    .venv/bin/python benchmarks/bench_fairness.py            # about 4 minutes
+    .venv/bin/python benchmarks/bench_fairness.py --quick    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+from _common import machine, result_row, save_results
+
+MODEL = "qwen2.5-coder-0.5b-instruct"
+ADMIN_KEY_LINE = re.compile(r"admin key: (sk-my-\S+)")
+FLOOD_TEXT = (
+    "Summarize the following notes about a storage system in one paragraph. The system "
+    "keeps records in pages of four kilobytes, grouped in extents of sixty-four pages; a "
+    "free-space map tracks which extents hold room; writes go to a log first and are "
+    "applied to pages by a background writer; readers take no locks and see a snapshot "
+    "as of their start; old versions are removed by a vacuum pass that runs when a "
+    "table's dead rows pass a fifth of its live rows; indexes are B-trees whose leaves "
+    "link to their neighbours; checkpoints flush dirty pages every five minutes or after "
+    "a gigabyte of log, whichever comes first; replicas stream the log and replay it."
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def server(workdir: Path, fair_share: bool, reserved: int,
+           threads: int) -> Iterator[tuple[str, str]]:
+    """`modelyard serve` with the platform on; (base URL, admin key)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "modelyard.toml"
+    config.write_text(f'database_url = "sqlite:///{workdir / "platform.db"}"\n'
+                      f"[engine]\nfair_share = {str(fair_share).lower()}\n"
+                      f"reserved_slots = {reserved}\nthreads = {threads}\n"
+                      "max_waiting = 1024\n"
+                      "[platform]\nmax_concurrent_per_key = 1000\n"
+                      "max_concurrent_per_account = 1000\n")
+    port = free_port()
+    script = Path(sys.executable).with_name("modelyard")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "modelyard.cli"]
+    log_path = workdir / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [*command, "serve", "--host", "127.0.0.1", "--port", str(port),
+             "--config", str(config)], stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start:\n{log_path.read_text()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.2)
+        found = ADMIN_KEY_LINE.search(log_path.read_text(errors="replace"))
+        if found is None:
+            raise RuntimeError("the server printed no admin key")
+        yield base, found.group(1)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def account_key(base: str, admin_key: str, account: str) -> str:
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    httpx.post(f"{base}/admin/accounts", json={"name": account, "balance": "1000000"},
+               headers=headers, timeout=30).raise_for_status()
+    created = httpx.post(f"{base}/admin/keys", json={"account": account}, headers=headers,
+                         timeout=30)
+    created.raise_for_status()
+    return str(created.json()["key"])
+
+
+async def flood(client: httpx.AsyncClient, key: str, args: argparse.Namespace,
+                counts: dict[str, int]) -> None:
+    """One of A's request loops: a long request, then the next, until cancelled."""
+    while True:
+        counts["sent"] += 1
+        body = {"model": MODEL, "max_tokens": args.flood_max_tokens, "temperature": 0.7,
+                "messages": [{"role": "user",
+                              "content": f"Note {counts['sent']}. {FLOOD_TEXT}"}]}
+        response = await client.post("/v1/chat/completions", json=body,
+                                     headers={"Authorization": f"Bearer {key}"})
+        if response.status_code == 200:
+            counts["tokens"] += response.json()["usage"]["completion_tokens"]
+        else:
+            counts["errors"] += 1
+            await asyncio.sleep(0.5)
+
+
+async def light_request(client: httpx.AsyncClient, key: str, index: int) -> float:
+    """Seconds from sending B's streamed request to its first content."""
+    body = {"model": MODEL, "max_tokens": 8, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": f"Question {index}: what is "
+                                                     f"{index} plus {index + 1}?"}]}
+    started = time.perf_counter()
+    async with client.stream("POST", "/v1/chat/completions", json=body,
+                             headers={"Authorization": f"Bearer {key}"}) as response:
+        response.raise_for_status()
+        ttft = None
+        async for line in response.aiter_lines():   # to the end: its slot is free again
+            if ttft is not None or not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            delta = json.loads(line[6:])["choices"]
+            if delta and delta[0]["delta"].get("content"):
+                ttft = time.perf_counter() - started
+    if ttft is None:
+        raise RuntimeError("B's answer carried no content")
+    return ttft
+
+
+async def scenario(base: str, admin_key: str, args: argparse.Namespace,
+                   with_flood: bool) -> dict[str, float]:
+    suffix = os.urandom(3).hex()
+    a_key = account_key(base, admin_key, f"flood-{suffix}")
+    b_key = account_key(base, admin_key, f"light-{suffix}")
+    limits = httpx.Limits(max_connections=args.flood + 8, max_keepalive_connections=args.flood + 8)
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+        await light_request(client, b_key, -1)   # warm the path (not counted)
+        counts = {"sent": 0, "tokens": 0, "errors": 0}
+        loops = ([asyncio.create_task(flood(client, a_key, args, counts))
+                  for _ in range(args.flood)] if with_flood else [])
+        await asyncio.sleep(args.warmup if with_flood else 0)
+        metrics = (await client.get("/metrics")).text
+        tokens_before, window_start = counts["tokens"], time.perf_counter()
+        lights = []
+        for index in range(args.light_requests):   # on time, whatever the answers do
+            lights.append(asyncio.create_task(light_request(client, b_key, index)))
+            await asyncio.sleep(window_start + (index + 1) * args.interval
+                                - time.perf_counter())
+        window = time.perf_counter() - window_start
+        flood_tokens = counts["tokens"] - tokens_before
+        ttfts = list(await asyncio.gather(*lights))
+        for loop in loops:
+            loop.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+    ttfts.sort()
+    return {"ttft_p50_ms": statistics.median(ttfts) * 1000,
+            "ttft_p99_ms": ttfts[min(len(ttfts) - 1, round(0.99 * (len(ttfts) - 1)))] * 1000,
+            "flood_tokens_per_s": flood_tokens / window, "flood_errors": counts["errors"],
+            "samples": len(ttfts),
+            "running_at_start": gauge(metrics, "modelyard_running_sequences"),
+            "waiting_at_start": gauge(metrics, "modelyard_queue_depth")}
+
+
+def gauge(metrics: str, name: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flood", type=int, default=64, help="A's requests in flight")
+    parser.add_argument("--flood-max-tokens", type=int, default=160)
+    parser.add_argument("--interval", type=float, default=2.0, help="seconds between B's")
+    parser.add_argument("--light-requests", type=int, default=12)
+    parser.add_argument("--warmup", type=float, default=20.0,
+                        help="seconds of flood before B's first request")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="llama.cpp threads (0: one per core; 1 holds up better on a "
+                             "machine others are using)")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    # Stopped from outside: still stop the server it started (the `with` blocks' exits).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.quick:
+        args.flood, args.light_requests, args.warmup = 24, 4, 6.0
+    print(f"# fairness benchmark: {machine('llama-cpp-python')}", flush=True)
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-fairness-") as tmp:
+        runs = ((True, 0, ("idle", "fair share")), (True, 1, ("fair share, 1 reserved slot",)),
+                (False, 0, ("FIFO",)))
+        for fair, reserved, scenarios in runs:
+            workdir = Path(tmp) / f"{fair}-{reserved}"
+            with server(workdir, fair, reserved, args.threads) as (base, admin_key):
+                for name in scenarios:
+                    results[name] = asyncio.run(
+                        scenario(base, admin_key, args, with_flood=name != "idle"))
+                    print(f"{name}: {results[name]}", flush=True)
+    idle = results["idle"]["ttft_p50_ms"]
+    print(f"\nA: {args.flood} requests in flight, up to {args.flood_max_tokens} tokens each; "
+          f"B: one short request every {args.interval:g} s, {args.light_requests} timed\n")
+    print("| scenario | A running / waiting | B TTFT p50 | B TTFT p99 | p50 / idle "
+          "| A tokens/s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, row in results.items():
+        print(f"| {name} | {row['running_at_start']:.0f} / {row['waiting_at_start']:.0f} | "
+              f"{row['ttft_p50_ms']:.0f} ms | {row['ttft_p99_ms']:.0f} ms | "
+              f"{row['ttft_p50_ms'] / idle:.1f}x | {row['flood_tokens_per_s']:.0f} |")
+    print()
+    for name in ("fair share", "fair share, 1 reserved slot"):
+        ratio = results[name]["ttft_p50_ms"] / idle
+        print(result_row("fairness", f"B's TTFT p50, {name} / idle", f"{ratio:.1f}x",
+                         "within 2x", ratio <= 2.0))
+    save_results("fairness", {"machine": machine("llama-cpp-python"), "results": results},
+                 args)
+
+
+if __name__ == "__main__":
+    main()
