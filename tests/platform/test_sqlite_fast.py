@@ -108,9 +108,11 @@ def test_the_wal_is_checkpointed_and_starts_over(tmp_path: Path,
             assert round_ < 1 or db._checkpointing is not None
         assert await balance_of(db, account.id) == (10**12 - 1500, 0, 10**12, 1500)
     _run(path, body)
-    # 600 commits, checkpointed every 20: the log is reused instead of growing with them
-    # (without checkpoints it grows by the same amount every round).
-    assert max(sizes) < 1.5 * sizes[1], sizes
+    # 600 commits, checkpointed every 20: the log is reused instead of growing with them.
+    # Without checkpoints it grows by the same amount every round (round 6 would be 3x
+    # round 2); with them it may grow once or twice more, when a checkpoint could not
+    # start the log over while writes went on, and then stays.
+    assert max(sizes) < 2.5 * sizes[1], sizes
 
 
 def test_the_database_file_and_its_directory_are_private(tmp_path: Path) -> None:
