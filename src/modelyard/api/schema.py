@@ -184,6 +184,15 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+def few_enough_messages(cls: type[BaseModel], value: Any) -> Any:
+    """`messages` within MAX_MESSAGES, checked before each message is validated (200,000 of
+    them would take most of a second); a field validator for every request with messages."""
+    if isinstance(value, list) and len(value) > bounds.MAX_MESSAGES:
+        raise APIError(422, f"at most {bounds.MAX_MESSAGES} messages, got {len(value)}",
+                       param="messages", code="invalid_value")
+    return value
+
+
 class GenerationRequest(_Strict):
     """The fields every generating endpoint shares (chat and text completions), with the
     checks that go with them."""
@@ -282,14 +291,7 @@ class ChatCompletionRequest(GenerationRequest):
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     separate_reasoning: bool | None = None
 
-    @field_validator("messages", mode="before")
-    @classmethod
-    def _few_enough_messages(cls, value: Any) -> Any:
-        # Before each message is validated: 200,000 of them would take most of a second.
-        if isinstance(value, list) and len(value) > bounds.MAX_MESSAGES:
-            raise APIError(422, f"at most {bounds.MAX_MESSAGES} messages, got {len(value)}",
-                           param="messages", code="invalid_value")
-        return value
+    _few_enough_messages = field_validator("messages", mode="before")(few_enough_messages)
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:

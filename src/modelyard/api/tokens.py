@@ -44,7 +44,7 @@ from modelyard.api.openapi import request_body
 from modelyard.api.preparation import CHEAP_BODY_BYTES
 from modelyard.api.reply import Reply, read_body
 from modelyard.api.routes import model_not_found
-from modelyard.api.schema import Identifier, ImagePart, Message
+from modelyard.api.schema import Identifier, ImagePart, Message, few_enough_messages
 from modelyard.api.state import AppState
 from modelyard.platform.gate import Caller
 from modelyard.providers.managed import until_loaded
@@ -86,14 +86,7 @@ class TokenizeRequest(_Request):
     add_generation_prompt: bool | None = None
     """Messages only; default true (the prompt ends where the assistant's answer starts)."""
 
-    @field_validator("messages", mode="before")
-    @classmethod
-    def _few_enough_messages(cls, value: Any) -> Any:
-        # Before each message is validated, as the chat route counts them.
-        if isinstance(value, list) and len(value) > bounds.MAX_MESSAGES:
-            raise APIError(422, f"at most {bounds.MAX_MESSAGES} messages, got {len(value)}",
-                           param="messages", code="invalid_value")
-        return value
+    _few_enough_messages = field_validator("messages", mode="before")(few_enough_messages)
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
