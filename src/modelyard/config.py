@@ -96,6 +96,9 @@ class EngineConfig:
     """Layers offloaded to a GPU when llama.cpp was built for one."""
     flash_attention: Flag = True
     """Flash attention in llama.cpp; on the CPU it is faster at every batch size we measured."""
+    kv_cache_type: Literal["f16", "q8_0"] = "f16"
+    """The KV cache's number format: "q8_0" stores keys and values in 8 bits (about 1.9x
+    the cells in the same memory; llama.cpp needs flash attention for it)."""
     prefix_caching: Flag = True
     """Reuse the KV cells of a finished sequence's prompt prefix for a new request."""
     share_prefix_cache: Flag = False
@@ -131,6 +134,14 @@ class EngineConfig:
     def _budget_fits_every_sequence(cls, value: int, info: ValidationInfo) -> int:
         if value < info.data.get("max_sequences", 1):
             raise ValueError("must be at least engine.max_sequences")
+        return value
+
+    @field_validator("kv_cache_type")
+    @classmethod
+    def _quantized_cache_needs_flash_attention(cls, value: str, info: ValidationInfo) -> str:
+        if value != "f16" and not info.data.get("flash_attention", True):
+            raise ValueError(f'"{value}" needs engine.flash_attention = true '
+                             "(llama.cpp quantizes the V cache only with flash attention)")
         return value
 
     @field_validator("reserved_slots")

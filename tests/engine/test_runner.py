@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import llama_cpp
 import numpy as np
+import pytest
 
-from modelyard.engine.runner import BatchItem, LlamaRunner, RunnerConfig, model_params
+from modelyard.engine.engine import Engine, EngineOutput
+from modelyard.engine.runner import (
+    BatchItem,
+    LlamaRunner,
+    RunnerConfig,
+    RunnerError,
+    model_params,
+)
+from modelyard.engine.scheduler import SchedulerConfig
+from modelyard.engine.sequence import SamplingParams
 
 
 def test_weights_are_never_repacked() -> None:
@@ -56,3 +68,72 @@ def test_logits_rows_follow_the_batch_order(default_model_path: Path) -> None:
         assert "im_start" in (runner.chat_template() or "")
     finally:
         runner.close()
+
+
+def test_an_8_bit_kv_cache_needs_flash_attention(tmp_path: Path) -> None:
+    # Refused before anything is loaded (the path does not exist).
+    with pytest.raises(RunnerError, match="flash attention"):
+        LlamaRunner(RunnerConfig(tmp_path / "absent.gguf", n_seq_max=1, n_ctx=256, n_batch=32,
+                                 flash_attention=False, kv_cache_type="q8_0"))
+    with pytest.raises(RunnerError, match="unknown KV cache type"):
+        LlamaRunner(RunnerConfig(tmp_path / "absent.gguf", n_seq_max=1, n_ctx=256, n_batch=32,
+                                 kv_cache_type="q4_0"))
+
+
+def test_an_8_bit_kv_cache_holds_a_cell_in_17_32nds_of_the_bytes(
+        default_model_path: Path) -> None:
+    """llama.cpp's saved state of a sequence grows by one cell's keys and values per token:
+    2 bytes a value in f16, 34 bytes per 32 values in q8_0 (plus a few bytes of position
+    and sequence id per cell in both)."""
+    per_cell = {}
+    for kind in ("f16", "q8_0"):
+        runner = LlamaRunner(RunnerConfig(default_model_path, n_seq_max=1, n_ctx=256,
+                                          n_batch=128, threads=2, kv_cache_type=kind))
+        try:
+            prompt = runner.tokenize("The quick brown fox jumps over the lazy dog. " * 8)[:96]
+            runner.decode([BatchItem(0, 0, prompt[:32], False)])
+            small = llama_cpp.llama_state_seq_get_size(runner._ctx, 0)
+            runner.decode([BatchItem(0, 32, prompt[32:], False)])
+            large = llama_cpp.llama_state_seq_get_size(runner._ctx, 0)
+            per_cell[kind] = (large - small) / (len(prompt) - 32)
+        finally:
+            runner.close()
+    assert per_cell["q8_0"] / per_cell["f16"] == pytest.approx(17 / 32, rel=0.01)
+
+
+def test_an_engine_on_an_8_bit_kv_cache_answers_greedily(default_model_path: Path) -> None:
+    """Two greedy requests decoded together on a q8_0 cache: each answer is the one the
+    question asks for (a cache read back wrong gives other text), and asking again gives
+    the same text."""
+    runner = LlamaRunner(RunnerConfig(default_model_path, n_seq_max=2, n_ctx=1024, n_batch=128,
+                                      threads=2, kv_cache_type="q8_0"))
+    engine = Engine(runner, SchedulerConfig(max_sequences=2, step_token_budget=128,
+                                            kv_capacity=1024, context_per_sequence=512,
+                                            max_waiting=8, max_cached_cells=512))
+    engine.start()
+    questions = ["Count from 1 to 12, separated by commas. Write only the numbers.",
+                 "Write the English alphabet in capital letters."]
+    prompts = [runner.tokenize(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n")
+               for q in questions]
+    params = SamplingParams(temperature=0.0, max_tokens=40)
+
+    async def ask(request_id: str, prompt: list[int]) -> str:
+        queue = engine.submit(request_id, prompt, params)
+        outputs: list[EngineOutput] = []
+        while not outputs or outputs[-1].finish_reason is None:
+            outputs.append(await asyncio.wait_for(queue.get(), timeout=120))
+            assert outputs[-1].error is None, outputs[-1].error
+        return "".join(o.text for o in outputs)
+
+    async def both(tag: str) -> list[str]:
+        return list(await asyncio.gather(*(ask(f"{tag}-{i}", p) for i, p in enumerate(prompts))))
+
+    try:
+        first = asyncio.run(both("a"))
+        again = asyncio.run(both("b"))
+    finally:
+        engine.stop()
+        runner.close()
+    assert "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12" in first[0]
+    assert "ABCDEFGHIJKLMNOP" in first[1].replace(" ", "").replace(",", "")
+    assert again == first

@@ -33,6 +33,10 @@ class RunnerError(ModelyardError, RuntimeError):
     """llama.cpp refused to load the model or to decode a batch."""
 
 
+KV_CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
+"""The KV cache number formats offered, as ggml types (keys and values alike)."""
+
+
 @dataclass(frozen=True)
 class RunnerConfig:
     model_path: Path
@@ -44,6 +48,8 @@ class RunnerConfig:
     threads: int = 0
     gpu_layers: int = 0
     flash_attention: bool = True
+    kv_cache_type: str = "f16"
+    """The KV cache's number format, a key of `KV_CACHE_TYPES` ("q8_0" needs flash attention)."""
     decode_gate: AbstractContextManager[None] | None = None
     """Held across each `llama_decode` (engine/decode_gate.py: engines taking turns)."""
 
@@ -93,6 +99,12 @@ class LlamaRunner:
     def __init__(self, config: RunnerConfig) -> None:
         _init_backend()
         self.config = config
+        kv_type = KV_CACHE_TYPES.get(config.kv_cache_type)
+        if kv_type is None:
+            raise RunnerError(f"unknown KV cache type {config.kv_cache_type!r} "
+                              f"(one of {', '.join(KV_CACHE_TYPES)})")
+        if kv_type != llama_cpp.GGML_TYPE_F16 and not config.flash_attention:
+            raise RunnerError(f"a {config.kv_cache_type} KV cache needs flash attention")
         threads = config.threads or (os.cpu_count() or 1)
         self._model = llama_cpp.llama_model_load_from_file(
             str(config.model_path).encode(), model_params(config.gpu_layers)
@@ -114,6 +126,7 @@ class LlamaRunner:
         # the scheduler bounds the cells free slots keep (`max_cached_cells`).
         params.kv_unified = True
         params.flash_attn_type = 1 if config.flash_attention else 0
+        params.type_k = params.type_v = kv_type
         params.no_perf = True
         self._ctx = llama_cpp.llama_init_from_model(self._model, params)
         if not self._ctx:

@@ -70,6 +70,7 @@ class LocalProvider(Provider[_LocalWork]):
             threads=engine_config.threads,
             gpu_layers=engine_config.gpu_layers,
             flash_attention=engine_config.flash_attention,
+            kv_cache_type=engine_config.kv_cache_type,
             decode_gate=decode_gate,
         ))
         template_source = (Path(config.model.chat_template).read_text(encoding="utf-8")
