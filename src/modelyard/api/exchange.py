@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,14 +126,10 @@ async def handle(state: AppState, scope: Scope, receive: Receive, send: Send,
                  endpoint: Endpoint, errors: ErrorStyle = OPENAI) -> None:
     """One request, from its check-in to its settlement; its errors in the `errors`
     style of its dialect."""
-    caller: Caller = scope["state"]["caller"]
     reply = Reply(send, errors)
-    try:
-        ticket = await state.gate.check_in(caller)
-    except Exception as exc:  # a refusal (429), or a failure of modelyard's (a 500)
-        await reply.error(as_api_error(exc))
-        return
-    try:
+    async with checked_in(state, scope, reply) as ticket:
+        if ticket is None:
+            return
         try:
             body = await read_body(receive, scope["headers"], state.max_body_bytes,
                                    state.body_timeout_s)
@@ -141,6 +137,22 @@ async def handle(state: AppState, scope: Scope, receive: Receive, send: Send,
             await reply.error(exc)
             return
         await Run(state, ticket, reply, endpoint).serve(body, receive)
+
+
+@contextlib.asynccontextmanager
+async def checked_in(state: AppState, scope: Scope, reply: Reply
+                     ) -> AsyncIterator[Ticket | None]:
+    """The caller checked in (before anything of the request is read) and checked out
+    whatever happens; None, after the refusal was answered, when the check-in fails."""
+    caller: Caller = scope["state"]["caller"]
+    try:
+        ticket = await state.gate.check_in(caller)
+    except Exception as exc:  # a refusal (429), or a failure of modelyard's (a 500)
+        await reply.error(as_api_error(exc))
+        yield None
+        return
+    try:
+        yield ticket
     finally:
         await state.gate.check_out(ticket)
 

@@ -40,6 +40,7 @@ from modelyard.api.errors import (
     as_api_error,
     from_validation_error,
 )
+from modelyard.api.exchange import checked_in
 from modelyard.api.openapi import request_body
 from modelyard.api.preparation import CHEAP_BODY_BYTES
 from modelyard.api.reply import Reply, read_body
@@ -207,14 +208,10 @@ async def handle(state: AppState, work: Work, scope: Scope, receive: Receive,
                  send: Send, errors: ErrorStyle = OPENAI) -> None:
     """One request: checked in before its body is read, checked out whatever happens; its
     errors in the `errors` style of its dialect."""
-    caller: Caller = scope["state"]["caller"]
     reply = Reply(send, errors)
-    try:
-        ticket = await state.gate.check_in(caller)
-    except Exception as exc:  # a refusal (429), or a failure of modelyard's (a 500)
-        await reply.error(as_api_error(exc))
-        return
-    try:
+    async with checked_in(state, scope, reply) as ticket:
+        if ticket is None:
+            return
         try:
             body = await read_body(receive, scope["headers"], state.max_body_bytes,
                                    state.body_timeout_s)
@@ -225,8 +222,6 @@ async def handle(state: AppState, work: Work, scope: Scope, receive: Receive,
             await reply.error(error)
             return
         await reply.json(answer, headers=ticket.headers)
-    finally:
-        await state.gate.check_out(ticket)
 
 
 class UnbilledExchange(Response):
