@@ -61,15 +61,28 @@ def free_port() -> int:
         return port
 
 
+Engine = dict[str, int | bool]
+"""`[engine]` settings of a scenario's server, beside the benchmark's own."""
+
+SCENARIOS: list[tuple[str, Engine, bool]] = [
+    ("idle", {}, False),
+    ("fair share", {}, True),
+    ("fair share, reserve 1", {"reserved_slots": 1}, True),
+    ("fair share, reserve 1, no pause", {"reserved_slots": 1, "pause_heavy_every": 0}, True),
+    ("fair share, reserve 1, pause 2", {"reserved_slots": 1, "pause_heavy_every": 2}, True),
+    ("FIFO", {"fair_share": False}, True),
+]
+"""(name, `[engine]` settings, whether A floods); the defaults are the server's own."""
+
+
 @contextlib.contextmanager
-def server(workdir: Path, fair_share: bool, reserved: int,
-           threads: int) -> Iterator[tuple[str, str]]:
+def server(workdir: Path, engine: Engine, threads: int) -> Iterator[tuple[str, str]]:
     """`modelyard serve` with the platform on; (base URL, admin key)."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "modelyard.toml"
+    settings = "".join(f"{key} = {str(value).lower()}\n" for key, value in engine.items())
     config.write_text(f'database_url = "sqlite:///{workdir / "platform.db"}"\n'
-                      f"[engine]\nfair_share = {str(fair_share).lower()}\n"
-                      f"reserved_slots = {reserved}\nthreads = {threads}\n"
+                      f"[engine]\n{settings}threads = {threads}\n"
                       "max_waiting = 1024\n"
                       "[platform]\nmax_concurrent_per_key = 1000\n"
                       "max_concurrent_per_account = 1000\n")
@@ -204,6 +217,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="llama.cpp threads (0: one per core; 1 holds up better on a "
                              "machine others are using)")
+    parser.add_argument("--only", nargs="+", metavar="SCENARIO", default=[],
+                        help="run only these scenarios (and idle): "
+                             + "; ".join(name for name, _, _ in SCENARIOS[1:]))
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     # Stopped from outside: still stop the server it started (the `with` blocks' exits).
@@ -212,15 +228,20 @@ def main() -> None:
         args.flood, args.light_requests, args.warmup = 24, 4, 6.0
     print(f"# fairness benchmark: {machine('llama-cpp-python')}", flush=True)
     results: dict[str, dict[str, float]] = {}
+    chosen = [scenario for scenario in SCENARIOS
+              if not args.only or scenario[0] in args.only or scenario[0] == "idle"]
     with tempfile.TemporaryDirectory(prefix="bench-fairness-") as tmp:
-        runs = ((True, 0, ("idle", "fair share")), (True, 1, ("fair share, 1 reserved slot",)),
-                (False, 0, ("FIFO",)))
-        for fair, reserved, scenarios in runs:
-            workdir = Path(tmp) / f"{fair}-{reserved}"
-            with server(workdir, fair, reserved, args.threads) as (base, admin_key):
-                for name in scenarios:
+        index = 0
+        while index < len(chosen):   # scenarios with the same settings share a server
+            engine = chosen[index][1]
+            group = []
+            while index < len(chosen) and chosen[index][1] == engine:
+                group.append(chosen[index])
+                index += 1
+            with server(Path(tmp) / str(index), engine, args.threads) as (base, admin_key):
+                for name, _, with_flood in group:
                     results[name] = asyncio.run(
-                        scenario(base, admin_key, args, with_flood=name != "idle"))
+                        scenario(base, admin_key, args, with_flood=with_flood))
                     print(f"{name}: {results[name]}", flush=True)
     idle = results["idle"]["ttft_p50_ms"]
     print(f"\nA: {args.flood} requests in flight, up to {args.flood_max_tokens} tokens each; "
@@ -233,7 +254,7 @@ def main() -> None:
               f"{row['ttft_p50_ms']:.0f} ms | {row['ttft_p99_ms']:.0f} ms | "
               f"{row['ttft_p50_ms'] / idle:.1f}x | {row['flood_tokens_per_s']:.0f} |")
     print()
-    for name in ("fair share", "fair share, 1 reserved slot"):
+    for name in [name for name in results if name.startswith("fair share")]:
         ratio = results[name]["ttft_p50_ms"] / idle
         print(result_row("fairness", f"B's TTFT p50, {name} / idle", f"{ratio:.1f}x",
                          "within 2x", ratio <= 2.0))

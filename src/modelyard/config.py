@@ -112,6 +112,12 @@ class EngineConfig:
     """With fair share, slots an account already holding one may not take while another
     account had work lately, so a light account's request starts at once (a reserved slot
     may stay empty); less than max_sequences."""
+    pause_heavy_every: NonNegative = 4
+    """With fair share, a step that reads the prompt of an account holding fewer than its
+    share of slots may pause the decoding of the accounts holding more than theirs for
+    that step (nothing is dropped), so the light account's first token is not held up by
+    a full batch: at most one step in this many on average (two in a row at most), so a
+    heavy account keeps at least (N-1)/N of its decode steps; 0: never."""
     memory_budget: NonNegative = 0
     """Bytes the local models may hold together (an integer, or text such as "4GiB" or
     "512MB"): each model's GGUF file plus its KV cache (estimated from the file's

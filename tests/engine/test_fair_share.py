@@ -8,7 +8,13 @@ import pytest
 
 from modelyard.config import EngineConfig
 from modelyard.engine.fair_share import RESERVE_MEMORY_STEPS
-from modelyard.engine.scheduler import SHARE_MIN_TOKENS, Scheduler, SchedulerConfig, SchedulerOutput
+from modelyard.engine.scheduler import (
+    PAUSE_BURST,
+    SHARE_MIN_TOKENS,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+)
 from modelyard.engine.sequence import (
     COMMON_SHARE,
     SamplingParams,
@@ -23,11 +29,12 @@ _bases = itertools.count(1)
 
 
 def make_scheduler(*, max_sequences: int = 4, step_token_budget: int = 32,
-                   fair_share: bool = True, max_waiting: int = 1000) -> Scheduler:
+                   fair_share: bool = True, max_waiting: int = 1000,
+                   pause_heavy_every: int = 0) -> Scheduler:
     return Scheduler(SchedulerConfig(
         max_sequences=max_sequences, step_token_budget=step_token_budget,
         kv_capacity=64 * 1024, context_per_sequence=1024, max_waiting=max_waiting,
-        fair_share=fair_share))
+        fair_share=fair_share, pause_heavy_every=pause_heavy_every))
 
 
 def make_seq(share: Share, prompt_len: int = 40, max_tokens: int = 8, *,
@@ -51,16 +58,19 @@ def admitted_in(output: SchedulerOutput) -> list[Sequence]:
     return [c.seq for c in output.chunks if c.start == 0]
 
 
+@pytest.mark.parametrize("pause_heavy_every", [0, 4])
 @pytest.mark.parametrize("weights", [
     {"a": 1.0, "b": 1.0},
     {"a": 1.0, "b": 3.0},
     {"a": 1.0, "b": 2.0, "c": 5.0},
 ])
 def test_shares_of_prefill_tokens_and_slots_converge_to_the_weights(
-        weights: dict[str, float]) -> None:
+        weights: dict[str, float], pause_heavy_every: int) -> None:
     """Every account keeps a backlog of the same requests: each one's share of the prompt
-    tokens read and of the slots held goes to its weight's share."""
-    scheduler = make_scheduler(max_sequences=8, step_token_budget=32)
+    tokens read and of the slots held goes to its weight's share, with the steps of their
+    own for the accounts below their share and the pauses of those above it."""
+    scheduler = make_scheduler(max_sequences=8, step_token_budget=32,
+                               pause_heavy_every=pause_heavy_every)
     shares = {name: Share(name, weight) for name, weight in weights.items()}
     prefill = dict.fromkeys(weights, 0)
     slots = dict.fromkeys(weights, 0)
@@ -280,3 +290,151 @@ def test_a_reserve_needs_fair_share_and_leaves_a_slot() -> None:
     for _ in range(3):
         step(scheduler)
     assert len(scheduler.running) == 2   # first come, first served: no reserve
+
+
+# -- steps of their own for light accounts' prompts -------------------------------------------
+
+
+def make_paused_scheduler(*, max_sequences: int = 4, step_token_budget: int = 64,
+                          pause_heavy_every: int = 4, reserved_slots: int = 0) -> Scheduler:
+    return Scheduler(SchedulerConfig(
+        max_sequences=max_sequences, step_token_budget=step_token_budget,
+        kv_capacity=64 * 1024, context_per_sequence=1024, max_waiting=1000,
+        reserved_slots=reserved_slots, pause_heavy_every=pause_heavy_every))
+
+
+def prefill_chunks(output: SchedulerOutput) -> list[tuple[str | None, int]]:
+    """(account, tokens) of each chunk of a prompt in the step."""
+    return [(c.seq.share.key, len(c.tokens)) for c in output.chunks
+            if c.start < c.seq.num_prompt]
+
+
+def test_a_step_that_reads_a_light_accounts_prompt_reads_no_other_accounts() -> None:
+    """The heavy account's long prompts wait while the light account's prompt and its last
+    token are read: neither step costs more than the light prompt and the decoding."""
+    scheduler = make_paused_scheduler(pause_heavy_every=0)
+    heavy, light = Share("heavy"), Share("light")
+    for _ in range(3):
+        scheduler.add(make_seq(heavy, 300, max_tokens=100))
+    while len(scheduler.running) < 3:
+        step(scheduler)
+    def heavy_prefill(output: SchedulerOutput) -> int:
+        return sum(n for key, n in prefill_chunks(output) if key == "heavy")
+
+    assert heavy_prefill(step(scheduler)) > 32   # the budget left by the decoding
+    mine = make_seq(light, 10, max_tokens=4)
+    scheduler.add(mine)
+    assert prefill_chunks(step(scheduler)) == [("light", 9)]
+    last = step(scheduler)
+    assert prefill_chunks(last) == [("light", 1)] and last.chunks[-1].sample
+    assert heavy_prefill(step(scheduler)) > 32   # then the heavy's again
+
+
+def test_a_light_accounts_last_prompt_token_goes_first_whatever_its_service() -> None:
+    """A light account's long prompt is read in its turns (fair queuing); its last token,
+    which the first sample waits for, goes in the next step, alone, even when it is the
+    heavy account's turn by service."""
+    scheduler = make_paused_scheduler(max_sequences=4, step_token_budget=32,
+                                      pause_heavy_every=0)
+    heavy, light = Share("heavy"), Share("light")
+    for _ in range(3):
+        scheduler.add(make_seq(heavy, 300, max_tokens=500))
+    while len(scheduler.running) < 3:
+        step(scheduler)
+    mine = make_seq(light, 152, max_tokens=4)   # its last chunk ends in its own turn
+    scheduler.add(mine)
+    shapes = []
+    while mine.num_computed < mine.num_prompt - 1:
+        shapes.append(prefill_chunks(step(scheduler)))
+    owners = [{key for key, _ in chunks} for chunks in shapes]
+    assert {"heavy"} in owners and {"light"} in owners   # turns alternate, a step each
+    assert scheduler.waiting.turn("heavy") < scheduler.waiting.turn("light")
+    assert prefill_chunks(step(scheduler)) == [("light", 1)]
+
+
+def flood_with_decoding(scheduler: Scheduler, heavy: Share, steps: int) -> None:
+    """The heavy account keeps long answers running, with more waiting."""
+    for _ in range(steps):
+        while len(scheduler.waiting.queue(heavy.key)) < 4:
+            scheduler.add(make_seq(heavy, 20, max_tokens=500))
+        step(scheduler)
+
+
+def make_flooded(max_sequences: int, reserved_slots: int, **config: int) -> Scheduler:
+    """A light account had one request, then the heavy one floods: it holds every slot
+    but the reserved ones, all decoding."""
+    scheduler = make_paused_scheduler(max_sequences=max_sequences,
+                                      reserved_slots=reserved_slots, **config)
+    scheduler.add(make_seq(Share("early"), 4, max_tokens=1))
+    flood_with_decoding(scheduler, Share("heavy"), 40)
+    assert len(scheduler.running) == max_sequences - reserved_slots
+    assert not any(seq.is_prefilling for seq in scheduler.running)
+    return scheduler
+
+
+def test_a_light_accounts_prompt_pauses_the_accounts_above_their_share() -> None:
+    scheduler = make_flooded(4, 1)
+    heavy, light = Share("heavy"), Share("light")
+    theirs = [seq for seq in scheduler.running if seq.share == heavy]
+    assert len(theirs) == 3
+    before = [(seq.slot, len(seq.token_ids)) for seq in theirs]
+    mine = make_seq(light, 10, max_tokens=4)
+    scheduler.add(mine)
+    for _ in range(2):   # its prompt, then its last token: nothing else in either step
+        output = step(scheduler)
+        assert [c.seq for c in output.chunks] == [mine]
+    assert mine.num_output == 1
+    # Paused, not preempted: the same slots, the same tokens, and decoding again now.
+    assert [(seq.slot, len(seq.token_ids)) for seq in theirs] == before
+    assert all(seq.status is SequenceStatus.RUNNING for seq in theirs)
+    output = step(scheduler)
+    assert [c.seq for c in output.chunks] == [*theirs, mine]
+    assert scheduler.paused_steps == 2
+
+
+def test_accounts_at_or_below_their_share_are_not_paused() -> None:
+    scheduler = make_paused_scheduler(max_sequences=7, step_token_budget=64)
+    a, b, c = Share("a"), Share("b"), Share("c")
+    for share, n in ((a, 4), (b, 2)):
+        for _ in range(n):
+            scheduler.add(make_seq(share, 10, max_tokens=500))
+    for _ in range(6):
+        step(scheduler)
+    assert not any(seq.is_prefilling for seq in scheduler.running)
+    scheduler.add(make_seq(c, 10, max_tokens=4))   # shares now 2.33 slots each
+    output = step(scheduler)
+    assert {chunk.seq.share.key for chunk in output.chunks} == {"b", "c"}
+
+
+def test_without_pauses_the_heavy_account_decodes_beside_the_light_prompt() -> None:
+    scheduler = make_flooded(4, 1, pause_heavy_every=0)
+    light = Share("light")
+    scheduler.add(make_seq(light, 10, max_tokens=4))
+    output = step(scheduler)
+    assert [c.seq.share.key for c in output.chunks] == ["heavy"] * 3 + ["light"]
+    assert scheduler.paused_steps == 0
+
+
+@pytest.mark.parametrize("every", [2, 4, 8])
+def test_light_accounts_spamming_pause_the_heavy_one_at_most_one_step_in_n(every: int) -> None:
+    """Light accounts send a short request every step: the heavy account's decoding is
+    left out of at most PAUSE_BURST + W / N of any W steps, and of about 1 / N overall."""
+    scheduler = make_flooded(8, 2, pause_heavy_every=every)
+    heavy = Share("heavy")
+    lights = [Share(f"light{i}") for i in range(3)]
+    paused: list[bool] = []
+    for n in range(600):
+        scheduler.add(make_seq(lights[n % 3], 6, max_tokens=2))
+        decoding = [s for s in scheduler.running if s.share == heavy and not s.is_prefilling]
+        while len(scheduler.waiting.queue("heavy")) < 4:
+            scheduler.add(make_seq(heavy, 20, max_tokens=500))
+        output = step(scheduler)
+        decoded = {c.seq for c in output.chunks}
+        paused.append(bool(decoding) and not any(s in decoded for s in decoding))
+    assert sum(paused) >= len(paused) / every / 2   # the light ones did take pauses
+    # For every window [start, end): paused in it - its length / every <= PAUSE_BURST.
+    excess = list(itertools.accumulate((p - 1 / every for p in paused), initial=0.0))
+    lowest = excess[0]
+    for value in excess[1:]:
+        assert value - lowest <= PAUSE_BURST + 1e-9
+        lowest = min(lowest, value)

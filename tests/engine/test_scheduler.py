@@ -1357,7 +1357,8 @@ def run_random_workload(seed: int, prefix_caching: bool,
                              kv_capacity=rng.choice([64, 128, 400]), context_per_sequence=64,
                              max_waiting=6, prefix_caching=prefix_caching,
                              last_prompt_token_alone=alone,
-                             reserved_slots=rng.choice([0, 1]) if shares else 0)
+                             reserved_slots=rng.choice([0, 1]) if shares else 0,
+                             pause_heavy_every=rng.choice([0, 2]) if shares else 0)
     scheduler = Scheduler(config)
     kv = KVModel(config.kv_capacity)
     # Prompts share prefixes: a few short system prompts, long ones (worth waiting for while
@@ -1489,7 +1490,13 @@ def run_random_workload(seed: int, prefix_caching: bool,
         output = schedule()
 
         assert output.num_tokens <= config.step_token_budget
-        assert [c.seq for c in output.chunks[:len(decoding)]] == decoding
+        kept = [seq for seq in decoding if any(c.seq is seq for c in output.chunks)]
+        assert [c.seq for c in output.chunks[:len(kept)]] == kept
+        if len(kept) < len(decoding):   # paused while a lighter account's prompt is read
+            assert config.pause_heavy_every > 0
+            paused = {seq.share for seq in decoding if seq not in kept}
+            assert all(c.seq.share not in paused for c in output.chunks[len(kept):])
+            assert any(c.start < c.seq.num_prompt for c in output.chunks[len(kept):])
         slots = [s.slot for s in scheduler.running]
         assert None not in slots and len(set(slots)) == len(slots)
         assert not set(slots) & set(scheduler.slots.free_slots)

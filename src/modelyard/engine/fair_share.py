@@ -147,6 +147,27 @@ class FairQueue:
         return any(step >= horizon for other, step in self.last_active.items()
                    if other != flow)
 
+    def fair_slots(self, flow: Flow, slots: int) -> float:
+        """The slots `flow` would hold if the active accounts (and `flow`) held `slots`
+        in proportion to their weights."""
+        active = {*self._flows, *self.held, flow}
+        total = sum(self.weights.get(f, 1.0) for f in active)
+        return slots * self.weights.get(flow, 1.0) / total
+
+    def light(self, slots: int) -> set[Flow]:
+        """The accounts holding fewer than their share of `slots` while another account
+        is active: their prompts are read in steps of their own (see the scheduler)."""
+        active = {*self._flows, *self.held}
+        if not self.fair or len(active) < 2:
+            return set()
+        return {f for f in active if self.held.get(f, 0) < self.fair_slots(f, slots)}
+
+    def heavy(self, slots: int) -> set[Flow]:
+        """The accounts holding more than their share of `slots`."""
+        if not self.fair:
+            return set()
+        return {f for f in self.held if self.held[f] > self.fair_slots(f, slots)}
+
     # -- whose turn ---------------------------------------------------------------------------
 
     def turn(self, flow: Flow) -> tuple[float, int, int]:

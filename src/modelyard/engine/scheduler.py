@@ -14,7 +14,18 @@ stalls the sequences already decoding (chunked prefill).
 Fair share: the prefill chunks (2, 3) and the free slots go to accounts by weighted fair
 queuing, not by arrival order (fair_share.py): each step the account with the least service
 for its weight goes next, its prompts still being read first, then its waiting sequences in
-the order it sent them. Running sequences are never preempted.
+the order it sent them. Running sequences are never preempted. While several accounts are
+active, one holding fewer slots than its weight's share (a light one, e.g. an interactive
+user beside another's batch job) gets steps of its own: a step that reads its prompt
+(its turn by fair queuing, or its prompt's last token, which goes at once) reads no prompt
+of an account at or above its share, so it costs about a decode step, not a prefill step
+(the others' prompts wait a step). With `pause_heavy_every` set, such a step also leaves
+out the decoding of the accounts above their share: they are paused for that step (no KV
+dropped, no charge for it), so the light prompt is read nearly as fast as on an idle
+engine. That trades the heavy accounts' throughput for the light ones' first token; it is
+bounded by a credit of one step in `pause_heavy_every` (at most `PAUSE_BURST` in a row), so
+however many light requests come, a heavy account keeps at least (N-1)/N of its decode
+steps. `reserved_slots` keeps a free slot for a light account's next request.
 
 Prefix caching: a slot keeps the KV cells of the sequence that last held it. A new
 sequence starts reading its prompt after the longest prefix it shares with either a free
@@ -50,6 +61,8 @@ from modelyard.errors import ModelyardError
 
 SHARE_MIN_TOKENS = 32
 """Prompt tokens worth waiting for another sequence to compute instead of reading them."""
+PAUSE_BURST = 2.0
+"""Steps in a row that may pause the accounts above their share (`pause_heavy_every`)."""
 WAITING_SCAN = 64
 """Waiting sequences of an account looked at per step when earlier ones wait for a shared
 prefix."""
@@ -92,6 +105,12 @@ class SchedulerConfig:
     another account has had work lately (RESERVE_MEMORY_STEPS), so a light account's
     request starts at once instead of waiting for a slot to free. Not work-conserving: a
     reserved slot may stay empty; an account alone for long gets every slot again."""
+    pause_heavy_every: int = 0
+    """With fair share: a step that reads the prompt of an account holding fewer than its
+    share of slots may leave out the decoding of the accounts holding more than theirs
+    (paused for that step, no KV dropped), so it costs about as much as that prompt
+    alone; at most one step in this many on average, in bursts of at most PAUSE_BURST
+    (a short prompt and its last token). 0: never."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +154,10 @@ class Scheduler:
                                max_cached_cells=config.max_cached_cells,
                                low_slots_first=config.low_slots_first)
         """Which slot holds which KV cells; the scheduler asks it for room and slots."""
+        self._pause_credit = PAUSE_BURST
+        """Steps that may still pause the accounts above their share (`_pause_heavy`)."""
+        self.paused_steps = 0
+        """Steps that left out the decoding of accounts above their share."""
 
     # -- requests in and out -------------------------------------------------------------
 
@@ -226,26 +249,79 @@ class Scheduler:
 
     def _fill(self, output: SchedulerOutput, budget: int,
               prefilling: dict[Flow, deque[Sequence]]) -> None:
-        """Give the rest of the budget away a prefill chunk at a time, each to the account
-        whose turn it is: a prompt it is still reading, else its next waiting sequence if
-        a slot and the KV room are free. When the sequence whose turn it is does not fit,
-        nobody is admitted past it."""
+        """Give the rest of the budget away in prefill chunks (see `_give`). With fair
+        share, the accounts holding fewer than their share of slots while others are
+        active (light ones) go first, and a step that reads a light account's prompt reads
+        no other account's: it costs about a decode step, not a prefill step. It may also
+        leave out the decoding of accounts above their share (`pause_heavy_every`)."""
         fair = self.waiting
+        every = self.config.pause_heavy_every
+        if every > 0:
+            self._pause_credit = min(PAUSE_BURST, self._pause_credit + 1 / every)
         heads = fair.heads(WAITING_SCAN)
+        light = fair.light(self.config.max_sequences)
+        if light and self._light_step(light, prefilling, heads):
+            decodes = len(output.chunks)
+            if self._give(output, budget,
+                          {flow: seqs for flow, seqs in prefilling.items() if flow in light},
+                          {flow: seqs for flow, seqs in heads.items() if flow in light}):
+                self._pause_heavy(output, decodes, light)
+                return
+        self._give(output, budget, prefilling, heads)
+
+    def _light_step(self, light: set[Flow], prefilling: dict[Flow, deque[Sequence]],
+                    heads: dict[Flow, deque[Sequence]]) -> bool:
+        """Whether this step belongs to the light accounts: one of them is next by fair
+        queuing, or one of their prompts is down to its last token (one token, read at
+        once whatever the account's service: the first sample waits for it)."""
+        flows = [flow for flow, seqs in prefilling.items() if seqs]
+        flows += [flow for flow in heads if not prefilling.get(flow)]
+        if flows and min(flows, key=self.waiting.turn) in light:
+            return True
+        return any(seq.num_computed == seq.num_prompt - 1
+                   for flow in light for seq in prefilling.get(flow, ()))
+
+    def _pause_heavy(self, output: SchedulerOutput, decodes: int, light: set[Flow]) -> None:
+        """Leave the decoding of the accounts above their share of slots (but the `light`
+        ones, whose step it is) out of this step (its first `decodes` chunks), if the pause
+        credit allows: they are paused for the step, nothing is dropped."""
+        if self.config.pause_heavy_every <= 0 or self._pause_credit < 1:
+            return
+        heavy = self.waiting.heavy(self.config.max_sequences) - light
+        key = self.waiting.key
+        kept = [chunk for i, chunk in enumerate(output.chunks)
+                if i >= decodes or key(chunk.seq) not in heavy]
+        if len(kept) < len(output.chunks):
+            for chunk in output.chunks[:decodes]:
+                if key(chunk.seq) in heavy:   # not served this step: no charge for it
+                    self.waiting.charge(chunk.seq, -SLOT_STEP_COST)
+            output.chunks[:] = kept
+            self._pause_credit -= 1
+            self.paused_steps += 1
+
+    def _give(self, output: SchedulerOutput, budget: int,
+              prefilling: dict[Flow, deque[Sequence]],
+              heads: dict[Flow, deque[Sequence]]) -> int:
+        """Give `budget` away a prefill chunk at a time, each to the account whose turn it
+        is: a prompt it is still reading, else its next waiting sequence if a slot and the
+        KV room are free. When the sequence whose turn it is does not fit, nobody is
+        admitted past it. Returns the tokens given."""
+        fair = self.waiting
+        given = 0
         admitting = True
-        while budget > 0:
+        while given < budget:
             flows = [flow for flow, seqs in prefilling.items() if seqs]
             if admitting:
                 flows += [flow for flow in heads if not prefilling.get(flow)]
             if not flows:
-                return
+                break
             flow = min(flows, key=fair.turn)
             reading = prefilling.get(flow)
             if reading:
                 seq = reading.popleft()
-                n = self._add_prefill(output, seq, budget)
+                n = self._add_prefill(output, seq, budget - given)
                 fair.charge(seq, n)
-                budget -= n
+                given += n
                 continue
             waiting = heads[flow]
             if self._keeps_reserve(flow):
@@ -260,12 +336,13 @@ class Scheduler:
                 if self._should_wait(seq, reused):
                     continue
                 self._admit(seq, reused, source)
-                n = self._add_prefill(output, seq, budget)
+                n = self._add_prefill(output, seq, budget - given)
                 fair.charge(seq, SLOT_STEP_COST + n)
-                budget -= n
+                given += n
                 break
             if not waiting:
                 del heads[flow]
+        return given
 
     def _keeps_reserve(self, flow: Flow) -> bool:
         """Whether `flow` must leave the free slots left to other accounts."""

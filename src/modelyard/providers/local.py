@@ -95,6 +95,7 @@ class LocalProvider(Provider[_LocalWork]):
             max_cached_cells=2 * engine_config.context_per_sequence,
             fair_share=engine_config.fair_share,
             reserved_slots=engine_config.reserved_slots,
+            pause_heavy_every=engine_config.pause_heavy_every,
         ), metrics, self.grammar)
         self.engine.start()
 
