@@ -101,6 +101,12 @@ class EngineConfig:
     the cells in the same memory; llama.cpp needs flash attention for it)."""
     prefix_caching: Flag = True
     """Reuse the KV cells of a finished sequence's prompt prefix for a new request."""
+    speculation: Flag = False
+    """Speculative decoding by prompt lookup (engine/speculation.py): draft tokens copied
+    from the request's own prompt and output, verified in the batch's decode step; the
+    text is the same as without it (greedy) or drawn from the same distribution."""
+    speculation_max_draft: Annotated[int, Strict(), Field(ge=1, le=64)] = 16
+    """Most draft tokens one sequence verifies in a step (fewer while its drafts fail)."""
     share_prefix_cache: Flag = False
     """Reuse cached prompt prefixes across accounts (one-tenant deployments). Off, each
     account reuses only its own, so no account can probe another's prompts."""

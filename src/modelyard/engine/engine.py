@@ -35,6 +35,7 @@ from modelyard.engine.sequence import (
     Sequence,
     Share,
 )
+from modelyard.engine.speculation import PromptLookup
 from modelyard.engine.state import EngineOutput, ReasoningTags, RequestState, SequenceState
 
 __all__ = ["Engine", "EngineOutput", "ReasoningTags"]
@@ -127,7 +128,9 @@ class Engine:
         self._check_room(n)  # before any work: a full queue is refused cheaply
         ids = [request_id] if n == 1 else [f"{request_id}:{i}" for i in range(n)]
         seqs = [Sequence(seq_id, prompt_ids, params, eog_ids=self.runner.eog_ids,
-                         cache_scope=cache_scope, share=share) for seq_id in ids]
+                         cache_scope=cache_scope, share=share,
+                         drafter=self._drafter(constraint, reasoning, params))
+                for seq_id in ids]
         try:
             self.scheduler.check_fits(seqs)
         except ValueError:
@@ -151,6 +154,17 @@ class Engine:
             self._inbox.append(_Submit(request))
         self._wake.set()
         return request.queue
+
+    def _drafter(self, constraint: Constraint | None, reasoning: ReasoningTags | None,
+                 params: SamplingParams) -> PromptLookup | None:
+        """A sequence's drafter, when speculation is on and every draft can be verified
+        exactly: not under a grammar (its mask would have to follow every draft position)
+        nor a thinking budget (which forces tokens in the middle of a draft)."""
+        spec = self.scheduler.config.speculation
+        if spec is None or constraint is not None or (
+                reasoning is not None and params.thinking_budget is not None):
+            return None
+        return PromptLookup(spec)
 
     def _check_room(self, n: int) -> None:
         if self._closing:
@@ -254,7 +268,7 @@ class Engine:
             with self._count_lock:
                 self._waiting_sequences = waiting
         self._record_schedule(output)
-        items = [BatchItem(c.seq.slot, c.start, c.tokens, c.sample)
+        items = [BatchItem(c.seq.slot, c.start, c.tokens, c.sample, 1 + c.num_draft)
                  for c in output.chunks if c.seq.slot is not None]
         for slot, keep in output.kv_truncations:
             self.runner.truncate_slot(slot, keep)
@@ -263,20 +277,44 @@ class Engine:
         if not items:
             return
         logits = self.runner.decode(items)
-        samples: dict[str, Sample] = {}
+        samples: dict[str, list[Sample]] = {}
         row = 0
         for chunk in output.chunks:
             if not chunk.sample:
                 continue
             state = self._sequences.get(chunk.seq.seq_id)
-            samples[chunk.seq.seq_id] = (self._sample(state, logits[row])
-                                         if state is not None else Sample(-1))
-            row += 1
+            rows = logits[row:row + 1 + chunk.num_draft]
+            samples[chunk.seq.seq_id] = (self._verify(state, rows, chunk.draft)
+                                         if state is not None else [Sample(-1)])
+            row += 1 + chunk.num_draft
         self.scheduler.update_from_output(
-            output, {seq_id: sample.token for seq_id, sample in samples.items()})
+            output, {seq_id: [s.token for s in drawn] for seq_id, drawn in samples.items()})
         self._postprocess(output, samples)
         self._set_gauges()
         self.metrics.step_seconds.observe(time.monotonic() - started)
+
+    def _verify(self, state: SequenceState, rows: npt.NDArray[np.float32],
+                draft: list[int]) -> list[Sample]:
+        """Sample a chunk's rows in order with the sequence's own sampler: row i after the
+        tokens drawn from rows < i, which equal the drafts before it. A draft is kept when
+        the token drawn at its position is the draft itself; the first token that differs
+        (or the one after the last draft) ends the walk. Greedy, this keeps exactly the
+        tokens decoding one at a time would give; sampled, each token is drawn from the
+        distribution and with the random numbers it would have without drafts (accepting a
+        point-mass draft with probability p(draft) and otherwise drawing from p without it
+        is the speculative sampling rule), so a seed gives the same text either way."""
+        drawn: list[Sample] = []
+        for i in range(rows.shape[0]):
+            sample = self._sample(state, rows[i])
+            drawn.append(sample)
+            if i >= len(draft) or sample.token != draft[i] or sample.token in state.seq.eog_ids:
+                break
+        if draft:
+            kept = next((i for i, (s, d) in enumerate(zip(drawn, draft, strict=False))
+                         if s.token != d), min(len(drawn), len(draft)))
+            self.metrics.draft_tokens.inc(len(draft))
+            self.metrics.accepted_draft_tokens.inc(kept)
+        return drawn
 
     def _sample(self, state: SequenceState, logits: np.ndarray[tuple[int], np.dtype[np.float32]]
                 ) -> Sample:
@@ -312,7 +350,7 @@ class Engine:
             self.metrics.prompt_tokens.inc(
                 sum(len(c.tokens) for c in output.chunks if c.seq.is_prefilling))
 
-    def _postprocess(self, output: SchedulerOutput, samples: dict[str, Sample]) -> None:
+    def _postprocess(self, output: SchedulerOutput, samples: dict[str, list[Sample]]) -> None:
         deliveries: dict[asyncio.AbstractEventLoop, list[tuple[RequestState, EngineOutput]]] = {}
         now = time.monotonic()
         for chunk in output.chunks:
@@ -320,9 +358,9 @@ class Engine:
             state = self._sequences.get(seq.seq_id)
             if state is None or not chunk.sample:
                 continue
-            self.metrics.generated_tokens.inc()
+            drawn = samples[seq.seq_id]
             request = state.request
-            if seq.num_output == 1:
+            if seq.num_output == len(drawn):  # its first tokens
                 self.metrics.cached_prompt_tokens.inc(seq.num_cached)
                 if request.first_token_at is None:
                     request.first_token_at = now
@@ -333,20 +371,31 @@ class Engine:
         for loop, batch in deliveries.items():
             _send(loop, batch)
 
-    def _advance(self, state: SequenceState, sample: Sample) -> EngineOutput | None:
-        """Detokenize a sequence's new token and check its stop strings; the output to send."""
+    def _advance(self, state: SequenceState, drawn: list[Sample]) -> EngineOutput | None:
+        """Detokenize a sequence's new tokens one by one and check its stop strings; the
+        output to send. A stop string found before the step's last token ends the
+        sequence there: the tokens after it are dropped, never sent nor counted."""
         seq = state.seq
-        if sample.logprob is not None:
-            state.pending_logprobs.append((sample.token, sample.logprob))
-        text = "" if sample.token in seq.eog_ids else state.detokenizer.add(sample.token)
-        if state.reasoning is not None:
-            state.text_tail = (state.text_tail + text)[-64:]
-            if state.reasoning.close_text in state.text_tail:
-                state.reasoning = None  # the model closed its reasoning block itself
-        if state.grammar_done and seq.finish_reason is None:
-            self.scheduler.finish(seq, FinishReason.STOP)
-        text, stopped = state.stops.feed(text)
-        if stopped and seq.finish_reason is None:
+        text = ""
+        stopped = False
+        used = 0
+        for sample in drawn:
+            used += 1
+            if sample.logprob is not None:
+                state.pending_logprobs.append((sample.token, sample.logprob))
+            piece = "" if sample.token in seq.eog_ids else state.detokenizer.add(sample.token)
+            if state.reasoning is not None:
+                state.text_tail = (state.text_tail + piece)[-64:]
+                if state.reasoning.close_text in state.text_tail:
+                    state.reasoning = None  # the model closed its reasoning block itself
+            piece, stopped = state.stops.feed(piece)
+            text += piece
+            if stopped or state.grammar_done:
+                break
+        self.metrics.generated_tokens.inc(used)
+        if used < len(drawn):
+            self._drop_tail(seq, len(drawn) - used)
+        if (state.grammar_done or stopped) and seq.finish_reason is None:
             self.scheduler.finish(seq, FinishReason.STOP)
         if stopped and seq.params.include_stop_str_in_output:
             text += state.stops.matched or ""
@@ -364,6 +413,14 @@ class Engine:
         return EngineOutput(state.index, text, seq.num_prompt, seq.num_output, seq.num_cached,
                             seq.finish_reason, logprobs=logprobs,
                             num_reasoning_tokens=state.reasoning_tokens)
+
+    def _drop_tail(self, seq: Sequence, n: int) -> None:
+        """Forget a sequence's last `n` tokens (kept drafts after its stop string): it ends
+        where decoding one token at a time would have ended it."""
+        del seq.token_ids[-n:]
+        seq.num_computed = min(seq.num_computed, len(seq.token_ids))
+        if seq.finish_reason is not None:
+            seq.finish_reason = FinishReason.STOP  # the stop string came first
 
     def _fail_all(self, message: str, *, reset_cache: bool = True) -> None:
         """End every queued and running request with an error output (engine thread, or

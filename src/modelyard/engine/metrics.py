@@ -26,6 +26,12 @@ class EngineMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=r)
         self.generated_tokens = Counter("modelyard_generated_tokens",
                                         "Tokens sampled (completion tokens).", registry=r)
+        self.draft_tokens = Counter(
+            "modelyard_draft_tokens", "Draft tokens verified (speculative decoding by prompt "
+            "lookup).", registry=r)
+        self.accepted_draft_tokens = Counter(
+            "modelyard_accepted_draft_tokens", "Draft tokens kept: tokens generated without a "
+            "step of their own.", registry=r)
         self.prompt_tokens = Counter("modelyard_prompt_tokens", "Prompt tokens prefilled.",
                                      registry=r)
         self.cached_prompt_tokens = Counter(

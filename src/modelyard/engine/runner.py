@@ -60,6 +60,9 @@ class BatchItem:
     start: int
     tokens: Seq[int]
     want_logits: bool
+    num_logits: int = 1
+    """With `want_logits`: how many of the last tokens get a row of logits (a decode token
+    with draft tokens after it needs one per token to verify them)."""
 
 
 def model_params(gpu_layers: int) -> llama_cpp.llama_model_params:
@@ -257,7 +260,8 @@ class LlamaRunner:
         )
 
     def decode(self, items: list[BatchItem]) -> npt.NDArray[np.float32]:
-        """Decode one batch; return one row of logits per item with `want_logits`, in order.
+        """Decode one batch; return the rows of logits of the items with `want_logits`, in
+        order: one row for each of an item's last `num_logits` tokens.
 
         The returned array is a view of llama.cpp's buffer, valid until the next decode.
         """
@@ -270,7 +274,7 @@ class LlamaRunner:
             self._slot_id_pointers[n:end] = self._slot_ids_address + 4 * item.slot
             self._want_logits[n:end] = 0
             if item.want_logits:
-                self._want_logits[end - 1] = 1
+                self._want_logits[end - min(item.num_logits, count):end] = 1
             n = end
         if n == 0:
             return np.empty((0, self.n_vocab), dtype=np.float32)

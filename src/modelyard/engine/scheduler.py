@@ -52,11 +52,13 @@ the reservations and the truncations and copies to apply live in `SlotCache`
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from modelyard.engine.fair_share import SLOT_STEP_COST, FairQueue, Flow
 from modelyard.engine.sequence import FinishReason, Sequence, SequenceStatus
 from modelyard.engine.slot_cache import SlotCache, common_prefix
+from modelyard.engine.speculation import PromptLookup, SpeculationConfig, plan_drafts
 from modelyard.errors import ModelyardError
 
 SHARE_MIN_TOKENS = 32
@@ -105,6 +107,9 @@ class SchedulerConfig:
     another account has had work lately (RESERVE_MEMORY_STEPS), so a light account's
     request starts at once instead of waiting for a slot to free. Not work-conserving: a
     reserved slot may stay empty; an account alone for long gets every slot again."""
+    speculation: SpeculationConfig | None = None
+    """Draft tokens by prompt lookup for the sequences that have a drafter (speculation.py);
+    None: every decode chunk is one token."""
     pause_heavy_every: int = 0
     """With fair share: a step that reads the prompt of an account holding fewer than its
     share of slots may leave out the decoding of the accounts holding more than theirs
@@ -121,6 +126,14 @@ class ScheduledChunk:
     tokens: list[int]
     sample: bool
     """Whether this chunk reaches the end of the sequence, so its last logits are sampled."""
+    num_draft: int = 0
+    """Draft tokens at the end of `tokens` (speculation.py): the logits of the sequence's
+    last token and of every draft are sampled, and the drafts kept up to the first one
+    that differs from the token sampled before it."""
+
+    @property
+    def draft(self) -> list[int]:
+        return self.tokens[len(self.tokens) - self.num_draft:]
 
 
 @dataclass
@@ -238,6 +251,8 @@ class Scheduler:
                 output.chunks.append(ScheduledChunk(seq, seq.num_computed,
                                                     seq.token_ids[seq.num_computed:], True))
                 budget -= len(output.chunks[-1].tokens)
+        if self.config.speculation is not None and output.chunks:
+            budget -= self._add_drafts(output, budget)
         self._fill(output, budget, prefilling)
         for chunk in output.chunks:
             if chunk.seq.slot is not None:
@@ -344,6 +359,35 @@ class Scheduler:
                 del heads[flow]
         return given
 
+    def _add_drafts(self, output: SchedulerOutput, budget: int) -> int:
+        """Put draft tokens after the decode chunks' last tokens (speculation.py), within
+        `budget` and so that no sequence can pass its max_tokens, its KV reservation or the
+        context even if every draft is kept. Returns the draft tokens added."""
+        spec = self.config.speculation
+        assert spec is not None
+        budget = min(budget, spec.max_step_drafts)
+        proposals: list[tuple[int, PromptLookup, list[int]]] = []
+        for i, chunk in enumerate(output.chunks):
+            seq = chunk.seq
+            if seq.drafter is None or len(chunk.tokens) != 1:
+                continue
+            room = min(spec.max_draft, seq.params.max_tokens - seq.num_output - 1,
+                       self.config.context_per_sequence - len(seq.token_ids) - 1)
+            draft = seq.drafter.propose(seq.token_ids, room)
+            if draft:
+                proposals.append((i, seq.drafter, draft))
+        counts = plan_drafts([(drafter, draft) for _, drafter, draft in proposals],
+                             len(output.chunks), budget, spec.token_cost)
+        added = 0
+        for (i, drafter, draft), count in zip(proposals, counts, strict=True):
+            drafter.shadow = None if count else draft[0]
+            if count:
+                chunk = output.chunks[i]
+                output.chunks[i] = ScheduledChunk(chunk.seq, chunk.start,
+                                                  chunk.tokens + draft[:count], True, count)
+                added += count
+        return added
+
     def _keeps_reserve(self, flow: Flow) -> bool:
         """Whether `flow` must leave the free slots left to other accounts."""
         reserve = self.config.reserved_slots
@@ -416,27 +460,55 @@ class Scheduler:
         return n
 
     def update_from_output(
-        self, output: SchedulerOutput, sampled: dict[str, int]
+        self, output: SchedulerOutput, sampled: Mapping[str, int | list[int]]
     ) -> list[Sequence]:
         """Record what the step computed and sampled; return the sequences it finished.
 
-        `sampled` maps sequence id to the token drawn for every chunk with `sample` set.
+        `sampled` maps sequence id to the token drawn for every chunk with `sample` set, or
+        for a chunk with drafts to the tokens drawn at its positions in order: the drafts
+        kept and the token drawn after them. Tokens are appended one at a time and the
+        sequence's end checked after each, so nothing past an end-of-generation token or
+        max_tokens is kept; the KV cells of the drafts not kept are dropped before the
+        next batch.
         """
         finished: list[Sequence] = []
         for chunk in output.chunks:
             seq = chunk.seq
             if seq.status is not SequenceStatus.RUNNING:
                 continue
-            seq.num_computed = chunk.start + len(chunk.tokens)
+            end = chunk.start + len(chunk.tokens)
+            seq.num_computed = end - chunk.num_draft
             if not chunk.sample:
                 continue
-            token = sampled[seq.seq_id]
-            seq.token_ids.append(token)
-            reason = self._stop_reason(seq, token)
+            drawn = sampled[seq.seq_id]
+            tokens = [drawn] if isinstance(drawn, int) else drawn
+            reason = None
+            for token in tokens:
+                seq.token_ids.append(token)
+                reason = self._stop_reason(seq, token)
+                if reason is not None:
+                    break
+            if seq.drafter is not None:
+                self._record_drafts(seq, chunk, tokens)
+            if chunk.num_draft:
+                # The cells of the drafts kept hold the sequence's own tokens; the first
+                # token not yet computed is the last one appended.
+                seq.num_computed = len(seq.token_ids) - 1
+                if seq.num_computed < end and seq.slot is not None:
+                    self.slots.rewind(seq.slot, seq.num_computed)
             if reason is not None:
                 self.finish(seq, reason)
                 finished.append(seq)
         return finished
+
+    @staticmethod
+    def _record_drafts(seq: Sequence, chunk: ScheduledChunk, tokens: list[int]) -> None:
+        drafter = seq.drafter
+        assert drafter is not None
+        if chunk.num_draft:
+            drafter.record(chunk.draft, tokens)
+        elif tokens:
+            drafter.record_shadow(tokens[0])
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         if token in seq.eog_ids:

@@ -9,6 +9,8 @@ from functools import cached_property
 import numpy as np
 import numpy.typing as npt
 
+from modelyard.engine.speculation import PromptLookup
+
 
 class FinishReason(enum.StrEnum):
     STOP = "stop"
@@ -87,6 +89,9 @@ class Sequence:
     share: Share = COMMON_SHARE
     """Whose share of slots and prefill this sequence uses (its account, not its cache
     scope: accounts may share a cache scope)."""
+    drafter: PromptLookup | None = None
+    """Proposes draft tokens from the sequence's own text (speculation.py); None: the
+    sequence is decoded a token per step."""
 
     def __post_init__(self) -> None:
         if not self.token_ids:

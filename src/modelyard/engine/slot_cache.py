@@ -106,6 +106,12 @@ class SlotCache:
         """A scheduled chunk makes the slot hold `cells` cells from position 0."""
         self._cells[slot] = cells
 
+    def rewind(self, slot: int, keep: int) -> None:
+        """A running sequence's slot keeps only its cells at positions < keep (draft tokens
+        not kept): they are dropped before the next batch."""
+        self._truncations.append((slot, keep))
+        self._cells[slot] = keep
+
     def release(self, slot: int | None, reservation: int, token_ids: list[int],
                 num_computed: int, scope: str | None) -> None:
         """A sequence ended: its reservation goes back and its slot is free, keeping the

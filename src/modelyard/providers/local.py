@@ -22,6 +22,7 @@ from modelyard.engine.metrics import EngineMetrics
 from modelyard.engine.runner import LlamaRunner, RunnerConfig
 from modelyard.engine.scheduler import QueueFullError, SchedulerConfig
 from modelyard.engine.sequence import COMMON_SHARE, SamplingParams
+from modelyard.engine.speculation import SpeculationConfig
 from modelyard.providers.base import (
     ChatDelta,
     ChatRequest,
@@ -95,6 +96,8 @@ class LocalProvider(Provider[_LocalWork]):
             max_cached_cells=2 * engine_config.context_per_sequence,
             fair_share=engine_config.fair_share,
             reserved_slots=engine_config.reserved_slots,
+            speculation=(SpeculationConfig(max_draft=engine_config.speculation_max_draft)
+                         if engine_config.speculation else None),
             pause_heavy_every=engine_config.pause_heavy_every,
         ), metrics, self.grammar)
         self.engine.start()

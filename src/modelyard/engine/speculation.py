@@ -1,0 +1,150 @@
+"""Speculative decoding by prompt lookup: draft tokens from the sequence's own text.
+
+Much of what a model writes repeats text it has already seen: an edited file, a quoted
+document, JSON with the input's keys. `PromptLookup` keeps, per sequence, an index of the
+n-grams of its prompt and output; each step it looks up the sequence's last n tokens
+(longest n first) and proposes the tokens that followed their most recent earlier
+occurrence. The scheduler puts these draft tokens after the sequence's last sampled token
+in the same `llama_decode` call that decodes every other sequence, the engine samples
+every position with the sequence's own sampler, and keeps the drafts up to the first
+position whose sampled token differs from the draft, plus that sampled token (see
+engine.py: greedy outputs are the tokens the model would have picked one at a time,
+sampled outputs keep their distribution and draw the same random numbers).
+
+Drafts cost: every draft token is one more token in the step, which all sequences in the
+step wait for. `plan_drafts` gives draft tokens out by their chance of being kept,
+estimated per sequence (`PromptLookup.first_rate`, `next_rate`, updated after every
+verification and, while a sequence does not draft, from the drafts it would have made), and
+takes a token only while it raises the step's expected output tokens per unit of time under
+a linear cost model of a step (`SpeculationConfig.token_cost`). A sequence whose drafts
+keep failing stops drafting; its estimate is still kept up to date at no cost, so it drafts
+again when its text starts repeating.
+
+Nothing is looked up across sequences: each index holds one sequence's tokens.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+RATE_WEIGHT = 0.25
+"""Weight of the newest outcome in the running acceptance estimates."""
+
+
+@dataclass(frozen=True)
+class SpeculationConfig:
+    max_draft: int = 16
+    """Most draft tokens one sequence verifies in a step."""
+    max_ngram: int = 4
+    """Longest suffix looked up (longer matches are tried first)."""
+    min_ngram: int = 2
+    """Shortest suffix looked up; a one-token match drafts too often to pay."""
+    max_step_drafts: int = 64
+    """Most draft tokens in one step, all sequences together."""
+    token_cost: float = 0.15
+    """The cost of one more token in a decode step, as a fraction of a step of one token
+    (measured on a 2-core CPU with the 0.5B default model; a GPU's is far lower)."""
+    first_rate: float = 0.5
+    """The starting estimate of the chance that a sequence's first draft token is kept."""
+    next_rate: float = 0.8
+    """The starting estimate of the chance that a draft token after a kept one is kept."""
+
+
+class PromptLookup:
+    """One sequence's n-gram index and its drafts' acceptance estimates.
+
+    The index maps each n-gram of the sequence's tokens (n in [min_ngram, max_ngram]) to
+    the position after its most recent occurrence; it is brought up to date lazily, a few
+    dictionary writes per new token."""
+
+    def __init__(self, config: SpeculationConfig) -> None:
+        self.config = config
+        self._index: dict[tuple[int, ...], int] = {}
+        self._indexed = 0
+        self.first_rate = config.first_rate
+        self.next_rate = config.next_rate
+        self.shadow: int | None = None
+        """The first token this sequence would have drafted in a step it did not draft;
+        compared with the token sampled instead, to keep `first_rate` current."""
+
+    def _sync(self, tokens: Seq[int]) -> None:
+        lo, hi = self.config.min_ngram, self.config.max_ngram
+        index = self._index
+        for end in range(max(self._indexed, lo), len(tokens)):
+            # every n-gram ending just before `end` was followed by tokens[end]
+            for n in range(lo, min(hi, end) + 1):
+                index[tuple(tokens[end - n:end])] = end
+        self._indexed = max(self._indexed, len(tokens))
+
+    def propose(self, tokens: Seq[int], limit: int) -> list[int]:
+        """Up to `limit` tokens that followed the latest earlier occurrence of the longest
+        suffix of `tokens` seen before; [] when none was."""
+        if limit <= 0:
+            return []
+        self._sync(tokens)
+        length = len(tokens)
+        for n in range(min(self.config.max_ngram, length - 1), self.config.min_ngram - 1, -1):
+            at = self._index.get(tuple(tokens[length - n:]))
+            if at is not None:
+                return list(tokens[at:min(at + limit, length)])
+        return []
+
+    def value(self, depth: int) -> float:
+        """The estimated chance that the draft token at `depth` (1 = first) is kept."""
+        return float(self.first_rate * self.next_rate ** (depth - 1))
+
+    def record(self, draft: Seq[int], sampled: Seq[int]) -> int:
+        """A verification's outcome: the drafts and the tokens sampled at their positions
+        (one more than the drafts kept, or fewer when the sequence ended). Returns how many
+        drafts were kept."""
+        kept = 0
+        for depth, (proposed, token) in enumerate(zip(draft, sampled, strict=False)):
+            hit = proposed == token
+            if depth == 0:
+                self.first_rate += RATE_WEIGHT * (hit - self.first_rate)
+            else:
+                self.next_rate += RATE_WEIGHT * (hit - self.next_rate)
+            if not hit:
+                break
+            kept += 1
+        return kept
+
+    def record_shadow(self, token: int) -> None:
+        """The token sampled in a step where this sequence did not draft."""
+        if self.shadow is not None:
+            self.first_rate += RATE_WEIGHT * ((self.shadow == token) - self.first_rate)
+            self.shadow = None
+
+
+def plan_drafts(proposals: list[tuple[PromptLookup, list[int]]], decode_tokens: int,
+                budget: int, token_cost: float) -> list[int]:
+    """How many of its proposed tokens each sequence drafts this step (in `proposals`'
+    order), at most `budget` in all.
+
+    A step of n tokens is modelled as costing 1 + token_cost * (n - 1) steps of one token.
+    Draft tokens are taken best chance first while the chance of the next one exceeds the
+    step's expected output tokens per unit of cost times `token_cost`: each token taken
+    raises the throughput of the step, and no other token would raise it more.
+    """
+    counts = [0] * len(proposals)
+    if budget <= 0 or not proposals:
+        return counts
+    expected = float(decode_tokens)
+    cost = 1.0 + token_cost * max(decode_tokens - 1, 0)
+    heap = [(-drafter.value(1), i) for i, (drafter, draft) in enumerate(proposals) if draft]
+    heapq.heapify(heap)
+    while heap and budget > 0:
+        negative, i = heapq.heappop(heap)
+        chance = -negative
+        if chance <= token_cost * expected / cost:
+            break
+        counts[i] += 1
+        budget -= 1
+        expected += chance
+        cost += token_cost
+        drafter, draft = proposals[i]
+        if counts[i] < len(draft):
+            heapq.heappush(heap, (-drafter.value(counts[i] + 1), i))
+    return counts
