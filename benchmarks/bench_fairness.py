@@ -2,20 +2,24 @@
 
 Account A keeps `--flood` long requests in flight (each answered one starts the next);
 account B sends one short streamed request every `--interval` seconds and times its first
-token. Three scenarios in one run, one server at a time, each a fresh `modelyard serve`
-with the platform on (SQLite) and the default engine settings:
+token. The scenarios run one after another, each scenario's `[engine]` settings on a
+fresh `modelyard serve` with the platform on (SQLite), otherwise the default settings:
 
-- `idle`: B alone on an idle server (fair share on);
-- `fair share`: B beside A's flood, `[engine] fair_share = true` (the default);
-- `fair share, 1 reserved slot`: the same with `reserved_slots = 1` (A, holding slots,
-  may not take the last free one while B has had work lately);
-- `FIFO`: the same, `fair_share = false` (first come, first served across accounts).
+- `idle`: B alone on an idle server;
+- `fair share`: B beside A's flood, the defaults (fair share, `reserved_slots = 1`,
+  `pause_heavy_every = 4`);
+- `fair share, no pause`: the same with `pause_heavy_every = 0` (the step that reads B's
+  prompt still decodes A's answers);
+- `fair share, no pause, no reserve`: also `reserved_slots = 0` (B waits for one of A's
+  answers to end before it gets a slot);
+- `FIFO`: `fair_share = false` (first come, first served across accounts).
 
-Prints B's TTFT p50 and p99, the ratio of each p50 to idle's, and A's completion tokens
-per second in the window (what fairness costs the flood). Run after nothing else loads the
-machine:
+Prints B's TTFT p50 and p99, the ratio of each p50 to idle's, and the tokens per second
+the engine generated for A in the window (what fairness costs the flood; from /metrics,
+less B's). `--only` runs some of the scenarios (and idle). Run after nothing else loads
+the machine:
 
-    .venv/bin/python benchmarks/bench_fairness.py            # about 4 minutes
+    .venv/bin/python benchmarks/bench_fairness.py            # about 6 minutes
     .venv/bin/python benchmarks/bench_fairness.py --quick    # a smoke run
 """
 
@@ -41,6 +45,7 @@ import httpx
 from _common import machine, result_row, save_results
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
+GENERATED = "modelyard_generated_tokens_total"
 ADMIN_KEY_LINE = re.compile(r"admin key: (sk-my-\S+)")
 FLOOD_TEXT = (
     "Summarize the following notes about a storage system in one paragraph. The system "
@@ -67,9 +72,8 @@ Engine = dict[str, int | bool]
 SCENARIOS: list[tuple[str, Engine, bool]] = [
     ("idle", {}, False),
     ("fair share", {}, True),
-    ("fair share, reserve 1", {"reserved_slots": 1}, True),
-    ("fair share, reserve 1, no pause", {"reserved_slots": 1, "pause_heavy_every": 0}, True),
-    ("fair share, reserve 1, pause 2", {"reserved_slots": 1, "pause_heavy_every": 2}, True),
+    ("fair share, no pause", {"pause_heavy_every": 0}, True),
+    ("fair share, no pause, no reserve", {"pause_heavy_every": 0, "reserved_slots": 0}, True),
     ("FIFO", {"fair_share": False}, True),
 ]
 """(name, `[engine]` settings, whether A floods); the defaults are the server's own."""
@@ -137,32 +141,35 @@ async def flood(client: httpx.AsyncClient, key: str, args: argparse.Namespace,
                               "content": f"Note {counts['sent']}. {FLOOD_TEXT}"}]}
         response = await client.post("/v1/chat/completions", json=body,
                                      headers={"Authorization": f"Bearer {key}"})
-        if response.status_code == 200:
-            counts["tokens"] += response.json()["usage"]["completion_tokens"]
-        else:
+        if response.status_code != 200:
             counts["errors"] += 1
             await asyncio.sleep(0.5)
 
 
-async def light_request(client: httpx.AsyncClient, key: str, index: int) -> float:
-    """Seconds from sending B's streamed request to its first content."""
+async def light_request(client: httpx.AsyncClient, key: str,
+                        index: int) -> tuple[float, int]:
+    """Seconds from sending B's streamed request to its first content; its tokens."""
     body = {"model": MODEL, "max_tokens": 8, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": f"Question {index}: what is "
                                                      f"{index} plus {index + 1}?"}]}
     started = time.perf_counter()
     async with client.stream("POST", "/v1/chat/completions", json=body,
                              headers={"Authorization": f"Bearer {key}"}) as response:
         response.raise_for_status()
-        ttft = None
+        ttft, tokens = None, 0
         async for line in response.aiter_lines():   # to the end: its slot is free again
-            if ttft is not None or not line.startswith("data: ") or line == "data: [DONE]":
+            if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            delta = json.loads(line[6:])["choices"]
-            if delta and delta[0]["delta"].get("content"):
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            delta = chunk["choices"]
+            if ttft is None and delta and delta[0]["delta"].get("content"):
                 ttft = time.perf_counter() - started
     if ttft is None:
         raise RuntimeError("B's answer carried no content")
-    return ttft
+    return ttft, tokens
 
 
 async def scenario(base: str, admin_key: str, args: argparse.Namespace,
@@ -173,20 +180,23 @@ async def scenario(base: str, admin_key: str, args: argparse.Namespace,
     limits = httpx.Limits(max_connections=args.flood + 8, max_keepalive_connections=args.flood + 8)
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
         await light_request(client, b_key, -1)   # warm the path (not counted)
-        counts = {"sent": 0, "tokens": 0, "errors": 0}
+        counts = {"sent": 0, "errors": 0}
         loops = ([asyncio.create_task(flood(client, a_key, args, counts))
                   for _ in range(args.flood)] if with_flood else [])
         await asyncio.sleep(args.warmup if with_flood else 0)
         metrics = (await client.get("/metrics")).text
-        tokens_before, window_start = counts["tokens"], time.perf_counter()
+        window_start = time.perf_counter()
         lights = []
         for index in range(args.light_requests):   # on time, whatever the answers do
             lights.append(asyncio.create_task(light_request(client, b_key, index)))
             await asyncio.sleep(window_start + (index + 1) * args.interval
                                 - time.perf_counter())
         window = time.perf_counter() - window_start
-        flood_tokens = counts["tokens"] - tokens_before
-        ttfts = list(await asyncio.gather(*lights))
+        generated = gauge((await client.get("/metrics")).text, GENERATED) - gauge(metrics,
+                                                                                 GENERATED)
+        answers = await asyncio.gather(*lights)
+        ttfts = [ttft for ttft, _ in answers]
+        flood_tokens = max(0.0, generated - sum(tokens for _, tokens in answers))
         for loop in loops:
             loop.cancel()
         await asyncio.gather(*loops, return_exceptions=True)

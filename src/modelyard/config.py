@@ -114,10 +114,13 @@ class EngineConfig:
     """Share slots and prompt reading between accounts by weighted fair queuing (weights
     per account, priority per key; see engine/fair_share.py); false: first come, first
     served across all accounts."""
-    reserved_slots: NonNegative = 0
+    reserved_slots: NonNegative = 1
     """With fair share, slots an account already holding one may not take while another
-    account had work lately, so a light account's request starts at once (a reserved slot
-    may stay empty); less than max_sequences."""
+    account had work in the last 1024 steps, so a light account's request starts at once
+    instead of waiting for one of a busy account's answers to end (a reserved slot may stay
+    empty; an account alone for long gets every slot). One by default: without it a light
+    account's first token waited seconds behind a flood (README, fair share); less than
+    max_sequences (a one-slot engine keeps none)."""
     pause_heavy_every: NonNegative = 4
     """With fair share, a step that reads the prompt of an account holding fewer than its
     share of slots may pause the decoding of the accounts holding more than theirs for
@@ -159,7 +162,8 @@ class EngineConfig:
     @field_validator("reserved_slots")
     @classmethod
     def _reserve_leaves_a_slot(cls, value: int, info: ValidationInfo) -> int:
-        if value >= info.data.get("max_sequences", 1):
+        slots = info.data.get("max_sequences", 1)
+        if value >= slots > 1:   # one slot: nobody holding it can take another anyway
             raise ValueError("must be less than engine.max_sequences")
         return value
 

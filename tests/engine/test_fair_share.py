@@ -282,6 +282,8 @@ def test_reserved_slots_start_a_light_accounts_request_at_once() -> None:
 def test_a_reserve_needs_fair_share_and_leaves_a_slot() -> None:
     with pytest.raises(ValueError, match=r"less than engine\.max_sequences"):
         EngineConfig(max_sequences=4, reserved_slots=4)
+    assert EngineConfig().reserved_slots == 1
+    assert EngineConfig(max_sequences=1).reserved_slots == 1   # one slot: no slot to keep
     scheduler = Scheduler(SchedulerConfig(
         max_sequences=2, step_token_budget=64, kv_capacity=64 * 1024,
         context_per_sequence=1024, max_waiting=1000, reserved_slots=1, fair_share=False))
