@@ -147,8 +147,9 @@ async def flood(client: httpx.AsyncClient, key: str, args: argparse.Namespace,
 
 
 async def light_request(client: httpx.AsyncClient, key: str,
-                        index: int) -> tuple[float, int]:
-    """Seconds from sending B's streamed request to its first content; its tokens."""
+                        index: int) -> tuple[float, int, float]:
+    """Seconds from sending B's streamed request to its first content; its tokens; when it
+    ended (perf_counter)."""
     body = {"model": MODEL, "max_tokens": 8, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": f"Question {index}: what is "
@@ -169,7 +170,7 @@ async def light_request(client: httpx.AsyncClient, key: str,
                 ttft = time.perf_counter() - started
     if ttft is None:
         raise RuntimeError("B's answer carried no content")
-    return ttft, tokens
+    return ttft, tokens, time.perf_counter()
 
 
 async def scenario(base: str, admin_key: str, args: argparse.Namespace,
@@ -178,25 +179,28 @@ async def scenario(base: str, admin_key: str, args: argparse.Namespace,
     a_key = account_key(base, admin_key, f"flood-{suffix}")
     b_key = account_key(base, admin_key, f"light-{suffix}")
     limits = httpx.Limits(max_connections=args.flood + 8, max_keepalive_connections=args.flood + 8)
-    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client, \
+            httpx.AsyncClient(base_url=base, timeout=60) as probe:   # never queued behind A
         await light_request(client, b_key, -1)   # warm the path (not counted)
         counts = {"sent": 0, "errors": 0}
         loops = ([asyncio.create_task(flood(client, a_key, args, counts))
                   for _ in range(args.flood)] if with_flood else [])
         await asyncio.sleep(args.warmup if with_flood else 0)
-        metrics = (await client.get("/metrics")).text
+        metrics = (await probe.get("/metrics")).text
         window_start = time.perf_counter()
         lights = []
         for index in range(args.light_requests):   # on time, whatever the answers do
             lights.append(asyncio.create_task(light_request(client, b_key, index)))
             await asyncio.sleep(window_start + (index + 1) * args.interval
                                 - time.perf_counter())
-        window = time.perf_counter() - window_start
-        generated = gauge((await client.get("/metrics")).text, GENERATED) - gauge(metrics,
-                                                                                 GENERATED)
+        generated = gauge((await probe.get("/metrics")).text, GENERATED) - gauge(metrics,
+                                                                                GENERATED)
+        window_end = time.perf_counter()
+        window = window_end - window_start
         answers = await asyncio.gather(*lights)
-        ttfts = [ttft for ttft, _ in answers]
-        flood_tokens = max(0.0, generated - sum(tokens for _, tokens in answers))
+        ttfts = [ttft for ttft, _, _ in answers]
+        light_tokens = sum(tokens for _, tokens, ended in answers if ended <= window_end)
+        flood_tokens = max(0.0, generated - light_tokens)
         for loop in loops:
             loop.cancel()
         await asyncio.gather(*loops, return_exceptions=True)

@@ -440,3 +440,22 @@ def test_light_accounts_spamming_pause_the_heavy_one_at_most_one_step_in_n(every
     for value in excess[1:]:
         assert value - lowest <= PAUSE_BURST + 1e-9
         lowest = min(lowest, value)
+
+
+def test_a_light_account_may_take_a_reserved_slot_while_it_holds_one() -> None:
+    """The light account's second request, sent while its first still decodes, takes the
+    last free slot: the reserve keeps slots from accounts at or above their share only."""
+    scheduler = make_flooded(6, 2, pause_heavy_every=0)
+    light = Share("light")
+    first = make_seq(light, 10, max_tokens=50)
+    scheduler.add(first)
+    for _ in range(3):
+        flood_with_decoding(scheduler, Share("heavy"), 1)
+    assert first.status is SequenceStatus.RUNNING and first.num_output > 0
+    second = make_seq(light, 10, max_tokens=2)
+    scheduler.add(second)
+    flood_with_decoding(scheduler, Share("heavy"), 1)
+    assert second.status is SequenceStatus.RUNNING
+    assert len(scheduler.slots.free_slots) == 0
+    flood_with_decoding(scheduler, Share("heavy"), 20)   # the heavy one still takes no slot
+    assert sum(seq.share.key == "heavy" for seq in scheduler.running) == 4

@@ -147,10 +147,14 @@ class FairQueue:
         return any(step >= horizon for other, step in self.last_active.items()
                    if other != flow)
 
-    def fair_slots(self, flow: Flow, slots: int) -> float:
-        """The slots `flow` would hold if the active accounts (and `flow`) held `slots`
-        in proportion to their weights."""
+    def fair_slots(self, flow: Flow, slots: int, *, lately: bool = False) -> float:
+        """The slots `flow` would hold if the active accounts (and `flow`; with `lately`,
+        also those that had work within RESERVE_MEMORY_STEPS) held `slots` in proportion
+        to their weights."""
         active = {*self._flows, *self.held, flow}
+        if lately:
+            horizon = self.step - RESERVE_MEMORY_STEPS
+            active.update(f for f, step in self.last_active.items() if step >= horizon)
         total = sum(self.weights.get(f, 1.0) for f in active)
         return slots * self.weights.get(flow, 1.0) / total
 

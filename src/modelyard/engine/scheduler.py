@@ -103,10 +103,12 @@ class SchedulerConfig:
     """Share slots and prefill between accounts (`Sequence.share`) by weighted fair
     queuing; off, every sequence waits in one queue, first come, first served."""
     reserved_slots: int = 0
-    """With fair share: free slots an account that already holds one may not take while
-    another account has had work lately (RESERVE_MEMORY_STEPS), so a light account's
-    request starts at once instead of waiting for a slot to free. Not work-conserving: a
-    reserved slot may stay empty; an account alone for long gets every slot again."""
+    """With fair share: free slots an account holding one or more and at least its share
+    of the slots may not take while another account has had work lately
+    (RESERVE_MEMORY_STEPS), so a light account's request starts at once instead of
+    waiting for a slot to free (a light account's second request too: it may take them).
+    Not work-conserving: a reserved slot may stay empty; an account alone for long gets
+    every slot again."""
     speculation: SpeculationConfig | None = None
     """Draft tokens by prompt lookup for the sequences that have a drafter (speculation.py);
     None: every decode chunk is one token."""
@@ -389,11 +391,15 @@ class Scheduler:
         return added
 
     def _keeps_reserve(self, flow: Flow) -> bool:
-        """Whether `flow` must leave the free slots left to other accounts."""
+        """Whether `flow` must leave the free slots left to other accounts: it holds one
+        or more and at least its share of the slots among the accounts active lately."""
         reserve = self.config.reserved_slots
+        held = self.waiting.held.get(flow, 0)
         return (reserve > 0 and self.config.fair_share
                 and len(self.slots.free_slots) <= reserve
-                and self.waiting.held.get(flow, 0) > 0
+                and held > 0
+                and held >= self.waiting.fair_slots(flow, self.config.max_sequences,
+                                                    lately=True)
                 and self.waiting.others_active_lately(flow))
 
     def _admit(self, seq: Sequence, reused: int, source: tuple[str, int]) -> None:
