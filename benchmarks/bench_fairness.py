@@ -7,9 +7,11 @@ fresh `modelyard serve` with the platform on (SQLite), otherwise the default set
 
 - `idle`: B alone on an idle server;
 - `fair share`: B beside A's flood, the defaults (fair share, `reserved_slots = 1`,
-  `pause_heavy_every = 4`);
+  `heavy_prefill_per_step = 64`, `pause_heavy_every = 4`);
 - `fair share, no pause`: the same with `pause_heavy_every = 0` (the step that reads B's
   prompt still decodes A's answers);
+- `fair share, no cap` (only with `--only`): `heavy_prefill_per_step = 0` (A's prompts
+  may fill a whole 512-token step while B is about);
 - `FIFO`: `fair_share = false` (first come, first served across accounts);
 - `fair share, no pause, no reserve` (only with `--only`): also `reserved_slots = 0` (B
   waits for one of A's answers to end before it gets a slot).
@@ -72,12 +74,13 @@ Engine = dict[str, int | bool]
 SCENARIOS: list[tuple[str, Engine, bool]] = [
     ("idle", {}, False),
     ("fair share", {}, True),
+    ("fair share, no cap", {"heavy_prefill_per_step": 0}, True),
     ("fair share, no pause", {"pause_heavy_every": 0}, True),
     ("FIFO", {"fair_share": False}, True),
     ("fair share, no pause, no reserve", {"pause_heavy_every": 0, "reserved_slots": 0}, True),
 ]
 """(name, `[engine]` settings, whether A floods); the defaults are the server's own."""
-OPTIONAL = {"fair share, no pause, no reserve"}
+OPTIONAL = {"fair share, no cap", "fair share, no pause, no reserve"}
 """Scenarios run only when named with --only (B's wait can be minutes)."""
 
 
@@ -149,9 +152,9 @@ async def flood(client: httpx.AsyncClient, key: str, args: argparse.Namespace,
 
 
 async def light_request(client: httpx.AsyncClient, key: str,
-                        index: int) -> tuple[float, int, float]:
+                        index: int) -> tuple[float, int, float, int]:
     """Seconds from sending B's streamed request to its first content; its tokens; when it
-    ended (perf_counter)."""
+    ended (perf_counter); its prompt tokens found in the prefix cache."""
     body = {"model": MODEL, "max_tokens": 8, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": f"Question {index}: what is "
@@ -160,19 +163,21 @@ async def light_request(client: httpx.AsyncClient, key: str,
     async with client.stream("POST", "/v1/chat/completions", json=body,
                              headers={"Authorization": f"Bearer {key}"}) as response:
         response.raise_for_status()
-        ttft, tokens = None, 0
+        ttft, tokens, cached = None, 0, 0
         async for line in response.aiter_lines():   # to the end: its slot is free again
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
+                cached = (chunk["usage"].get("prompt_tokens_details") or {}).get(
+                    "cached_tokens", 0)
             delta = chunk["choices"]
             if ttft is None and delta and delta[0]["delta"].get("content"):
                 ttft = time.perf_counter() - started
     if ttft is None:
         raise RuntimeError("B's answer carried no content")
-    return ttft, tokens, time.perf_counter()
+    return ttft, tokens, time.perf_counter(), cached
 
 
 async def scenario(base: str, admin_key: str, args: argparse.Namespace,
@@ -200,8 +205,8 @@ async def scenario(base: str, admin_key: str, args: argparse.Namespace,
         window_end = time.perf_counter()
         window = window_end - window_start
         answers = await asyncio.gather(*lights)
-        ttfts = [ttft for ttft, _, _ in answers]
-        light_tokens = sum(tokens for _, tokens, ended in answers if ended <= window_end)
+        ttfts = [answer[0] for answer in answers]
+        light_tokens = sum(tokens for _, tokens, ended, _ in answers if ended <= window_end)
         flood_tokens = max(0.0, generated - light_tokens)
         for loop in loops:
             loop.cancel()
@@ -211,6 +216,8 @@ async def scenario(base: str, admin_key: str, args: argparse.Namespace,
             "ttft_p99_ms": ttfts[min(len(ttfts) - 1, round(0.99 * (len(ttfts) - 1)))] * 1000,
             "flood_tokens_per_s": flood_tokens / window, "flood_errors": counts["errors"],
             "samples": len(ttfts),
+            "light_cached_tokens": statistics.mean(answer[3] for answer in answers),
+            "ttfts_ms": [round(ttft * 1000) for ttft in ttfts],
             "running_at_start": gauge(metrics, "modelyard_running_sequences"),
             "waiting_at_start": gauge(metrics, "modelyard_queue_depth")}
 

@@ -121,6 +121,12 @@ class EngineConfig:
     empty; an account alone for long gets every slot). One by default: without it a light
     account's first token waited seconds behind a flood (README, fair share); less than
     max_sequences (a one-slot engine keeps none)."""
+    heavy_prefill_per_step: NonNegative = 64
+    """With fair share, while another account has had work in the last 1024 steps: the
+    most prompt tokens one step reads for an account holding at least its share of the
+    slots (a light account's prompts are not capped), so the step a light account's
+    request waits for is short: a step of 512 prompt tokens takes seconds on a CPU. The
+    heavy account's prompts are read in more, shorter steps meanwhile. 0: no cap."""
     pause_heavy_every: NonNegative = 4
     """With fair share, a step that reads the prompt of an account holding fewer than its
     share of slots may pause the decoding of the accounts holding more than theirs for

@@ -459,3 +459,37 @@ def test_a_light_account_may_take_a_reserved_slot_while_it_holds_one() -> None:
     assert len(scheduler.slots.free_slots) == 0
     flood_with_decoding(scheduler, Share("heavy"), 20)   # the heavy one still takes no slot
     assert sum(seq.share.key == "heavy" for seq in scheduler.running) == 4
+
+
+def test_the_heavy_accounts_prefill_is_capped_while_another_account_is_about() -> None:
+    """Alone, an account reads its prompts with the whole budget; from the moment another
+    account has had work (for RESERVE_MEMORY_STEPS), a step reads at most
+    heavy_prefill_per_step of its prompt tokens, and none of the light account's are cut."""
+    scheduler = Scheduler(SchedulerConfig(
+        max_sequences=4, step_token_budget=128, kv_capacity=64 * 1024,
+        context_per_sequence=4096, max_waiting=1000, heavy_prefill_per_step=16))
+    heavy, light = Share("heavy"), Share("light")
+
+    def heavy_prefill(output: SchedulerOutput) -> int:
+        return sum(n for key, n in prefill_chunks(output) if key == "heavy")
+
+    for _ in range(3):
+        scheduler.add(make_seq(heavy, 2000, max_tokens=500))
+    while len(scheduler.running) < 3:
+        output = step(scheduler)   # alone: the whole budget
+        assert output.num_tokens == 128 and heavy_prefill(output) > 16
+    mine = make_seq(light, 100, max_tokens=2)
+    scheduler.add(mine)
+    assert prefill_chunks(step(scheduler)) == [("light", 99)]   # uncapped, a step its own
+    step(scheduler)                                             # its last token
+    while mine.status is not SequenceStatus.FINISHED:
+        assert heavy_prefill(step(scheduler)) == 16
+    for _ in range(20):
+        assert heavy_prefill(step(scheduler)) == 16   # the light account was about lately
+    read = []
+    for _ in range(RESERVE_MEMORY_STEPS + 100):
+        while len(scheduler.waiting.queue("heavy")) < 2:
+            scheduler.add(make_seq(heavy, 300, max_tokens=20))
+        read.append(heavy_prefill(step(scheduler)))
+    assert max(read[:RESERVE_MEMORY_STEPS - 30]) == 16
+    assert max(read[RESERVE_MEMORY_STEPS:]) > 16   # alone for long: the whole budget again

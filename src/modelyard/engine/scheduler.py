@@ -112,6 +112,11 @@ class SchedulerConfig:
     speculation: SpeculationConfig | None = None
     """Draft tokens by prompt lookup for the sequences that have a drafter (speculation.py);
     None: every decode chunk is one token."""
+    heavy_prefill_per_step: int = 0
+    """With fair share, while another account has had work lately (RESERVE_MEMORY_STEPS):
+    the most prompt tokens a step reads for the accounts at or above their share of
+    slots, so the step in flight when a light account's request comes is short (a step
+    of `step_token_budget` prompt tokens takes seconds on a CPU). 0: no cap."""
     pause_heavy_every: int = 0
     """With fair share: a step that reads the prompt of an account holding fewer than its
     share of slots may leave out the decoding of the accounts holding more than theirs
@@ -284,7 +289,11 @@ class Scheduler:
                           {flow: seqs for flow, seqs in heads.items() if flow in light}):
                 self._pause_heavy(output, decodes, light)
                 return
-        self._give(output, budget, prefilling, heads)
+        capped: frozenset[Flow] = frozenset()
+        if self.config.heavy_prefill_per_step > 0:
+            capped = frozenset(flow for flow in {*prefilling, *heads}
+                               if flow not in light and fair.others_active_lately(flow))
+        self._give(output, budget, prefilling, heads, capped)
 
     def _light_step(self, light: set[Flow], prefilling: dict[Flow, deque[Sequence]],
                     heads: dict[Flow, deque[Sequence]]) -> bool:
@@ -318,27 +327,36 @@ class Scheduler:
 
     def _give(self, output: SchedulerOutput, budget: int,
               prefilling: dict[Flow, deque[Sequence]],
-              heads: dict[Flow, deque[Sequence]]) -> int:
+              heads: dict[Flow, deque[Sequence]],
+              capped: frozenset[Flow] = frozenset()) -> int:
         """Give `budget` away a prefill chunk at a time, each to the account whose turn it
         is: a prompt it is still reading, else its next waiting sequence if a slot and the
         KV room are free. When the sequence whose turn it is does not fit, nobody is
-        admitted past it. Returns the tokens given."""
+        admitted past it. The `capped` accounts get `heavy_prefill_per_step` tokens at
+        most, together. Returns the tokens given."""
         fair = self.waiting
         given = 0
+        capped_left = self.config.heavy_prefill_per_step
         admitting = True
         while given < budget:
             flows = [flow for flow, seqs in prefilling.items() if seqs]
             if admitting:
                 flows += [flow for flow in heads if not prefilling.get(flow)]
+            if capped and capped_left <= 0:
+                flows = [flow for flow in flows if flow not in capped]
             if not flows:
                 break
             flow = min(flows, key=fair.turn)
+            room = budget - given
+            if flow in capped:
+                room = min(room, capped_left)
             reading = prefilling.get(flow)
             if reading:
                 seq = reading.popleft()
-                n = self._add_prefill(output, seq, budget - given)
+                n = self._add_prefill(output, seq, room)
                 fair.charge(seq, n)
                 given += n
+                capped_left -= n if flow in capped else 0
                 continue
             waiting = heads[flow]
             if self._keeps_reserve(flow):
@@ -353,9 +371,10 @@ class Scheduler:
                 if self._should_wait(seq, reused):
                     continue
                 self._admit(seq, reused, source)
-                n = self._add_prefill(output, seq, budget - given)
+                n = self._add_prefill(output, seq, room)
                 fair.charge(seq, SLOT_STEP_COST + n)
                 given += n
+                capped_left -= n if flow in capped else 0
                 break
             if not waiting:
                 del heads[flow]

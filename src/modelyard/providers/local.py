@@ -98,6 +98,7 @@ class LocalProvider(Provider[_LocalWork]):
             reserved_slots=engine_config.reserved_slots,
             speculation=(SpeculationConfig(max_draft=engine_config.speculation_max_draft)
                          if engine_config.speculation else None),
+            heavy_prefill_per_step=engine_config.heavy_prefill_per_step,
             pause_heavy_every=engine_config.pause_heavy_every,
         ), metrics, self.grammar)
         self.engine.start()
