@@ -13,7 +13,9 @@ builds it (see bench_step_profile.py, whose code this reuses):
    with it the cached-cell bound of providers/local.py, 2 x context_per_sequence). N
    conversations, each with its own ~400-token document as the system prompt, are asked a
    new question each in round robin, one request at a time; reported: the share of prompt
-   tokens read from the cache (`cached_tokens`) after the first round, and TTFT p50.
+   tokens read from the cache (`cached_tokens`) after the first round, and TTFT p50. Once
+   with each conversation in a cache scope of its own (an account each, the server's
+   default scoping), once with all of them in one scope.
 
 See benchmarks/README.md.
 """

@@ -10,7 +10,8 @@ strings, handing outputs to the event loop (`_send`), the scheduler (`schedule` 
 of each over the steps that decode exactly one token of every sequence, beside the
 ceiling: the same runner's bare `llama_decode` of as many sequences, each holding the same
 prompt, at the same positions, with no engine around it. Variants: flash attention on and
-off, 2 threads and 1, a json_schema constraint on every request. The last table times
+off, 2 threads and 1, a json_schema constraint on every request; each variant runs in a
+fresh process, one after another. The last table times
 greedy sampling on real logits row by row (as `Engine._sample` does now) against one
 vectorised argmax over the `[B, vocab]` logits (`sampling.greedy_tokens`).
 
@@ -21,9 +22,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -227,19 +231,24 @@ def breakdown(steps: list[Step]) -> dict[str, float]:
 # -- the ceiling: the same runner, nothing around llama_decode ---------------------------------
 
 
-def ceiling(runner: LlamaRunner, prompts: list[list[int]], steps: int) -> float:
-    """Median ms of a bare `llama_decode` of one token for each of the prompts' sequences
-    (slots 0..B-1, each holding its own prompt), at the positions the engine decodes."""
+def prefill(runner: LlamaRunner, prompts: list[list[int]]) -> None:
+    """An empty cache, then each prompt in its own slot (0..B-1), no logits, a step budget
+    at a time (no prompt is longer than one)."""
     runner.clear_all()
-    budget = runner.config.n_batch
-    items = [BatchItem(slot, 0, ids, False) for slot, ids in enumerate(prompts)]
     chunk: list[BatchItem] = []
-    for item in items:  # prefill, a step budget at a time (no prompt is longer than one)
-        if sum(len(i.tokens) for i in chunk) + len(item.tokens) > budget:
+    for slot, ids in enumerate(prompts):
+        if sum(len(i.tokens) for i in chunk) + len(ids) > runner.config.n_batch:
             runner.decode(chunk)
             chunk = []
-        chunk.append(item)
+        chunk.append(BatchItem(slot, 0, ids, False))
     runner.decode(chunk)
+
+
+def ceiling(runner: LlamaRunner, prompts: list[list[int]], steps: int) -> float:
+    """Median ms of a bare `llama_decode` (through `LlamaRunner.decode`) of one token for
+    each of the prompts' sequences, each holding its own prompt, at the positions the
+    engine decodes."""
+    prefill(runner, prompts)
     feed = runner.tokenize(" the", add_special=False)[0]
     times = []
     for step in range(steps):
@@ -260,11 +269,13 @@ def greedy_compare(runner: LlamaRunner, prompts: list[list[int]], rounds: int
     """Median ms per step to pick the greedy token of B rows of real logits: B calls of
     `Sampler.sample` (what `Engine._sample` does for a plain greedy request) against one
     `greedy_tokens` call; both read the same fresh logits, alternating which goes first."""
-    runner.clear_all()
+    prefill(runner, prompts)
     samplers = [Sampler(SamplingParams(temperature=0.0), ids) for ids in prompts]
-    logits = runner.decode([BatchItem(slot, 0, ids, True) for slot, ids in enumerate(prompts)])
+    feed = runner.tokenize(" the", add_special=False)[0]
+    logits = runner.decode([BatchItem(slot, len(ids), [feed], True)
+                            for slot, ids in enumerate(prompts)])
     rows, batched = [], []
-    positions = [len(ids) for ids in prompts]
+    positions = [len(ids) + 1 for ids in prompts]
     for step in range(rounds):
         order = ("rows", "batched") if step % 2 == 0 else ("batched", "rows")
         picked: dict[str, list[int]] = {}
@@ -384,6 +395,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        f"{i} {v.name}" for i, v in enumerate(VARIANTS)))
     p.add_argument("--model-path", type=Path)
     p.add_argument("--data-dir", type=Path)
+    p.add_argument("--variant-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--quick", action="store_true",
                    help="smoke test: concurrency 1,4, 16 tokens, two variants")
     args = p.parse_args(argv)
@@ -399,10 +411,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def run_in_child(args: argparse.Namespace, index: int) -> dict[str, Any]:
+    """One variant in a fresh process (nothing of the last variant's llama.cpp state
+    stays); its levels, or {} with a message when the child failed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "variant.json"
+        command = [sys.executable, __file__, "--variants", str(index), "--variant-out",
+                   str(out), "--model-path", str(args.model_path),
+                   "--data-dir", str(args.data_dir)]
+        for name in ("concurrency", "grammar_levels"):
+            command += [f"--{name.replace('_', '-')}", ",".join(map(str, getattr(args, name)))]
+        for name in ("max_tokens", "max_sequences", "context_per_sequence",
+                     "step_token_budget", "greedy_rounds"):
+            command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+        code = subprocess.run(command, check=False).returncode
+        if code != 0 or not out.exists():
+            print(f"  {VARIANTS[index].name}: the child exited with {code}", file=sys.stderr)
+            return {}
+        levels: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
+        return levels
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.variant_out is not None:
+        [index] = args.variants
+        levels = profile_variant(args, VARIANTS[index])
+        args.variant_out.write_text(json.dumps(levels), encoding="utf-8")
+        return 0
     info = {**machine("llama-cpp-python", "llguidance"), "model": str(args.model_path)}
-    results = {VARIANTS[i].name: profile_variant(args, VARIANTS[i]) for i in args.variants}
+    results = {VARIANTS[i].name: run_in_child(args, i) for i in args.variants}
     print(f"\nmachine: {info['cpu']} | cores {info['cores']} | llama-cpp-python "
           f"{info['llama_cpp_python']} | max_tokens {args.max_tokens} | load average at start "
           f"{info['load_average_at_start']:.2f} | pid {os.getpid()}\n")
