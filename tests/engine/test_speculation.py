@@ -303,3 +303,15 @@ def test_a_wrong_draft_costs_nothing_but_its_rows() -> None:
     fast = _generate(runner, prompt, params, SPEC)
     assert "".join(o.text for o in fast) == script
     assert runner.truncations  # the cells of drafts not kept were dropped
+
+
+def test_a_copy_in_progress_continues_where_its_lines_repeat() -> None:
+    drafter = PromptLookup(SpeculationConfig(max_ngram=2, min_ngram=1))
+    first, second = [10, 1, 2, 3, 7], [11, 1, 2, 3, 8]  # lines alike but for their ends
+    tokens = first + second + [10]
+    assert drafter.propose(tokens, 4) == [1, 2, 3, 7]  # the text starts copying `first`
+    tokens += [1, 2, 3]  # three of them kept, the next one not yet known
+    # [2, 3] last came in `second` (then 8); the copy of `first` goes on with 7
+    assert drafter.propose(tokens, 2) == [7, 11]
+    tokens += [9]  # the text leaves the copy: back to the index
+    assert drafter.propose(tokens, 2) == []

@@ -65,6 +65,10 @@ class PromptLookup:
         self._indexed = 0
         self.first_rate = config.first_rate
         self.next_rate = config.next_rate
+        self._copying: tuple[int, int] | None = None
+        """(source position, text length) of the last proposal: while the text goes on
+        copying from there, the next proposal continues the copy (an edited file is copied
+        in order, even where its lines repeat each other)."""
         self.shadow: int | None = None
         """The first token this sequence would have drafted in a step it did not draft;
         compared with the token sampled instead, to keep `first_rate` current."""
@@ -85,11 +89,33 @@ class PromptLookup:
             return []
         self._sync(tokens)
         length = len(tokens)
-        for n in range(min(self.config.max_ngram, length - 1), self.config.min_ngram - 1, -1):
-            at = self._index.get(tuple(tokens[length - n:]))
-            if at is not None:
-                return list(tokens[at:min(at + limit, length)])
-        return []
+        at = self._continued(tokens)
+        if at is None:
+            for n in range(min(self.config.max_ngram, length - 1),
+                           self.config.min_ngram - 1, -1):
+                at = self._index.get(tuple(tokens[length - n:]))
+                if at is not None:
+                    break
+        if at is None:
+            self._copying = None
+            return []
+        self._copying = (at, length)
+        return list(tokens[at:min(at + limit, length)])
+
+    def _continued(self, tokens: Seq[int]) -> int | None:
+        """Where the copy of the last proposal's source goes on, if the tokens since (and
+        the `min_ngram` before) match it."""
+        if self._copying is None:
+            return None
+        source, then = self._copying
+        length = len(tokens)
+        at = source + length - then
+        check = length - then + self.config.min_ngram
+        if at >= length or at - check < 0:
+            return None
+        if any(tokens[at - i] != tokens[length - i] for i in range(1, check + 1)):
+            return None
+        return at
 
     def value(self, depth: int) -> float:
         """The estimated chance that the draft token at `depth` (1 = first) is kept."""
