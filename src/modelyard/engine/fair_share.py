@@ -16,7 +16,9 @@ Models", OSDI 2024), with prefill read in chunks.
 An idle account banks no credit: when one becomes active (a sequence queued while it has
 none waiting or running) its service is raised to the least of the active accounts'. When
 no account is active, every count is forgotten. Running sequences are never preempted: the
-share acts only on admissions and prefill chunks.
+share acts only on admissions and prefill chunks. `light` and `heavy` name the accounts
+holding fewer and more slots than their weight's share; the scheduler gives the light
+ones steps of their own and may pause the heavy ones' decoding for such a step.
 
 With `fair` off every sequence is in one queue, first come, first served.
 """

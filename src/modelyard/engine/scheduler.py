@@ -25,7 +25,10 @@ dropped, no charge for it), so the light prompt is read nearly as fast as on an 
 engine. That trades the heavy accounts' throughput for the light ones' first token; it is
 bounded by a credit of one step in `pause_heavy_every` (at most `PAUSE_BURST` in a row), so
 however many light requests come, a heavy account keeps at least (N-1)/N of its decode
-steps. `reserved_slots` keeps a free slot for a light account's next request.
+steps. `reserved_slots` keeps a free slot for a light account's next request, and
+`heavy_prefill_per_step` caps the prompt tokens a step reads for the accounts at or above
+their share while another account is about, so the step a light request waits for is
+short. What is left of a light account's wait is the step in flight when it comes.
 
 Prefix caching: a slot keeps the KV cells of the sequence that last held it. A new
 sequence starts reading its prompt after the longest prefix it shares with either a free
