@@ -1,7 +1,8 @@
 """KV cache in 8 bits: `[engine] kv_cache_type = "q8_0"` against the default f16.
 
-Three measurements, one after another in one process, on the engine built as the server
-builds it (see bench_step_profile.py, whose code this reuses):
+Three measurements, one after another (each cache type's engine in a fresh process), on
+the engine built as the server builds it (see bench_step_profile.py, whose code this
+reuses):
 
 1. Memory: the KV buffer llama.cpp allocates (its own log line) for the server's default
    context (16 sequences x 4,096 cells), and per cell of context, in f16 and q8_0.
@@ -24,10 +25,13 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import random
 import re
 import statistics
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +191,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--document-words", type=int, default=330)
     p.add_argument("--answer-tokens", type=int, default=8)
+    p.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
+    p.add_argument("--child-context", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--model-path", type=Path)
     p.add_argument("--data-dir", type=Path)
     p.add_argument("--quick", action="store_true",
@@ -203,18 +210,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def run_kind(args: argparse.Namespace, kind: str, context_per_sequence: int
+             ) -> dict[str, Any]:
+    """One cache type's speed and prefix-cache runs in a fresh process: llama.cpp decodes
+    measurably slower on a thread other than the first one that decoded in the process,
+    so each engine gets a process of its own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "kind.json"
+        command = [sys.executable, __file__, "--child", kind, "--child-context",
+                   str(context_per_sequence), "--child-out", str(out),
+                   "--model-path", str(args.model_path), "--data-dir", str(args.data_dir)]
+        for name in ("concurrency", "conversations", "one_account_conversations"):
+            command += [f"--{name.replace('_', '-')}", ",".join(map(str, getattr(args, name)))]
+        for name in ("max_tokens", "max_sequences", "context_per_sequence",
+                     "step_token_budget", "cache_slots", "rounds", "document_words",
+                     "answer_tokens"):
+            command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+        subprocess.run(command, check=True)
+        result: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
+        return result
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.child:
+        result = {"speed": profile_variant(args, Variant(args.child, 2,
+                                                         kv_cache_type=args.child)),
+                  "cache": cache_workload(args, args.child, args.child_context)}
+        args.child_out.write_text(json.dumps(result), encoding="utf-8")
+        return 0
     info = {**machine("llama-cpp-python"), "model": str(args.model_path)}
     memory = kv_memory(args)
-    speed = {kind: profile_variant(args, Variant(kind, 2, kv_cache_type=kind))
-             for kind in KINDS}
     ratio = memory["f16"]["bytes_per_cell"] / memory["q8_0"]["bytes_per_cell"]
     contexts = {"f16": args.cache_context,
                 "q8_0": int(args.cache_context * ratio) // 64 * 64}
-    cache: dict[str, Any] = {"context_per_sequence": contexts}
-    for kind in KINDS:
-        cache[kind] = cache_workload(args, kind, contexts[kind])
+    runs = {kind: run_kind(args, kind, contexts[kind]) for kind in KINDS}
+    speed = {kind: run["speed"] for kind, run in runs.items()}
+    cache: dict[str, Any] = {"context_per_sequence": contexts,
+                             **{kind: run["cache"] for kind, run in runs.items()}}
     print(f"\nmachine: {info['cpu']} | cores {info['cores']} | llama-cpp-python "
           f"{info['llama_cpp_python']} | 2 threads | load average at start "
           f"{info['load_average_at_start']:.2f}\n")
