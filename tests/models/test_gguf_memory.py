@@ -50,3 +50,12 @@ def test_a_file_that_is_not_gguf_is_a_model_source_error(tmp_path: Path) -> None
     path.write_bytes(b"PK\x03\x04" + b"\0" * 64)
     with pytest.raises(ModelSourceError, match="cannot read the GGUF header"):
         read_shape(path)
+
+
+def test_a_q8_0_kv_cache_counts_34_bytes_per_32_values(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.gguf"
+    write_model(path, 2)
+    shape = read_shape(path)
+    size = path.stat().st_size
+    assert shape.memory_bytes(n_ctx=1024, n_seq_max=4, kv_cache_type="q8_0") == \
+        size + 1024 * 768 * 34 // 32 + 4 * 1000 * 4

@@ -1,14 +1,15 @@
 """How much memory a GGUF model takes once loaded, read from the file's header only.
 
 A loaded model holds its weights (about the file's size), its KV cache (every context cell
-holds a key and a value vector per layer, f16) and one row of logits per sequence. The
-header's metadata gives the layer count, the KV heads and the head sizes; nothing else of
-the file is read (the `gguf` package's reader decodes every vocabulary entry, which takes
-seconds for a 150k-token vocabulary).
+holds a key and a value vector per layer, in the KV cache type: f16 or q8_0) and one row
+of logits per sequence. The header's metadata gives the layer count, the KV heads and the
+head sizes; nothing else of the file is read (the `gguf` package's reader decodes every
+vocabulary entry, which takes seconds for a 150k-token vocabulary).
 """
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -16,8 +17,9 @@ from pathlib import Path
 
 from modelyard.models.sources import ModelSourceError
 
-KV_BYTES_PER_VALUE = 2
-"""llama.cpp's default KV cache type is f16."""
+KV_BYTES_PER_VALUE = {"f16": 2.0, "q8_0": 34 / 32}
+"""Bytes per key or value element by KV cache type (`[engine] kv_cache_type`): q8_0 stores
+blocks of 32 one-byte values with one f16 scale."""
 LOGIT_BYTES = 4
 
 # GGUF value types (gguf's GGUFValueType): their sizes, strings (8) and arrays (9) aside.
@@ -36,9 +38,10 @@ class ModelShape:
     """Key plus value elements one context cell holds, summed over the layers."""
     n_vocab: int
 
-    def memory_bytes(self, n_ctx: int, n_seq_max: int) -> int:
+    def memory_bytes(self, n_ctx: int, n_seq_max: int, kv_cache_type: str = "f16") -> int:
         """The file, the KV cache of `n_ctx` cells and `n_seq_max` rows of logits."""
-        return (self.file_bytes + n_ctx * self.kv_values_per_token * KV_BYTES_PER_VALUE
+        kv_bytes = n_ctx * self.kv_values_per_token * KV_BYTES_PER_VALUE[kv_cache_type]
+        return (self.file_bytes + math.ceil(kv_bytes)
                 + n_seq_max * self.n_vocab * LOGIT_BYTES)
 
 

@@ -36,7 +36,7 @@ def engine_memory(config: Config, path: Path) -> int:
     """The estimate of what an engine of `path` holds under `[engine]`."""
     engine = config.engine
     return read_shape(path).memory_bytes(engine.max_sequences * engine.context_per_sequence,
-                                         engine.max_sequences)
+                                         engine.max_sequences, engine.kv_cache_type)
 
 
 def build_local_models(config: Config, registry: CollectorRegistry, *,
