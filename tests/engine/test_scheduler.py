@@ -1378,7 +1378,7 @@ def run_random_workload(seed: int, prefix_caching: bool,
         prompt += [rng.randint(10, 60) for _ in range(rng.randint(0, 8))]
         return prompt[:54] or [rng.randint(10, 60)]
 
-    stats = {"copies": 0, "deferrals": 0, "groups": 0, "reuses": 0}
+    stats = {"copies": 0, "deferrals": 0, "groups": 0, "reuses": 0, "kept": 0}
     occupant_scope: dict[int, str | None] = {}
     """The cache scope of the last sequence admitted to each slot."""
     cleared = 0
@@ -1393,13 +1393,22 @@ def run_random_workload(seed: int, prefix_caching: bool,
         destinations: set[int] = set()
         for src, dst, n in output.kv_copies:
             assert prefix_caching
-            # From a running sequence's computed prompt, into a sequence admitted now.
-            source, dest = running[src], running[dst]
-            assert source not in new or source.num_computed == source.num_cached
-            assert 0 < n <= min(source.num_computed, source.num_prompt)
+            dest = running[dst]
             assert dest in new and dest.num_cached == n
-            assert source.cache_scope == dest.cache_scope
-            assert dest.prompt_ids[:n] == source.prompt_ids[:n]
+            if src in running:
+                # From a running sequence's computed prompt, into a sequence admitted now.
+                source = running[src]
+                assert source not in new or source.num_computed == source.num_cached
+                assert 0 < n <= min(source.num_computed, source.num_prompt)
+                assert source.cache_scope == dest.cache_scope
+                assert dest.prompt_ids[:n] == source.prompt_ids[:n]
+            else:
+                # From a free slot's cached cells, which it keeps (the copy shares them).
+                assert src in scheduler.slots.free_slots
+                assert occupant_scope[src] == dest.cache_scope
+                assert 0 < n <= len(scheduler.slots.cached[src])
+                assert dest.prompt_ids[:n] == scheduler.slots.cached[src][:n].tolist()
+                stats["kept"] += 1
             assert dst not in destinations
             destinations.add(dst)
         stats["copies"] += len(output.kv_copies)
@@ -1443,11 +1452,17 @@ def run_random_workload(seed: int, prefix_caching: bool,
                 if seq.status is SequenceStatus.WAITING:
                     assert prefix_caching
                     assert waits_for_a_prefix(seq)
+        # Free slots whose cells this step copies stay as they are until the copy is made:
+        # they are neither taken nor cleared in the step.
+        copied = {src for src, _, _ in output.kv_copies if src not in running}
+        copied_cells = sum(len(scheduler.slots.cached[src]) for src in copied)
         for seq in ([] if shares else waiting_before[:WAITING_SCAN]):
             if seq.status is not SequenceStatus.WAITING:
                 continue
-            if (output.num_tokens == config.step_token_budget or not scheduler.slots.free_slots
-                    or scheduler.kv_reserved + seq.kv_reservation > config.kv_capacity):
+            if (output.num_tokens == config.step_token_budget
+                    or len(scheduler.slots.free_slots) <= len(copied)
+                    or scheduler.kv_reserved + seq.kv_reservation + copied_cells
+                    > config.kv_capacity):
                 break
             assert prefix_caching
             assert waits_for_a_prefix(seq)
@@ -1570,6 +1585,7 @@ def test_random_workloads_copy_and_wait_only_with_prefix_caching() -> None:
     assert sum(s["copies"] for s in with_caching) > 0
     assert sum(s["deferrals"] for s in with_caching) > 0
     assert sum(s["reuses"] for s in with_caching) > 0
+    assert sum(s["kept"] for s in with_caching) > 0
     assert sum(s["copies"] + s["deferrals"] for s in without) == 0
 
 

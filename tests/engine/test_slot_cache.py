@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from modelyard.engine.slot_cache import SlotCache, Tokens, common_prefix
+from modelyard.engine.slot_cache import KEEP_CACHED_MIN, SlotCache, Tokens, common_prefix
 
 
 def arr(tokens: list[int]) -> Tokens:
@@ -148,3 +148,57 @@ def test_drop_cached_clears_free_slots_holding_cells_and_forget_clears_everythin
 ])
 def test_common_prefix(a: list[int], b: list[int], shared: int) -> None:
     assert common_prefix(arr(a), arr(b)) == shared
+
+
+# -- a conversation cached in a slot outlives a prompt that shares only its start -----------
+
+
+def test_a_prompt_sharing_only_the_start_copies_it_and_leaves_the_conversation_cached() -> None:
+    cache = SlotCache(2, kv_capacity=1000)
+    template = list(range(1, 11))
+    conversation = template + list(range(100, 100 + KEEP_CACHED_MIN))
+    slot = hold(cache, conversation)
+    prompt = arr([*template, 500, 501])
+    reused, source = cache.longest_cached(prompt, None, len(prompt) - 1)
+    assert (reused, source) == (10, slot)
+    taken = cache.allocate(20, reused, slot=source)
+    assert taken != slot
+    truncations, copies = cache.take_pending()
+    assert copies == [(slot, taken, 10)] and (slot, 10) not in truncations
+    assert cache.cached[slot].tolist() == conversation
+    # The conversation's next turn still finds all of its cells.
+    follow_up = arr([*conversation, 7, 8])
+    assert cache.longest_cached(follow_up, None, len(follow_up) - 1) == (len(conversation), slot)
+
+
+def test_a_slot_is_taken_when_it_loses_little_or_no_other_slot_loses_less() -> None:
+    template = list(range(1, 11))
+    # Little past the shared start: the slot is taken, its cells truncated to the start.
+    cache = SlotCache(2, kv_capacity=1000)
+    slot = hold(cache, template + list(range(100, 100 + KEEP_CACHED_MIN - 1)))
+    assert cache.allocate(20, 10, slot=slot) == slot
+    assert cache.take_pending() == ([(slot, 10)], [])
+    # Every other free slot holds more than would be lost: the slot is taken too.
+    cache = SlotCache(2, kv_capacity=1000)
+    slot = hold(cache, template + list(range(100, 140)))
+    other = hold(cache, list(range(200, 300)))
+    assert cache.free_slots == [slot, other]
+    assert cache.allocate(20, 10, slot=slot) == slot
+
+
+def test_a_copied_free_slot_is_neither_taken_nor_cleared_before_the_copy() -> None:
+    template = list(range(1, 11))
+    cache = SlotCache(3, kv_capacity=200)
+    slot = hold(cache, template + list(range(100, 140)))   # 50 cells
+    taken = cache.allocate(60, 10, slot=slot)
+    assert taken != slot
+    # The next admission of the step may not take the copied slot, and counts its cells as
+    # kept: 60 reserved + 50 kept leave room for 90, not 140.
+    assert not cache.can_allocate(91) and cache.can_allocate(90)
+    third = cache.allocate(90, 0)
+    assert third not in (slot, taken)
+    truncations, copies = cache.take_pending()
+    assert copies == [(slot, taken, 10)]
+    assert all(truncated != slot for truncated, _ in truncations)
+    # Once the copies are made, the slot is free to take and clear again.
+    assert cache.can_allocate(1) and cache.search_order() == [slot]

@@ -175,7 +175,8 @@ class Scheduler:
         self.slots = SlotCache(config.max_sequences, config.kv_capacity,
                                prefix_caching=config.prefix_caching,
                                max_cached_cells=config.max_cached_cells,
-                               low_slots_first=config.low_slots_first)
+                               low_slots_first=config.low_slots_first,
+                               min_copy_tokens=config.min_copy_tokens)
         """Which slot holds which KV cells; the scheduler asks it for room and slots."""
         self._pause_credit = PAUSE_BURST
         """Steps that may still pause the accounts above their share (`_pause_heavy`)."""

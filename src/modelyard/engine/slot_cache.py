@@ -23,11 +23,18 @@ import numpy.typing as npt
 
 Tokens = npt.NDArray[np.int32]
 
+KEEP_CACHED_MIN = 32
+"""Cached cells a free slot would lose past a new prompt's shared prefix that are worth
+keeping: the prompt goes to another free slot with a copy of the prefix instead."""
+
 
 class SlotCache:
     def __init__(self, num_slots: int, kv_capacity: int, *, prefix_caching: bool = True,
-                 max_cached_cells: int | None = None, low_slots_first: bool = False) -> None:
+                 max_cached_cells: int | None = None, low_slots_first: bool = False,
+                 min_copy_tokens: int = 0) -> None:
         self.kv_capacity = kv_capacity
+        self.min_copy_tokens = min_copy_tokens
+        """Shortest prefix worth copying into another slot instead of taking its slot."""
         self.prefix_caching = prefix_caching
         self.max_cached_cells = max_cached_cells
         """Most KV cells free slots may keep (None: no bound)."""
@@ -44,6 +51,9 @@ class SlotCache:
         aborted while a step ran, since that step's chunk wrote cells nobody recorded."""
         self._truncations: list[tuple[int, int]] = []
         self._copies: list[tuple[int, int, int]] = []
+        self._pinned: set[int] = set()
+        """Free slots a pending copy reads: nobody takes or clears them before it is made
+        (the runner applies the truncations before the copies)."""
         self.kv_reserved = 0
         """KV cells reserved by the sequences holding a slot (prompt + max_tokens each)."""
 
@@ -51,15 +61,18 @@ class SlotCache:
 
     def can_allocate(self, reservation: int) -> bool:
         """Whether a slot is free and the cache can hold `reservation` more cells."""
-        return bool(self.free_slots) and self.kv_reserved + reservation <= self.kv_capacity
+        pinned_cells = sum(self._cells.get(slot, 0) for slot in self._pinned)
+        return (len(self.free_slots) > len(self._pinned)
+                and self.kv_reserved + reservation + pinned_cells <= self.kv_capacity)
 
     def has_pending(self) -> bool:
         """Whether truncations or copies wait for the next step."""
         return bool(self._truncations or self._copies)
 
     def search_order(self) -> list[int]:
-        """Free slots in the order they are preferred on ties."""
-        return sorted(self.free_slots) if self.low_slots_first else self.free_slots
+        """Free slots that may be taken now, in the order they are preferred on ties."""
+        order = sorted(self.free_slots) if self.low_slots_first else self.free_slots
+        return [slot for slot in order if slot not in self._pinned]
 
     def longest_cached(self, prompt: Tokens, scope: str | None, cap: int) -> tuple[int, int]:
         """(tokens, slot): the free slot of `scope` whose cells share the longest prefix
@@ -87,7 +100,9 @@ class SlotCache:
         or in the running slot `copy_from` (copied). Without `slot`, the preferred free
         slot. Returns the slot."""
         if slot is None:
-            slot = min(self.free_slots) if self.low_slots_first else self.free_slots[0]
+            slot = self.search_order()[0]
+        elif copy_from is None and reused > 0:
+            slot, copy_from = self._spare_for(slot, reused, reservation)
         self.free_slots.remove(slot)
         self.cached.pop(slot, None)
         self._scope.pop(slot, None)
@@ -95,12 +110,40 @@ class SlotCache:
             if self._cells.get(slot, 0) > 0:
                 self._truncations.append((slot, 0))
             self._copies.append((copy_from, slot, reused))
+            if copy_from in self.free_slots:
+                self._pinned.add(copy_from)
         elif self._cells.get(slot, 0) > reused:
             self._truncations.append((slot, reused))
         self._cells[slot] = reused
         self._make_room(reservation)
         self.kv_reserved += reservation
         return slot
+
+    def _spare_for(self, slot: int, reused: int, reservation: int) -> tuple[int, int | None]:
+        """Where a sequence reusing the first `reused` cells of free `slot` should go:
+        (slot, None) to take it, or (another free slot, slot) to copy the prefix there.
+
+        Taking the slot drops the rest of its cells: a conversation cached there loses
+        everything past the prefix the new prompt shares with it (often just the chat
+        template's first tokens). When that is at least `KEEP_CACHED_MIN` cells and another
+        free slot holds nothing, or holds fewer cells than would be lost and was freed
+        longest ago, that slot is taken instead and gets a copy of the prefix (in the one
+        unified KV stream a copy shares the cells, it does not duplicate them). Only when
+        the cache has room for the new reservation with the copied slots' cells kept, since
+        those cannot be cleared before the copies are made."""
+        lost = self._cells.get(slot, 0) - reused
+        if lost < KEEP_CACHED_MIN or reused < self.min_copy_tokens:
+            return slot, None
+        kept = sum(self._cells.get(pinned, 0) for pinned in self._pinned | {slot})
+        if self.kv_reserved + reservation + kept > self.kv_capacity:
+            return slot, None
+        others = [other for other in self.search_order() if other != slot]
+        empty = [other for other in others if not self._cells.get(other, 0)]
+        if empty:
+            return empty[0], slot
+        if others and self._cells.get(others[0], 0) < lost:
+            return others[0], slot
+        return slot, None
 
     def written(self, slot: int, cells: int) -> None:
         """A scheduled chunk makes the slot hold `cells` cells from position 0."""
@@ -132,6 +175,7 @@ class SlotCache:
         next batch, truncations first; the pending lists are emptied."""
         truncations, self._truncations = self._truncations, []
         copies, self._copies = self._copies, []
+        self._pinned.clear()
         return truncations, copies
 
     def forget(self, running_slots: Iterable[int]) -> None:
@@ -169,10 +213,12 @@ class SlotCache:
 
     def _evict(self, excess: int) -> None:
         """Clear free slots' cells, the slot freed longest ago first, until `excess`
-        cells are gone (or none is left)."""
+        cells are gone (or none is left); never a slot a pending copy reads."""
         for slot in self.free_slots:
             if excess <= 0:
                 break
+            if slot in self._pinned:
+                continue
             cells = self._cells.get(slot, 0)
             if cells:
                 self._clear(slot)
