@@ -32,8 +32,9 @@ short. What is left of a light account's wait is the step in flight when it come
 
 Prefix caching: a slot keeps the KV cells of the sequence that last held it. A new
 sequence starts reading its prompt after the longest prefix it shares with either a free
-slot's cells (it then takes that slot) or a running sequence's computed prompt (its slot
-then gets a copy of those cells); a repeated
+slot's cells (it then takes that slot, unless that would drop many cells past the shared
+prefix: then another free slot gets a copy of it, see `SlotCache.allocate`) or a running
+sequence's computed prompt (its slot then gets a copy of those cells); a repeated
 system prompt is read once. A sequence whose prompt shares at least `SHARE_MIN_TOKENS`
 more with a prompt still being read waits for that reading to finish instead of doing it
 twice; this is also how the `n` choices of one request read their prompt once. With no
@@ -49,19 +50,20 @@ prompt (see `SchedulerConfig.last_prompt_token_alone`).
 
 The scheduler decides who runs and what each step reads; which slot holds which KV cells,
 the reservations and the truncations and copies to apply live in `SlotCache`
-(slot_cache.py), which it asks.
+(slot_cache.py), which it asks. Its configuration and the step it hands the engine are in
+plan.py.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 from modelyard.engine.fair_share import SLOT_STEP_COST, FairQueue, Flow
+from modelyard.engine.plan import ScheduledChunk, SchedulerConfig, SchedulerOutput
 from modelyard.engine.sequence import FinishReason, Sequence, SequenceStatus
 from modelyard.engine.slot_cache import SlotCache, common_prefix
-from modelyard.engine.speculation import PromptLookup, SpeculationConfig, plan_drafts
+from modelyard.engine.speculation import PromptLookup, plan_drafts
 from modelyard.errors import ModelyardError
 
 SHARE_MIN_TOKENS = 32
@@ -72,96 +74,12 @@ WAITING_SCAN = 64
 """Waiting sequences of an account looked at per step when earlier ones wait for a shared
 prefix."""
 
+__all__ = ["PAUSE_BURST", "SHARE_MIN_TOKENS", "WAITING_SCAN", "QueueFullError",
+           "ScheduledChunk", "Scheduler", "SchedulerConfig", "SchedulerOutput"]
+
 
 class QueueFullError(ModelyardError, RuntimeError):
     """The waiting queue is at its bound; the caller should retry later."""
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_sequences: int
-    step_token_budget: int
-    kv_capacity: int
-    """KV cells in the shared cache, across all sequences."""
-    context_per_sequence: int
-    max_waiting: int
-    prefix_caching: bool = True
-    min_copy_tokens: int = 0
-    """Shortest prefix worth copying from a running sequence's slot: a copy between slots
-    moves the whole KV stream, so a short prefix is cheaper to read again."""
-    max_cached_cells: int | None = None
-    """Most KV cells free slots may keep for prefix caching (None: no bound). In a unified
-    cache every token attends over the used range, so kept cells cost every step."""
-    low_slots_first: bool = False
-    """Prefer the lowest free slot (on ties and when nothing matches) over the one freed
-    longest ago: with one KV stream per slot, llama.cpp's cost grows with the highest slot
-    index in a batch, so keeping running sequences in low slots keeps steps cheap."""
-    last_prompt_token_alone: bool = True
-    """Read a prompt's last token in a step of its own, after the rest of the prompt. The
-    logits of the first sample then come from that one token whether the prefix before it
-    was read or found in the prefix cache, so a seed gives the same text either way:
-    llama.cpp's attention for a token inside a chunk of many takes another path (tiled)
-    than for a token alone, which moved first-token log-probabilities by hundredths."""
-    fair_share: bool = True
-    """Share slots and prefill between accounts (`Sequence.share`) by weighted fair
-    queuing; off, every sequence waits in one queue, first come, first served."""
-    reserved_slots: int = 0
-    """With fair share: free slots an account holding one or more and at least its share
-    of the slots may not take while another account has had work lately
-    (RESERVE_MEMORY_STEPS), so a light account's request starts at once instead of
-    waiting for a slot to free (a light account's second request too: it may take them).
-    Not work-conserving: a reserved slot may stay empty; an account alone for long gets
-    every slot again."""
-    speculation: SpeculationConfig | None = None
-    """Draft tokens by prompt lookup for the sequences that have a drafter (speculation.py);
-    None: every decode chunk is one token."""
-    heavy_prefill_per_step: int = 0
-    """With fair share, while another account has had work lately (RESERVE_MEMORY_STEPS):
-    the most prompt tokens a step reads for the accounts at or above their share of
-    slots, so the step in flight when a light account's request comes is short (a step
-    of `step_token_budget` prompt tokens takes seconds on a CPU). 0: no cap."""
-    pause_heavy_every: int = 0
-    """With fair share: a step that reads the prompt of an account holding fewer than its
-    share of slots may leave out the decoding of the accounts holding more than theirs
-    (paused for that step, no KV dropped), so it costs about as much as that prompt
-    alone; at most one step in this many on average, in bursts of at most PAUSE_BURST
-    (a short prompt and its last token). 0: never."""
-
-
-@dataclass(frozen=True)
-class ScheduledChunk:
-    seq: Sequence
-    start: int
-    """Position of the first token of `tokens` in the sequence."""
-    tokens: list[int]
-    sample: bool
-    """Whether this chunk reaches the end of the sequence, so its last logits are sampled."""
-    num_draft: int = 0
-    """Draft tokens at the end of `tokens` (speculation.py): the logits of the sequence's
-    last token and of every draft are sampled, and the drafts kept up to the first one
-    that differs from the token sampled before it."""
-
-    @property
-    def draft(self) -> list[int]:
-        return self.tokens[len(self.tokens) - self.num_draft:]
-
-
-@dataclass
-class SchedulerOutput:
-    chunks: list[ScheduledChunk] = field(default_factory=list)
-    kv_truncations: list[tuple[int, int]] = field(default_factory=list)
-    """(slot, keep): drop the slot's KV cells from position `keep` on, before the batch runs."""
-    kv_copies: list[tuple[int, int, int]] = field(default_factory=list)
-    """(source slot, slot, n): give the slot the source's cells for positions [0, n), after
-    the truncations and before the batch runs."""
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(chunk.tokens) for chunk in self.chunks)
-
-    @property
-    def num_sequences(self) -> int:
-        return len(self.chunks)
 
 
 class Scheduler:
