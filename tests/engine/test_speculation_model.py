@@ -65,8 +65,10 @@ def _prompt(runner: LlamaRunner, user: str) -> list[int]:
 def _generate(runner: LlamaRunner, speculation: SpeculationConfig | None,
               requests: list[tuple[list[int], SamplingParams]]
               ) -> tuple[list[list[EngineOutput]], float]:
-    """Run `requests` one after another on a fresh engine over `runner` (an empty KV cache
-    each time); their outputs and the share of draft tokens kept."""
+    """Run `requests` one after another on a fresh engine over `runner`, each on an empty
+    KV cache (where earlier requests' cells lie in the cache moves the attention's sums in
+    the last digits, which is not what is compared here); their outputs and the share of
+    draft tokens kept."""
     runner.clear_all()
     engine = Engine(runner, SchedulerConfig(
         max_sequences=SLOTS, step_token_budget=256, kv_capacity=SLOTS * CONTEXT,
@@ -74,6 +76,7 @@ def _generate(runner: LlamaRunner, speculation: SpeculationConfig | None,
     engine.start()
 
     async def one(prompt: list[int], params: SamplingParams) -> list[EngineOutput]:
+        engine.clear_prefix_cache()   # applied before the submit: the inbox keeps order
         queue = engine.submit(f"spec-{next(_unique)}", prompt, params)
         outputs = []
         while True:
