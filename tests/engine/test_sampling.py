@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from modelyard.engine.sampling import Sample, Sampler, choice_rngs, greedy_tokens
+from modelyard.engine.sampling import Sample, Sampler, choice_rngs
 from modelyard.engine.sequence import SamplingParams
 from tests.engine.sampling_reference import (
     F64,
@@ -43,36 +43,6 @@ def test_greedy_is_argmax(logits: npt.NDArray[np.float32], temperature: float, s
     sampler = Sampler(SamplingParams(temperature=temperature, top_p=0.5, seed=seed))
     assert sampler.greedy
     assert sampler.sample(logits) == Sample(int(np.argmax(logits)))
-
-
-@SETTINGS
-@given(hnp.arrays(np.float32, st.tuples(st.integers(1, 8), st.integers(2, 60)),
-                  elements=st.floats(-3, 3, width=32).map(lambda x: np.float32(round(x)))))
-def test_greedy_tokens_is_every_plain_greedy_row_sampled_alone(
-        logits: npt.NDArray[np.float32]) -> None:
-    # Rounded values: rows with equal maxima, where both must take the lowest id.
-    samplers = [Sampler(SamplingParams(temperature=0.0)) for _ in range(logits.shape[0])]
-    assert all(s.plain_greedy for s in samplers)
-    assert greedy_tokens(logits).tolist() == [s.sample(row).token
-                                              for s, row in zip(samplers, logits, strict=True)]
-
-
-@pytest.mark.parametrize("params", [
-    SamplingParams(temperature=0.7), SamplingParams(temperature=0.0, logit_bias={3: 5.0}),
-    SamplingParams(temperature=0.0, logprobs=True),
-    SamplingParams(temperature=0.0, repetition_penalty=1.1),
-    SamplingParams(temperature=0.0, frequency_penalty=0.5),
-    SamplingParams(temperature=0.0, presence_penalty=0.5)])
-def test_a_sampler_that_changes_or_reports_the_logits_is_not_plain_greedy(
-        params: SamplingParams) -> None:
-    assert not Sampler(params).plain_greedy
-
-
-def test_take_records_the_token_as_sample_does() -> None:
-    params = SamplingParams(temperature=0.0)
-    taken, sampled = Sampler(params), Sampler(params)
-    logits = np.array([0.0, 2.0, 1.0], dtype=np.float32)
-    assert taken.take(int(greedy_tokens(logits[None, :])[0])) == sampled.sample(logits)
 
 
 def test_non_greedy_at_small_but_real_temperature() -> None:

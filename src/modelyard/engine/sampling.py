@@ -133,14 +133,6 @@ def top_logprobs(logprobs: npt.NDArray[np.float64], k: int) -> tuple[tuple[int, 
     return tuple((int(i), float(logprobs[i])) for i in ids if np.isfinite(logprobs[i]))
 
 
-def greedy_tokens(logits: npt.NDArray[np.float32]) -> Ids:
-    """The argmax of every row of a `[B, vocab]` array in one vectorised pass: for a row
-    whose sampler is `plain_greedy`, the token `Sampler.sample` would pick (the lowest id
-    among equal maxima, as `np.argmax` on the row alone), without B Python calls."""
-    result: Ids = np.argmax(logits, axis=1)
-    return result
-
-
 # -- seeds ----------------------------------------------------------------------------------------
 
 
@@ -174,22 +166,6 @@ class Sampler:
         self._seen = set(prompt_ids or ()) if params.repetition_penalty != 1.0 else set()
         self._seen_ids: Ids | None = None
         self._count_arrays: tuple[Ids, npt.NDArray[np.float32]] | None = None
-
-    @property
-    def plain_greedy(self) -> bool:
-        """Greedy with nothing that changes or reports the logits (no bias, penalty or
-        logprobs): its token is the row's argmax, which `greedy_tokens` picks for a whole
-        batch at once (with `take` recording it)."""
-        p = self.params
-        return bool(self.greedy and not len(self._bias_ids) and not p.logprobs
-                    and p.repetition_penalty == 1.0 and not p.frequency_penalty
-                    and not p.presence_penalty)
-
-    def take(self, token: int) -> Sample:
-        """The sample for a token picked outside `sample` (by `greedy_tokens` for a
-        `plain_greedy` sampler); records it as `sample` does."""
-        self.accept(token)
-        return Sample(token)
 
     @property
     def _modifies_logits(self) -> bool:
