@@ -17,6 +17,8 @@ from tests.e2e.server import running_server
 
 TEMPLATE = Path(__file__).parent / "fixtures" / "think_template.jinja"
 QUESTION = [{"role": "user", "content": "Why is the sky blue? Think it through."}]
+LONG_QUESTION = ("Why is the sky blue, and why are sunsets red? Think it through step by "
+                 "step, in detail, before you answer.")
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +87,11 @@ def test_streamed_reasoning_arrives_as_reasoning_content(thinking_client: openai
 
 
 def test_responses_answer_with_a_reasoning_item(thinking_client: openai.OpenAI) -> None:
+    # A question whose reasoning runs past the budget, so the engine closes the block and an
+    # answer must follow; with a shorter one the model may end inside its block (greedy text
+    # near a tie moves with where the prefix cache's cells lie).
     response = thinking_client.responses.create(
-        model=MODEL, input=QUESTION[0]["content"], temperature=0, max_output_tokens=200,
+        model=MODEL, input=LONG_QUESTION, temperature=0, max_output_tokens=200,
         reasoning={"effort": "low"}, extra_body={"thinking_budget": 128}, store=False)
     reasoning, message = response.output[:2]
     assert reasoning.type == "reasoning" and reasoning.content and reasoning.content[0].text
