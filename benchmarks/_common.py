@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import platform
+import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
@@ -169,3 +170,13 @@ async def open_loop(pool: Pool, payload: bytes, rate: float,
     wall = time.perf_counter() - started
     latencies = [o for o in outcomes if o is not None]
     return latencies, count - len(latencies), count / wall
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a server the benchmark started: terminate, then kill after 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import numpy as np
 import numpy.typing as npt
-from _common import RESULT_TABLE_HEAD, machine, resolve_default_model, save_results
+from _common import RESULT_TABLE_HEAD, machine, resolve_default_model, save_results, stop_process
 from _common import result_row as row
 from bench_serving import PROMPTS, free_port, wait_healthy
 
@@ -112,12 +112,7 @@ def modelyard_server(args: argparse.Namespace, prefix_caching: bool) -> Iterator
     try:
         yield Server(base, wait_healthy(proc, base, log_path), key)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

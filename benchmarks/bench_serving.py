@@ -27,7 +27,7 @@ from typing import Any, cast
 import httpx
 import llama_cpp
 import numpy as np
-from _common import machine, resolve_default_model, save_results
+from _common import machine, resolve_default_model, save_results, stop_process
 
 PROMPTS = [f"Write a short story about {topic}." for topic in (
     "a lighthouse keeper", "a lost robot", "a dragon who bakes bread", "a time-travelling cat",
@@ -123,12 +123,7 @@ def modelyard_server(args: argparse.Namespace, model_path: Path
             raise RuntimeError("modelyard serve printed no admin key")
         yield base, model, key.group(1)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
 
 

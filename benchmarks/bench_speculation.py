@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _common import cpu_name, resolve_default_model, save_results
+from _common import cpu_name, resolve_default_model, save_results, stop_process
 from bench_serving import free_port, stream_one, wait_healthy
 
 FUNCTIONS = 15
@@ -90,12 +90,7 @@ def server_process(command: list[str], env: dict[str, str], workdir: Path, name:
     try:
         yield proc, log_path
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
 
 
