@@ -1,14 +1,13 @@
 """The engine loop with a scripted stand-in for the llama.cpp runner (no model needed).
 
-The stand-in replaces only the runner, the one module that calls llama.cpp; the scheduler,
-sampler, detokenizer and stop strings are the real ones.
+The stand-in (tests/engine/fakes.py) replaces only the runner, the one module that calls
+llama.cpp; the scheduler, sampler, detokenizer and stop strings are the real ones.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Sequence as Seq
 
 import numpy as np
@@ -19,57 +18,10 @@ from modelyard.engine.engine import Engine, EngineOutput
 from modelyard.engine.runner import BatchItem, RunnerError
 from modelyard.engine.scheduler import SchedulerConfig
 from modelyard.engine.sequence import FinishReason, SamplingParams
-
-VOCAB = 32
-EOG = 0
-LETTERS = {i: chr(ord("a") + i - 1).encode() for i in range(1, 27)}
-
-
-class ScriptedRunner:
-    """Greedy logits that spell `script` for every sequence; can be told to fail once."""
-
-    eog_ids = frozenset({EOG})
-
-    def __init__(self, script: str) -> None:
-        self.script = [ord(ch) - ord("a") + 1 for ch in script] + [EOG]
-        self.fail_next = False
-        self.decoded_batches: list[list[BatchItem]] = []
-        self.cleared = 0
-        self.truncations: list[tuple[int, int]] = []
-        self.copies: list[tuple[int, int, int]] = []
-        self.slow = 0.0
-        """Seconds each decode takes."""
-
-    def token_bytes(self, token: int) -> bytes:
-        return LETTERS.get(token, b"")
-
-    def decode(self, items: list[BatchItem]) -> npt.NDArray[np.float32]:
-        if self.fail_next:
-            self.fail_next = False
-            raise RunnerError("scripted failure")
-        self.decoded_batches.append(items)
-        if self.slow:
-            time.sleep(self.slow)
-        rows = []
-        for item in items:
-            if item.want_logits:
-                produced = item.start + len(item.tokens) - PROMPT_LEN
-                row = np.zeros(VOCAB, dtype=np.float32)
-                row[self.script[min(produced, len(self.script) - 1)]] = 10.0
-                rows.append(row)
-        return np.array(rows, dtype=np.float32).reshape(len(rows), VOCAB)
-
-    def truncate_slot(self, slot: int, keep: int) -> None:
-        self.truncations.append((slot, keep))
-
-    def copy_prefix(self, source: int, slot: int, n: int) -> None:
-        self.copies.append((source, slot, n))
-
-    def clear_all(self) -> None:
-        self.cleared += 1
-
+from tests.engine.fakes import ScriptedRunner
 
 PROMPT_LEN = 3
+"""The length of every prompt the tests send, after which the runner spells its script."""
 
 
 def _engine(runner: ScriptedRunner, max_sequences: int = 4) -> Engine:
@@ -106,7 +58,7 @@ def _text(outputs: list[EngineOutput]) -> str:
 
 
 def test_sequences_are_decoded_together_and_end_on_eog() -> None:
-    runner = ScriptedRunner("hello")
+    runner = ScriptedRunner("hello", PROMPT_LEN)
     results = _run(_engine(runner), [[30, 31, i] for i in range(3)],
                    SamplingParams(temperature=0, max_tokens=20))
     for outputs in results:
@@ -117,21 +69,21 @@ def test_sequences_are_decoded_together_and_end_on_eog() -> None:
 
 
 def test_stop_string_across_tokens_is_cut_and_never_sent() -> None:
-    results = _run(_engine(ScriptedRunner("abcdefgh")), [[30, 31, 29]],
+    results = _run(_engine(ScriptedRunner("abcdefgh", PROMPT_LEN)), [[30, 31, 29]],
                    SamplingParams(temperature=0, max_tokens=20, stop=("def",)))
     assert _text(results[0]) == "abc"
     assert results[0][-1].finish_reason is FinishReason.STOP
 
 
 def test_max_tokens_gives_length() -> None:
-    results = _run(_engine(ScriptedRunner("abcdefgh")), [[30, 31, 29]],
+    results = _run(_engine(ScriptedRunner("abcdefgh", PROMPT_LEN)), [[30, 31, 29]],
                    SamplingParams(temperature=0, max_tokens=4))
     assert _text(results[0]) == "abcd"
     assert results[0][-1].finish_reason is FinishReason.LENGTH
 
 
 def test_a_failed_step_fails_its_requests_and_the_engine_goes_on() -> None:
-    runner = ScriptedRunner("abc")
+    runner = ScriptedRunner("abc", PROMPT_LEN)
     runner.fail_next = True
     engine = _engine(runner)
 
@@ -155,7 +107,8 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on() -> None:
 def test_full_queue_is_refused_at_submit() -> None:
     from modelyard.engine.scheduler import QueueFullError
 
-    engine = _engine(ScriptedRunner("a"), max_sequences=1)  # not started: nothing is admitted
+    # not started: nothing is admitted
+    engine = _engine(ScriptedRunner("a", PROMPT_LEN), max_sequences=1)
 
     async def main() -> None:
         for i in range(8):
@@ -173,7 +126,7 @@ class BlockingRunner(ScriptedRunner):
     """Each decode waits until the test releases it, so the test acts while a step runs."""
 
     def __init__(self, script: str) -> None:
-        super().__init__(script)
+        super().__init__(script, PROMPT_LEN)
         self.in_decode = threading.Event()
         self.release = threading.Event()
 
@@ -307,7 +260,7 @@ def test_aborted_waiting_requests_free_their_place_in_the_queue() -> None:
 
 
 def test_stop_ends_every_request_after_the_grace_period() -> None:
-    runner = ScriptedRunner("a" * 60)
+    runner = ScriptedRunner("a" * 60, PROMPT_LEN)
     engine = _engine(runner, max_sequences=1)
     params = SamplingParams(temperature=0, max_tokens=60)
     loop = asyncio.new_event_loop()
@@ -336,7 +289,7 @@ def test_stop_ends_every_request_after_the_grace_period() -> None:
 
 
 def test_stop_lets_work_that_ends_within_the_grace_period_finish() -> None:
-    runner = ScriptedRunner("abc")
+    runner = ScriptedRunner("abc", PROMPT_LEN)
     engine = _engine(runner)
 
     async def main() -> list[EngineOutput]:
@@ -356,7 +309,7 @@ def test_stop_lets_work_that_ends_within_the_grace_period_finish() -> None:
 def test_after_stop_submit_is_refused_and_a_never_started_engine_fails_its_queue() -> None:
     from modelyard.engine.scheduler import QueueFullError
 
-    engine = _engine(ScriptedRunner("a"))
+    engine = _engine(ScriptedRunner("a", PROMPT_LEN))
 
     async def main() -> list[EngineOutput]:
         queue = engine.submit("r", [30, 31, 29], SamplingParams(max_tokens=2))
@@ -375,7 +328,8 @@ def test_after_stop_submit_is_refused_and_a_never_started_engine_fails_its_queue
 @pytest.mark.parametrize("seed", [-1, -(2**63), 2**64 - 1, 0, 2**63])
 @pytest.mark.parametrize("n", [1, 3])
 def test_every_64_bit_seed_is_accepted(seed: int, n: int) -> None:
-    results = _run_n(_engine(ScriptedRunner("abc")), SamplingParams(max_tokens=4, seed=seed), n)
+    results = _run_n(_engine(ScriptedRunner("abc", PROMPT_LEN)),
+                     SamplingParams(max_tokens=4, seed=seed), n)
     assert len(results) == n
     assert all(outputs[-1].finish_reason is not None for outputs in results)
 

@@ -1,22 +1,19 @@
 """Speculative decoding by prompt lookup without a model: the drafter, the plan of draft
 tokens per step, the scheduler's chunks and bookkeeping with drafts (hand-made outputs), and
-the engine's verification with a scripted runner that gives logits for every position."""
+the engine's verification with the scripted runner of tests/engine/fakes.py, which gives
+logits for every position asked for."""
 
 from __future__ import annotations
 
 import asyncio
 
-import numpy as np
-import numpy.typing as npt
-
 from modelyard.engine.engine import Engine, EngineOutput
-from modelyard.engine.runner import BatchItem
 from modelyard.engine.scheduler import Scheduler, SchedulerConfig
 from modelyard.engine.sequence import FinishReason, SamplingParams, Sequence
 from modelyard.engine.speculation import PromptLookup, SpeculationConfig, plan_drafts
+from tests.engine.fakes import EOG, ScriptedRunner, spell
 
 SPEC = SpeculationConfig(max_draft=4, token_cost=0.1, first_rate=0.9, next_rate=0.9)
-EOG = 0
 
 # -- the drafter --------------------------------------------------------------------------
 
@@ -188,53 +185,7 @@ def test_a_sequence_without_a_drafter_gets_no_drafts() -> None:
 
 # -- the engine, with a runner that spells a script ----------------------------------------
 
-VOCAB = 32
-LETTERS = {i: chr(ord("a") + i - 1).encode() for i in range(1, 27)}
-
-
-class SpellingRunner:
-    """Logits that spell `script` after the prompt, one row per position asked for."""
-
-    eog_ids = frozenset({EOG})
-
-    def __init__(self, script: str, prompt_len: int) -> None:
-        self.script = [ord(ch) - ord("a") + 1 for ch in script] + [EOG]
-        self.prompt_len = prompt_len
-        self.batches: list[list[BatchItem]] = []
-        self.truncations: list[tuple[int, int]] = []
-
-    def token_bytes(self, token: int) -> bytes:
-        return LETTERS.get(token, b"")
-
-    def decode(self, items: list[BatchItem]) -> npt.NDArray[np.float32]:
-        self.batches.append(items)
-        rows = []
-        for item in items:
-            if not item.want_logits:
-                continue
-            end = item.start + len(item.tokens)
-            for position in range(end - item.num_logits, end):
-                produced = position + 1 - self.prompt_len
-                row = np.zeros(VOCAB, dtype=np.float32)
-                row[self.script[min(produced, len(self.script) - 1)]] = 10.0
-                rows.append(row)
-        return np.array(rows, dtype=np.float32).reshape(len(rows), VOCAB)
-
-    def truncate_slot(self, slot: int, keep: int) -> None:
-        self.truncations.append((slot, keep))
-
-    def copy_prefix(self, source: int, slot: int, n: int) -> None:
-        pass
-
-    def clear_all(self) -> None:
-        pass
-
-
-def _tokens(text: str) -> list[int]:
-    return [ord(ch) - ord("a") + 1 for ch in text]
-
-
-def _generate(runner: SpellingRunner, prompt: list[int], params: SamplingParams,
+def _generate(runner: ScriptedRunner, prompt: list[int], params: SamplingParams,
               speculation: SpeculationConfig | None) -> list[EngineOutput]:
     engine = Engine(runner, SchedulerConfig(  # type: ignore[arg-type]
         max_sequences=2, step_token_budget=64, kv_capacity=512, context_per_sequence=256,
@@ -260,10 +211,10 @@ QUOTE = "thequickbrownfoxjumpsoverthelazydog"
 
 
 def test_a_repeated_text_is_written_in_fewer_steps_and_is_the_same_text() -> None:
-    prompt = _tokens(QUOTE + "x" + "the")
+    prompt = spell(QUOTE + "x" + "the")
     params = SamplingParams(temperature=0.0, max_tokens=64, logprobs=True)
-    plain = SpellingRunner(QUOTE[3:], len(prompt))
-    fast = SpellingRunner(QUOTE[3:], len(prompt))
+    plain = ScriptedRunner(QUOTE[3:], len(prompt))
+    fast = ScriptedRunner(QUOTE[3:], len(prompt))
     without = _generate(plain, prompt, params, None)
     with_drafts = _generate(fast, prompt, params, SPEC)
     assert "".join(o.text for o in with_drafts) == "".join(o.text for o in without) \
@@ -271,24 +222,24 @@ def test_a_repeated_text_is_written_in_fewer_steps_and_is_the_same_text() -> Non
     assert [lp for o in with_drafts for lp in o.logprobs] == \
         [lp for o in without for lp in o.logprobs]
     assert with_drafts[-1].num_output_tokens == without[-1].num_output_tokens
-    assert len(fast.batches) < len(plain.batches) / 2
-    assert any(item.num_logits > 1 for batch in fast.batches for item in batch)
+    assert len(fast.decoded_batches) < len(plain.decoded_batches) / 2
+    assert any(item.num_logits > 1 for batch in fast.decoded_batches for item in batch)
 
 
 def test_a_stop_string_inside_the_kept_drafts_ends_the_text_there() -> None:
-    prompt = _tokens(QUOTE + "x" + "the")
+    prompt = spell(QUOTE + "x" + "the")
     params = SamplingParams(temperature=0.0, max_tokens=64, stop=("fox",))
-    plain = _generate(SpellingRunner(QUOTE[3:], len(prompt)), prompt, params, None)
-    fast = _generate(SpellingRunner(QUOTE[3:], len(prompt)), prompt, params, SPEC)
+    plain = _generate(ScriptedRunner(QUOTE[3:], len(prompt)), prompt, params, None)
+    fast = _generate(ScriptedRunner(QUOTE[3:], len(prompt)), prompt, params, SPEC)
     assert "".join(o.text for o in fast) == "".join(o.text for o in plain) == "quickbrown"
     assert fast[-1].finish_reason is FinishReason.STOP
     assert fast[-1].num_output_tokens == plain[-1].num_output_tokens
 
 
 def test_max_tokens_is_exact_with_drafts() -> None:
-    prompt = _tokens(QUOTE + "x" + "the")
+    prompt = spell(QUOTE + "x" + "the")
     params = SamplingParams(temperature=0.0, max_tokens=7)
-    fast = _generate(SpellingRunner(QUOTE[3:], len(prompt)), prompt, params, SPEC)
+    fast = _generate(ScriptedRunner(QUOTE[3:], len(prompt)), prompt, params, SPEC)
     assert "".join(o.text for o in fast) == QUOTE[3:10]
     assert fast[-1].finish_reason is FinishReason.LENGTH
     assert fast[-1].num_output_tokens == 7
@@ -296,10 +247,10 @@ def test_max_tokens_is_exact_with_drafts() -> None:
 
 def test_a_wrong_draft_costs_nothing_but_its_rows() -> None:
     # the text diverges from the prompt's copy after "quick": the drafts after it fail
-    prompt = _tokens(QUOTE + "x" + "the")
+    prompt = spell(QUOTE + "x" + "the")
     script = "quickredfoxjumpsoverthelazycat"
     params = SamplingParams(temperature=0.0, max_tokens=64)
-    runner = SpellingRunner(script, len(prompt))
+    runner = ScriptedRunner(script, len(prompt))
     fast = _generate(runner, prompt, params, SPEC)
     assert "".join(o.text for o in fast) == script
     assert runner.truncations  # the cells of drafts not kept were dropped
