@@ -7,7 +7,9 @@ fresh `modelyard serve` with the platform on (SQLite), otherwise the default set
 
 - `idle`: B alone on an idle server;
 - `fair share`: B beside A's flood, the defaults (fair share, `reserved_slots = 1`,
-  `heavy_prefill_per_step = 64`, `pause_heavy_every = 4`);
+  `heavy_prefill_per_step = 64`, `pause_heavy_every = 4`, `interrupt_heavy_steps`);
+- `fair share, no interrupt`: the same with `interrupt_heavy_steps = false` (B's request
+  waits for the step in flight when it comes);
 - `fair share, no pause`: the same with `pause_heavy_every = 0` (the step that reads B's
   prompt still decodes A's answers);
 - `fair share, no cap` (only with `--only`): `heavy_prefill_per_step = 0` (A's prompts
@@ -48,6 +50,7 @@ from _common import machine, result_row, save_results
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
 GENERATED = "modelyard_generated_tokens_total"
+INTERRUPTED = "modelyard_interrupted_steps_total"
 ADMIN_KEY_LINE = re.compile(r"admin key: (sk-my-\S+)")
 FLOOD_TEXT = (
     "Summarize the following notes about a storage system in one paragraph. The system "
@@ -74,6 +77,7 @@ Engine = dict[str, int | bool]
 SCENARIOS: list[tuple[str, Engine, bool]] = [
     ("idle", {}, False),
     ("fair share", {}, True),
+    ("fair share, no interrupt", {"interrupt_heavy_steps": False}, True),
     ("fair share, no cap", {"heavy_prefill_per_step": 0}, True),
     ("fair share, no pause", {"pause_heavy_every": 0}, True),
     ("FIFO", {"fair_share": False}, True),
@@ -200,8 +204,9 @@ async def scenario(base: str, admin_key: str, args: argparse.Namespace,
             lights.append(asyncio.create_task(light_request(client, b_key, index)))
             await asyncio.sleep(window_start + (index + 1) * args.interval
                                 - time.perf_counter())
-        generated = gauge((await probe.get("/metrics")).text, GENERATED) - gauge(metrics,
-                                                                                GENERATED)
+        after = (await probe.get("/metrics")).text
+        generated = gauge(after, GENERATED) - gauge(metrics, GENERATED)
+        interrupted = gauge(after, INTERRUPTED) - gauge(metrics, INTERRUPTED)
         window_end = time.perf_counter()
         window = window_end - window_start
         answers = await asyncio.gather(*lights)
@@ -215,6 +220,7 @@ async def scenario(base: str, admin_key: str, args: argparse.Namespace,
     return {"ttft_p50_ms": statistics.median(ttfts) * 1000,
             "ttft_p99_ms": ttfts[min(len(ttfts) - 1, round(0.99 * (len(ttfts) - 1)))] * 1000,
             "flood_tokens_per_s": flood_tokens / window, "flood_errors": counts["errors"],
+            "interrupted_steps": interrupted,
             "samples": len(ttfts),
             "light_cached_tokens": statistics.mean(answer[3] for answer in answers),
             "ttfts_ms": [round(ttft * 1000) for ttft in ttfts],
@@ -271,12 +277,13 @@ def main() -> None:
     print(f"\nA: {args.flood} requests in flight, up to {args.flood_max_tokens} tokens each; "
           f"B: one short request every {args.interval:g} s, {args.light_requests} timed\n")
     print("| scenario | A running / waiting | B TTFT p50 | B TTFT p99 | p50 / idle "
-          "| A tokens/s |")
-    print("|---|---:|---:|---:|---:|---:|")
+          "| A tokens/s | steps interrupted |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, row in results.items():
         print(f"| {name} | {row['running_at_start']:.0f} / {row['waiting_at_start']:.0f} | "
               f"{row['ttft_p50_ms']:.0f} ms | {row['ttft_p99_ms']:.0f} ms | "
-              f"{row['ttft_p50_ms'] / idle:.1f}x | {row['flood_tokens_per_s']:.0f} |")
+              f"{row['ttft_p50_ms'] / idle:.1f}x | {row['flood_tokens_per_s']:.0f} | "
+              f"{row['interrupted_steps']:.0f} |")
     print()
     for name in [name for name in results if name.startswith("fair share")]:
         ratio = results[name]["ttft_p50_ms"] / idle

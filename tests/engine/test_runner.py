@@ -6,6 +6,8 @@ import asyncio
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import llama_cpp
@@ -15,6 +17,7 @@ import pytest
 from modelyard.engine.engine import Engine, EngineOutput
 from modelyard.engine.runner import (
     BatchItem,
+    DecodeInterrupted,
     LlamaRunner,
     RunnerConfig,
     RunnerError,
@@ -137,3 +140,60 @@ def test_an_engine_on_an_8_bit_kv_cache_answers_greedily(default_model_path: Pat
     assert "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12" in first[0]
     assert "ABCDEFGHIJKLMNOP" in first[1].replace(" ", "").replace(",", "")
     assert again == first
+
+
+def test_an_interrupted_decode_keeps_nothing_of_its_batch(default_model_path: Path) -> None:
+    """`interrupt` stops a decode (here set before it starts, so it stops at the first
+    graph node); the cache is as before it, so the same batch decoded again gives the
+    logits an uninterrupted run gives."""
+    runner = LlamaRunner(RunnerConfig(default_model_path, n_seq_max=2, n_ctx=512, n_batch=64,
+                                      threads=2))
+    try:
+        prompt = runner.tokenize("<|im_start|>user\nWrite a haiku about rain<|im_end|>\n"
+                                 "<|im_start|>assistant\n")
+        head, tail = prompt[:8], prompt[8:]
+
+        def run(interrupt: bool) -> np.ndarray:
+            runner.clear_all()
+            runner.decode([BatchItem(0, 0, head, False), BatchItem(1, 0, prompt, False)])
+            items = [BatchItem(0, len(head), tail, True),
+                     BatchItem(1, len(prompt), [int(prompt[-1])], True)]
+            if interrupt:
+                runner.interrupt()
+                with pytest.raises(DecodeInterrupted):
+                    runner.decode(items)
+                runner.clear_interrupt()
+            return np.array(runner.decode(items))
+
+        plain = run(interrupt=False)
+        again = run(interrupt=True)
+        assert np.array_equal(plain, again)
+    finally:
+        runner.close()
+
+
+def test_interrupt_from_another_thread_stops_a_long_decode(default_model_path: Path) -> None:
+    runner = LlamaRunner(RunnerConfig(default_model_path, n_seq_max=1, n_ctx=2048,
+                                      n_batch=1024, threads=2))
+    try:
+        tokens = runner.tokenize("lorem ipsum dolor sit amet " * 200, add_special=False)[:1024]
+        outcome: list[str] = []
+
+        def decode() -> None:
+            try:
+                runner.decode([BatchItem(0, 0, tokens, True)])
+                outcome.append("finished")
+            except DecodeInterrupted:
+                outcome.append("interrupted")
+
+        worker = threading.Thread(target=decode)
+        worker.start()
+        time.sleep(0.01)  # 1024 prompt tokens take far longer than this on any CPU
+        runner.interrupt()
+        worker.join(timeout=60)
+        assert outcome == ["interrupted"]
+        runner.clear_interrupt()
+        rows = runner.decode([BatchItem(0, 0, tokens[:16], True)])  # the slot is empty again
+        assert rows.shape == (1, runner.n_vocab)
+    finally:
+        runner.close()

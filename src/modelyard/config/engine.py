@@ -84,6 +84,13 @@ class EngineConfig:
     that step (nothing is dropped), so the light account's first token is not held up by
     a full batch: at most one step in this many on average (two in a row at most), so a
     heavy account keeps at least (N-1)/N of its decode steps; 0: never."""
+    interrupt_heavy_steps: Flag = True
+    """With `pause_heavy_every` set: a light account's request that comes while a step of
+    the accounts above their share runs stops that step inside llama.cpp (its work is
+    done again after the light request's step), so the request does not wait for the
+    step in flight (about a decode step of the full batch). At most one step in
+    `pause_heavy_every` on average besides the pauses, so a heavy account keeps at least
+    (N-2)/N of its decode steps. Backends that cannot stop a decode (GPUs) finish it."""
     memory_budget: NonNegative = 0
     """Bytes the local models may hold together (an integer, or text such as "4GiB" or
     "512MB"): each model's GGUF file plus its KV cache (estimated from the file's

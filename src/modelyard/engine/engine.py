@@ -23,9 +23,10 @@ import numpy as np
 import numpy.typing as npt
 
 from modelyard.engine.detokenize import IncrementalDetokenizer, StopStringMatcher
+from modelyard.engine.fair_share import InterruptRule
 from modelyard.engine.grammar import Constraint, GrammarCompiler, GrammarMatcher
 from modelyard.engine.metrics import EngineMetrics
-from modelyard.engine.runner import BatchItem, LlamaRunner
+from modelyard.engine.runner import BatchItem, DecodeInterrupted, LlamaRunner
 from modelyard.engine.sampling import Sample, Sampler, choice_rngs
 from modelyard.engine.scheduler import QueueFullError, Scheduler, SchedulerConfig, SchedulerOutput
 from modelyard.engine.sequence import (
@@ -88,6 +89,9 @@ class Engine:
         self._closing = False
         self._close_deadline = 0.0
         self._wake = threading.Event()
+        self._interrupt_lock = threading.Lock()
+        self._interrupt_rule: InterruptRule | None = None
+        """Whose request may interrupt the step in flight (fair share); guarded by the lock."""
         self._thread = threading.Thread(target=self._run, name="modelyard-engine", daemon=True)
 
     def start(self) -> None:
@@ -153,7 +157,19 @@ class Engine:
             self._requests[request_id] = request
             self._inbox.append(_Submit(request))
         self._wake.set()
+        if self._interrupt_rule is not None:  # read without the lock: checked again under it
+            self._interrupt_for(share)
         return request.queue
+
+    def _interrupt_for(self, share: Share) -> None:
+        """Stop the step in flight if this account's request may interrupt it (a light
+        account beside heavier ones, see `Scheduler.interrupt_rule`); the request is in
+        the inbox already, so the next step starts it."""
+        with self._interrupt_lock:
+            rule = self._interrupt_rule
+            if rule is not None and rule.interrupts_for(share.key, share.weight):
+                self._interrupt_rule = None
+                self.runner.interrupt()
 
     def _drafter(self, constraint: Constraint | None, reasoning: ReasoningTags | None,
                  params: SamplingParams) -> PromptLookup | None:
@@ -276,7 +292,21 @@ class Engine:
             self.runner.copy_prefix(source, slot, n)
         if not items:
             return
-        logits = self.runner.decode(items)
+        rule = self.scheduler.interrupt_rule(output)
+        if rule is not None:
+            with self._interrupt_lock:
+                self._interrupt_rule = rule
+        try:
+            logits = self.runner.decode(items)
+        except DecodeInterrupted:
+            self.scheduler.interrupted(output)
+            self.metrics.interrupted_steps.inc()
+            return
+        finally:
+            if rule is not None:
+                with self._interrupt_lock:  # an interrupt that came too late is forgotten
+                    self._interrupt_rule = None
+                    self.runner.clear_interrupt()
         samples: dict[str, list[Sample]] = {}
         row = 0
         for chunk in output.chunks:

@@ -28,7 +28,8 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 from modelyard.engine.sequence import Sequence
 
@@ -168,6 +169,19 @@ class FairQueue:
             return set()
         return {f for f in active if self.held.get(f, 0) < self.fair_slots(f, slots)}
 
+    def interrupt_rule(self, slots: int, served: frozenset[Flow],
+                       reading: frozenset[Flow]) -> InterruptRule | None:
+        """A snapshot of the shares for `InterruptRule`, for a step that serves the
+        accounts `served` and reads prompts of `reading`; None without fair share."""
+        if not self.fair:
+            return None
+        return InterruptRule(dict(self.held), dict(self.weights),
+                             frozenset({*self._flows, *self.held}), served, reading, slots)
+
+    def restore_service(self, service: Mapping[Flow, float]) -> None:
+        """Take back the charges made since `service` was copied (a step that did not run)."""
+        self.service = dict(service)
+
     def heavy(self, slots: int) -> set[Flow]:
         """The accounts holding more than their share of `slots`."""
         if not self.fair:
@@ -203,3 +217,37 @@ class FairQueue:
             del self.service[idle]
             self.weights.pop(idle, None)
         self.service[flow] = max(self.service.get(flow, 0.0), floor)
+
+
+@dataclass(frozen=True)
+class InterruptRule:
+    """Whose new request may interrupt the step in flight (the engine asks from the event
+    loop while the step runs, so this is a snapshot, not the live queue): an account that
+    would hold fewer than its weight's share of the slots once its request counts (a
+    light one), when the step serves an account at or above its share and reads none of
+    the newcomer's prompts. The step is then stopped and done again after a step that
+    starts the light request (scheduler.py)."""
+
+    held: dict[Flow, int]
+    weights: dict[Flow, float]
+    active: frozenset[Flow]
+    served: frozenset[Flow]
+    """Accounts with a chunk in the step."""
+    reading: frozenset[Flow]
+    """Accounts whose prompt the step reads."""
+    slots: int
+
+    def interrupts_for(self, flow: Flow, weight: float) -> bool:
+        if flow in self.reading:
+            return False
+        active = self.active | {flow}
+        if len(active) < 2:
+            return False
+        weights = {f: self.weights.get(f, 1.0) for f in active}
+        weights[flow] = max(weight, MIN_WEIGHT)
+        total = sum(weights.values())
+
+        def at_share(f: Flow) -> bool:
+            return self.held.get(f, 0) >= self.slots * weights[f] / total
+
+        return not at_share(flow) and any(at_share(f) for f in self.served if f != flow)

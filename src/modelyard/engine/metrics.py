@@ -32,6 +32,10 @@ class EngineMetrics:
         self.accepted_draft_tokens = Counter(
             "modelyard_accepted_draft_tokens", "Draft tokens kept: tokens generated without a "
             "step of their own.", registry=r)
+        self.interrupted_steps = Counter(
+            "modelyard_interrupted_steps", "Steps stopped during their decode so that a light "
+            "account's request starts at once (fair share); their work is done again.",
+            registry=r)
         self.prompt_tokens = Counter("modelyard_prompt_tokens", "Prompt tokens prefilled.",
                                      registry=r)
         self.cached_prompt_tokens = Counter(

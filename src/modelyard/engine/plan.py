@@ -62,6 +62,12 @@ class SchedulerConfig:
     (paused for that step, no KV dropped), so it costs about as much as that prompt
     alone; at most one step in this many on average, in bursts of at most PAUSE_BURST
     (a short prompt and its last token). 0: never."""
+    interrupt_heavy_steps: bool = False
+    """With `pause_heavy_every` set: a light account's request that comes while a step
+    serving the accounts at or above their share runs stops that step (the engine
+    interrupts `llama_decode`; nothing of it is kept and it is done again after the light
+    request's step), so the light request does not wait for the step in flight. At most
+    one step in `pause_heavy_every` on average, besides the pauses."""
 
 
 @dataclass(frozen=True)

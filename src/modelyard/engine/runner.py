@@ -33,6 +33,20 @@ class RunnerError(ModelyardError, RuntimeError):
     """llama.cpp refused to load the model or to decode a batch."""
 
 
+class DecodeInterrupted(ModelyardError, RuntimeError):
+    """`LlamaRunner.interrupt` stopped a decode; nothing of its batch was kept."""
+
+
+_libc = ctypes.CDLL(None)
+_READ_FLAG = llama_cpp.ggml_abort_callback(
+    ctypes.cast(_libc.strlen, ctypes.c_void_p).value or 0)
+"""The abort callback llama.cpp's CPU backend calls between graph nodes, from its compute
+thread: C's `strlen` over a two-byte buffer {flag, 0}, which returns 1 (abort) once the
+flag byte is set and 0 otherwise. A Python callback would take the GIL at every node of
+every step; this reads one byte and takes no lock. (The return is 0 or 1 in the whole
+register, so it reads as a C `bool` on every ABI.)"""
+
+
 KV_CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 """The KV cache number formats offered, as ggml types (keys and values alike)."""
 
@@ -88,10 +102,15 @@ def _init_backend() -> None:
             _backend_ready = True
 
 
+_INTERRUPT_ERRORS = (b"failed with error 1\n", b"compute status: 1\n", b"ret = 2\n")
+"""The ends of the lines llama.cpp logs as errors for a decode `interrupt` stopped
+(GGML_STATUS_ABORTED is 1, and llama_decode returns 2 for it): not errors here."""
+
+
 def _log_errors_only(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     # ggml levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line.
     verbose = bool(os.environ.get("MODELYARD_LLAMA_LOG"))
-    if verbose or level == 4:
+    if verbose or (level == 4 and not text.endswith(_INTERRUPT_ERRORS)):
         sys.stderr.write(text.decode("utf-8", "replace"))
 
 
@@ -145,6 +164,9 @@ class LlamaRunner:
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
         self._allocate_batch(config.n_batch, config.n_seq_max)
         self._piece_cache: dict[int, bytes] = {}
+        self._interrupt_flag = ctypes.create_string_buffer(2)
+        llama_cpp.llama_set_abort_callback(self._ctx, _READ_FLAG,
+                                           ctypes.c_void_p(ctypes.addressof(self._interrupt_flag)))
 
     # -- vocabulary ----------------------------------------------------------------------
 
@@ -259,9 +281,22 @@ class LlamaRunner:
             logits=self._want_logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
         )
 
+    # -- interrupting a decode -------------------------------------------------------------
+
+    def interrupt(self) -> None:
+        """Make the `decode` in progress (or the next one) stop at its next graph node and
+        raise `DecodeInterrupted` (any thread). On a backend without abort support (GPUs)
+        the decode finishes."""
+        self._interrupt_flag[0] = b"\x01"
+
+    def clear_interrupt(self) -> None:
+        """Forget an `interrupt` that came too late to stop a decode."""
+        self._interrupt_flag[0] = b"\x00"
+
     def decode(self, items: list[BatchItem]) -> npt.NDArray[np.float32]:
         """Decode one batch; return the rows of logits of the items with `want_logits`, in
-        order: one row for each of an item's last `num_logits` tokens.
+        order: one row for each of an item's last `num_logits` tokens. Raises
+        `DecodeInterrupted` if `interrupt` stopped it, with the KV cache as it was before.
 
         The returned array is a view of llama.cpp's buffer, valid until the next decode.
         """
@@ -283,6 +318,10 @@ class LlamaRunner:
         self._batch.n_tokens = n
         with self.config.decode_gate or nullcontext():
             status = llama_cpp.llama_decode(self._ctx, self._batch)
+        if status == 2:  # interrupted: llama.cpp dropped the cells of the ubatch it was in
+            for item in items:  # and of any it had finished before
+                llama_cpp.llama_memory_seq_rm(self._memory, item.slot, item.start, -1)
+            raise DecodeInterrupted("the decode was interrupted")
         if status != 0:
             raise RunnerError(f"llama_decode failed with status {status}")
         n_outputs = int(self._want_logits[:n].sum())

@@ -28,7 +28,8 @@ however many light requests come, a heavy account keeps at least (N-1)/N of its 
 steps. `reserved_slots` keeps a free slot for a light account's next request, and
 `heavy_prefill_per_step` caps the prompt tokens a step reads for the accounts at or above
 their share while another account is about, so the step a light request waits for is
-short. What is left of a light account's wait is the step in flight when it comes.
+short. What is left of a light account's wait is the step in flight when it comes; with
+`interrupt_heavy_steps` the engine stops that step (`interrupt_rule`, `interrupted`).
 
 Prefix caching: a slot keeps the KV cells of the sequence that last held it. A new
 sequence starts reading its prompt after the longest prefix it shares with either a free
@@ -59,7 +60,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping
 
-from modelyard.engine.fair_share import SLOT_STEP_COST, FairQueue, Flow
+from modelyard.engine.fair_share import SLOT_STEP_COST, FairQueue, Flow, InterruptRule
 from modelyard.engine.plan import ScheduledChunk, SchedulerConfig, SchedulerOutput
 from modelyard.engine.sequence import FinishReason, Sequence, SequenceStatus
 from modelyard.engine.slot_cache import SlotCache, common_prefix
@@ -100,6 +101,11 @@ class Scheduler:
         """Steps that may still pause the accounts above their share (`_pause_heavy`)."""
         self.paused_steps = 0
         """Steps that left out the decoding of accounts above their share."""
+        self._interrupt_credit = 1.0
+        """Steps that may still be interrupted for a light account (`interrupt_rule`)."""
+        self.interrupted_steps = 0
+        self._service_before: dict[Flow, float] = {}
+        self._step_paused = False
 
     # -- requests in and out -------------------------------------------------------------
 
@@ -170,6 +176,8 @@ class Scheduler:
         output = SchedulerOutput()
         budget = self.config.step_token_budget
         fair = self.waiting
+        self._service_before = dict(fair.service)
+        self._step_paused = False
         fair.tick()
         prefilling: dict[Flow, deque[Sequence]] = {}
         for seq in self.running:
@@ -202,6 +210,7 @@ class Scheduler:
         every = self.config.pause_heavy_every
         if every > 0:
             self._pause_credit = min(PAUSE_BURST, self._pause_credit + 1 / every)
+            self._interrupt_credit = min(1.0, self._interrupt_credit + 1 / every)
         heads = fair.heads(WAITING_SCAN)
         light = fair.light(self.config.max_sequences)
         if light and self._light_step(light, prefilling, heads):
@@ -246,6 +255,34 @@ class Scheduler:
             output.chunks[:] = kept
             self._pause_credit -= 1
             self.paused_steps += 1
+            self._step_paused = True
+
+    def interrupt_rule(self, output: SchedulerOutput) -> InterruptRule | None:
+        """Whose request may interrupt this step while it runs (see `InterruptRule`); None
+        when none may: interrupts off or spent for now, or no free slot to start it in."""
+        config = self.config
+        if not (config.interrupt_heavy_steps and config.pause_heavy_every > 0
+                and self._interrupt_credit >= 1 and self.slots.free_slots and output.chunks):
+            return None
+        key = self.waiting.key
+        return self.waiting.interrupt_rule(
+            config.max_sequences, frozenset(key(c.seq) for c in output.chunks),
+            frozenset(key(c.seq) for c in output.chunks if c.seq.is_prefilling))
+
+    def interrupted(self, output: SchedulerOutput) -> None:
+        """This step's decode was stopped before it finished (`interrupt_rule`): nothing of
+        it was computed, so its sequences stay where they were (their next step reads the
+        same tokens), its charges are taken back and an interrupt credit is spent. The
+        admissions, copies and truncations it made stand."""
+        for chunk in output.chunks:
+            if chunk.seq.slot is not None:
+                self.slots.written(chunk.seq.slot, chunk.start)
+        self.waiting.restore_service(self._service_before)
+        if self._step_paused:
+            self._pause_credit += 1
+            self.paused_steps -= 1
+        self._interrupt_credit -= 1
+        self.interrupted_steps += 1
 
     def _give(self, output: SchedulerOutput, budget: int,
               prefilling: dict[Flow, deque[Sequence]],

@@ -100,6 +100,7 @@ class LocalProvider(Provider[_LocalWork]):
                          if engine_config.speculation else None),
             heavy_prefill_per_step=engine_config.heavy_prefill_per_step,
             pause_heavy_every=engine_config.pause_heavy_every,
+            interrupt_heavy_steps=engine_config.interrupt_heavy_steps,
         ), metrics, self.grammar)
         self.engine.start()
 
