@@ -9,7 +9,7 @@ import pytest
 
 from modelyard.config import ConfigError, load_config, parse_bytes
 from modelyard.providers.base import ChatRequest
-from modelyard.providers.local_models import pooled_deployment
+from modelyard.providers.local_models import engine_config, pooled_deployment
 
 
 def config(tmp_path: Path, text: str) -> Path:
@@ -47,6 +47,27 @@ deployments = [{kind = "local"}]
     assert loaded.local_model and not loaded.engine_model_listed
 
 
+def test_speculation_is_switched_per_local_model(tmp_path: Path) -> None:
+    loaded = load_config(config(tmp_path, """
+[engine]
+speculation = false
+
+[[models]]
+id = "editor"
+deployments = [{kind = "local", source = "/models/coder.gguf", speculation = true}]
+
+[[models]]
+id = "chat"
+deployments = [{kind = "local", source = "/models/gemma.gguf"}]
+"""))
+    switched = {model.id: engine_config(loaded, model, pooled).engine.speculation
+                for model in loaded.models if (pooled := pooled_deployment(model))}
+    assert switched == {"editor": True, "chat": False}
+    editor = engine_config(loaded, loaded.models[0], loaded.models[0].deployments[0])
+    assert editor.model.id == "editor" and editor.model.source == "/models/coder.gguf"
+    assert not loaded.engine.speculation   # the [model] engine's own switch is unchanged
+
+
 def test_only_pooled_models_start_no_model_engine(tmp_path: Path) -> None:
     loaded = load_config(config(tmp_path, """
 [[models]]
@@ -61,6 +82,10 @@ deployments = [{kind = "local", source = "/models/gemma.gguf", idle_unload_secon
      r"models\[0\] \(m\).deployments\[0\].preload needs a `source`"),
     ('[[models]]\nid = "m"\ndeployments = [{base_url = "http://h/v1", source = "x.gguf"}]',
      r"deployments\[0\].source is for local deployments only"),
+    ('[[models]]\nid = "m"\ndeployments = [{kind = "local", speculation = true}]',
+     r"deployments\[0\].speculation needs a `source`"),
+    ('[[models]]\nid = "m"\ndeployments = [{kind = "local", source = "x.gguf", '
+     'speculation = "yes"}]', r"deployments\[0\].speculation"),
     ('[engine]\nmemory_budget = "lots"', "engine.memory_budget must be a number of bytes"),
     ('[engine]\nmemory_budget = -1', "engine.memory_budget must be >= 0"),
 ])

@@ -88,6 +88,10 @@ class DeploymentConfig:
     idle_unload_seconds: Annotated[float, Strict(), Field(ge=0)] | None = None
     """A local deployment with a `source`: its idle time before it is unloaded; None:
     `engine.idle_unload_seconds`."""
+    speculation: Flag | None = None
+    """A local deployment with a `source`: speculative decoding by prompt lookup for its
+    engine (`engine.speculation`, which the [model] engine follows); None: as
+    `engine.speculation`."""
     prefix_cache: Flag | None = None
     """Whether the deployment keeps a prefix cache that routing should follow (`[router]
     affinity`); None: true for a local deployment and for the vllm, sglang, llamacpp and
@@ -114,6 +118,14 @@ class DeploymentConfig:
     def _needs_source(cls, value: object, info: ValidationInfo) -> object:
         if value not in (None, False) and info.data.get("source") is None:
             raise ValueError("needs a `source` (the [model] engine is always loaded)")
+        return value
+
+    @field_validator("speculation")
+    @classmethod
+    def _own_engine(cls, value: bool | None, info: ValidationInfo) -> bool | None:
+        if value is not None and info.data.get("source") is None:
+            raise ValueError("needs a `source` (the [model] engine follows "
+                             "`engine.speculation`)")
         return value
 
     @field_validator("api_key_env")

@@ -39,6 +39,18 @@ def engine_memory(config: Config, path: Path) -> int:
                                          engine.max_sequences, engine.kv_cache_type)
 
 
+def engine_config(config: Config, model: CatalogModelConfig,
+                  deployment: DeploymentConfig) -> Config:
+    """The config a pooled model's engine runs under: the server's, with the model as its
+    [model] and the deployment's own `speculation` switch, if it has one."""
+    assert deployment.source is not None
+    engine = config.engine if deployment.speculation is None else \
+        dataclasses.replace(config.engine, speculation=deployment.speculation)
+    return dataclasses.replace(config, models=(), engine=engine, model=ModelConfig(
+        id=model.id, source=deployment.source, default_max_tokens=model.default_max_tokens,
+        defaults=model.defaults))
+
+
 def build_local_models(config: Config, registry: CollectorRegistry, *,
                        metrics: EngineMetrics | None, decode_gate: DecodeGate,
                        reserved_bytes: int = 0, progress: bool = True,
@@ -56,9 +68,7 @@ def build_local_models(config: Config, registry: CollectorRegistry, *,
         assert deployment.source is not None
         path = resolve_model_source(deployment.source, config.models_dir, progress=progress)
         paths[model.id] = path
-        configs[model.id] = dataclasses.replace(config, models=(), model=ModelConfig(
-            id=model.id, source=deployment.source, default_max_tokens=model.default_max_tokens,
-            defaults=model.defaults))
+        configs[model.id] = engine_config(config, model, deployment)
         idle = deployment.idle_unload_seconds
         specs.append(ModelSpec(
             model.id, engine_memory(config, path), preload=deployment.preload,
