@@ -60,11 +60,11 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping
 
+from modelyard.engine.drafts import add_drafts, record_drafts
 from modelyard.engine.fair_share import SLOT_STEP_COST, FairQueue, Flow, InterruptRule
 from modelyard.engine.plan import ScheduledChunk, SchedulerConfig, SchedulerOutput
 from modelyard.engine.sequence import FinishReason, Sequence, SequenceStatus
 from modelyard.engine.slot_cache import SlotCache, common_prefix
-from modelyard.engine.speculation import PromptLookup, plan_drafts
 from modelyard.errors import ModelyardError
 
 SHARE_MIN_TOKENS = 32
@@ -189,7 +189,7 @@ class Scheduler:
                                                     seq.token_ids[seq.num_computed:], True))
                 budget -= len(output.chunks[-1].tokens)
         if self.config.speculation is not None and output.chunks:
-            budget -= self._add_drafts(output, budget)
+            budget -= add_drafts(output, budget, self.config)
         self._fill(output, budget, prefilling)
         for chunk in output.chunks:
             if chunk.seq.slot is not None:
@@ -339,35 +339,6 @@ class Scheduler:
                 del heads[flow]
         return given
 
-    def _add_drafts(self, output: SchedulerOutput, budget: int) -> int:
-        """Put draft tokens after the decode chunks' last tokens (speculation.py), within
-        `budget` and so that no sequence can pass its max_tokens, its KV reservation or the
-        context even if every draft is kept. Returns the draft tokens added."""
-        spec = self.config.speculation
-        assert spec is not None
-        budget = min(budget, spec.max_step_drafts)
-        proposals: list[tuple[int, PromptLookup, list[int]]] = []
-        for i, chunk in enumerate(output.chunks):
-            seq = chunk.seq
-            if seq.drafter is None or len(chunk.tokens) != 1:
-                continue
-            room = min(spec.max_draft, seq.params.max_tokens - seq.num_output - 1,
-                       self.config.context_per_sequence - len(seq.token_ids) - 1)
-            draft = seq.drafter.propose(seq.token_ids, room)
-            if draft:
-                proposals.append((i, seq.drafter, draft))
-        counts = plan_drafts([(drafter, draft) for _, drafter, draft in proposals],
-                             len(output.chunks), budget, spec.token_cost)
-        added = 0
-        for (i, drafter, draft), count in zip(proposals, counts, strict=True):
-            drafter.shadow = None if count else draft[0]
-            if count:
-                chunk = output.chunks[i]
-                output.chunks[i] = ScheduledChunk(chunk.seq, chunk.start,
-                                                  chunk.tokens + draft[:count], True, count)
-                added += count
-        return added
-
     def _keeps_reserve(self, flow: Flow) -> bool:
         """Whether `flow` must leave the free slots left to other accounts: it holds one
         or more and at least its share of the slots among the accounts active lately."""
@@ -473,7 +444,7 @@ class Scheduler:
                 if reason is not None:
                     break
             if seq.drafter is not None:
-                self._record_drafts(seq, chunk, tokens)
+                record_drafts(seq, chunk, tokens)
             if chunk.num_draft:
                 # The cells of the drafts kept hold the sequence's own tokens; the first
                 # token not yet computed is the last one appended.
@@ -484,15 +455,6 @@ class Scheduler:
                 self.finish(seq, reason)
                 finished.append(seq)
         return finished
-
-    @staticmethod
-    def _record_drafts(seq: Sequence, chunk: ScheduledChunk, tokens: list[int]) -> None:
-        drafter = seq.drafter
-        assert drafter is not None
-        if chunk.num_draft:
-            drafter.record(chunk.draft, tokens)
-        elif tokens:
-            drafter.record_shadow(tokens[0])
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         if token in seq.eog_ids:
