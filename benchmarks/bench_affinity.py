@@ -1,8 +1,9 @@
 """Cache-aware routing benchmark: two engine replicas behind a gateway, multi-turn chats.
 
-Two `modelyard serve` processes run the default model (small contexts: 4 sequences of
-1024 tokens, so each keeps at most 2048 cells of finished prompts; one llama.cpp thread
-each, so the two share the machine's 2 cores). A third `modelyard serve`, with no engine,
+Two `modelyard serve` processes run the default model (small contexts: `--slots`
+sequences of 1024 tokens, 4 by default, and each keeps at most 2048 cells of finished
+prompts in its free slots; one llama.cpp thread each, so the two share the machine's 2
+cores). A third `modelyard serve`, with no engine,
 is the gateway: its catalog holds the same two replicas twice, as passthrough deployments
 (another modelyard) under two model ids,
 
@@ -227,6 +228,9 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--slots", type=int, default=4,
+                        help="each replica's max_sequences (of 1024 tokens); its free slots "
+                             "keep at most 2048 cells of finished conversations either way")
     parser.add_argument("--think", type=float, default=0.5,
                         help="mean seconds between a turn's answer and the next turn")
     parser.add_argument("--data-dir", type=Path, default=None)
@@ -236,7 +240,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-affinity-"))
     processes: list[subprocess.Popen[bytes]] = []
     replica_config = (f'[model]\nsource = "{args.model_path}"\n'
-                      "[engine]\nmax_sequences = 4\ncontext_per_sequence = 1024\n"
+                      f"[engine]\nmax_sequences = {args.slots}\ncontext_per_sequence = 1024\n"
                       "threads = 1\n")
     try:
         started = [_start(work, f"replica-{i}", replica_config, args.data_dir) for i in range(2)]
@@ -248,7 +252,7 @@ def main() -> None:
             {f"MODELYARD_BENCH_KEY_{i}": key for i, key in enumerate(keys)})
         processes.append(gateway)
         key = _key(gateway_url, gateway_log, gateway)
-        print(f"replicas {urls}, gateway {gateway_url}; "
+        print(f"replicas {urls} ({args.slots} slots each), gateway {gateway_url}; "
               f"{args.conversations} conversations x {args.turns} turns, "
               f"{args.concurrency} at once", flush=True)
         phases: list[Phase] = []

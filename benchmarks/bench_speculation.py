@@ -9,7 +9,8 @@ temperature 0, streamed):
 - chat: plain questions whose answers repeat little of the prompt.
 
 Each wave is sent first with max_tokens 1, untimed, so its prompts are in every server's
-prompt cache when it is sent again, timed: the time is the decoding's. Servers, one after
+prompt cache when it is sent again, timed (`--rounds` times; the median is reported): the
+time is the decoding's. Servers, one after
 another on the same GGUF and thread count: modelyard with `[engine] speculation` off,
 modelyard with it on, and llama-server (built from the llama.cpp that llama-cpp-python
 vendors, path given by --llama-server) with `--spec-type ngram-simple` (and, with
@@ -25,6 +26,7 @@ import asyncio
 import contextlib
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -169,10 +171,13 @@ def measure(args: argparse.Namespace, target: tuple[str, str, str]) -> dict[str,
         for level in args.concurrency:
             prompts = make(level)
             asyncio.run(wave(base, model, key, prompts, 1))  # fills the prompt caches
-            tokens, wall = asyncio.run(wave(base, model, key, prompts, max_tokens))
-            rates[f"{workload}@{level}"] = tokens / wall
-            print(f"  {workload} c={level}: {tokens} tokens in {wall:.1f}s = "
-                  f"{tokens / wall:.1f} tok/s", flush=True)
+            measured = []
+            for _ in range(args.rounds):
+                tokens, wall = asyncio.run(wave(base, model, key, prompts, max_tokens))
+                measured.append(tokens / wall)
+                print(f"  {workload} c={level}: {tokens} tokens in {wall:.1f}s = "
+                      f"{tokens / wall:.1f} tok/s", flush=True)
+            rates[f"{workload}@{level}"] = statistics.median(measured)
     return rates
 
 
@@ -208,6 +213,8 @@ def table(results: dict[str, dict[str, float]], args: argparse.Namespace) -> str
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", default="1,4,8")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="timed waves per workload and level; the median is reported")
     parser.add_argument("--edit-tokens", type=int, default=192)
     parser.add_argument("--chat-tokens", type=int, default=96)
     parser.add_argument("--context", type=int, default=2048)

@@ -378,3 +378,42 @@ def test_gauges_follow_an_abort_that_leaves_the_engine_idle() -> None:
     assert gauge("modelyard_running_sequences") == 0
     assert gauge("modelyard_kv_cells_reserved") == 0
     assert gauge("modelyard_queue_depth") == 0
+
+
+def test_the_gauges_sum_the_engines_that_share_the_metrics() -> None:
+    """One engine per local model, one set of metrics: each engine adds its own part."""
+    runners = [BlockingRunner("abcdefgh"), BlockingRunner("abcdefgh")]
+    first = _engine(runners[0])
+    second = Engine(runners[1], first.scheduler.config, first.metrics)  # type: ignore[arg-type]
+
+    def gauge(name: str) -> float:
+        value = first.metrics.registry.get_sample_value(name)
+        assert value is not None
+        return value
+
+    async def main() -> None:
+        first.submit("a", [30, 31, 29], SamplingParams(temperature=0, max_tokens=8))
+        second.submit("b", [30, 31, 29], SamplingParams(temperature=0, max_tokens=8))
+        second.submit("c", [30, 31, 29], SamplingParams(temperature=0, max_tokens=8))
+        first.start()
+        second.start()
+        for runner in runners:   # both in their first step: what each drained, waiting
+            await _wait_for(runner.in_decode)
+        assert gauge("modelyard_queue_depth") == 3
+        runners[0].release.set()   # the first engine's request runs to its end
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if gauge("modelyard_queue_depth") == 2:
+                break
+        assert gauge("modelyard_queue_depth") == 2   # the second engine's, still there
+        assert gauge("modelyard_running_sequences") == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        for runner in runners:
+            runner.release.set()
+        first.stop()
+        second.stop()
+    assert gauge("modelyard_running_sequences") == 0
+    assert gauge("modelyard_kv_cells_reserved") == 0

@@ -89,6 +89,8 @@ class Engine:
         self._closing = False
         self._close_deadline = 0.0
         self._wake = threading.Event()
+        self._reported = (0, 0, 0)
+        """Waiting and running sequences and reserved KV cells as last added to the gauges."""
         self._interrupt_lock = threading.Lock()
         self._interrupt_rule: InterruptRule | None = None
         """Whose request may interrupt the step in flight (fair share); guarded by the lock."""
@@ -245,9 +247,15 @@ class Engine:
         self._set_gauges()
 
     def _set_gauges(self) -> None:
-        self.metrics.queue_depth.set(len(self.scheduler.waiting))
-        self.metrics.running.set(len(self.scheduler.running))
-        self.metrics.kv_reserved.set(self.scheduler.kv_reserved)
+        """Add this engine's change since it last reported to the gauges, which hold the
+        sums over every engine sharing the metrics (one per local model)."""
+        now = (len(self.scheduler.waiting), len(self.scheduler.running),
+               self.scheduler.kv_reserved)
+        gauges = (self.metrics.queue_depth, self.metrics.running, self.metrics.kv_reserved)
+        for gauge, value, reported in zip(gauges, now, self._reported, strict=True):
+            if value != reported:
+                gauge.inc(value - reported)
+        self._reported = now
 
     def _admit(self, command: _Submit) -> None:
         request = command.request
