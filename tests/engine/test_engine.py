@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 import numpy as np
@@ -350,14 +351,18 @@ def _run_n(engine: Engine, params: SamplingParams, n: int) -> list[list[EngineOu
         engine.stop()
 
 
-def test_gauges_follow_an_abort_that_leaves_the_engine_idle() -> None:
-    runner = BlockingRunner("abcdefgh")
-    engine = _engine(runner)
-
+def _gauge(engine: Engine) -> Callable[[str], float]:
     def gauge(name: str) -> float:
         value = engine.metrics.registry.get_sample_value(name)
         assert value is not None
         return value
+    return gauge
+
+
+def test_gauges_follow_an_abort_that_leaves_the_engine_idle() -> None:
+    runner = BlockingRunner("abcdefgh")
+    engine = _engine(runner)
+    gauge = _gauge(engine)
 
     async def main() -> None:
         engine.submit("r", [30, 31, 29], SamplingParams(temperature=0, max_tokens=8))
@@ -385,11 +390,7 @@ def test_the_gauges_sum_the_engines_that_share_the_metrics() -> None:
     runners = [BlockingRunner("abcdefgh"), BlockingRunner("abcdefgh")]
     first = _engine(runners[0])
     second = Engine(runners[1], first.scheduler.config, first.metrics)  # type: ignore[arg-type]
-
-    def gauge(name: str) -> float:
-        value = first.metrics.registry.get_sample_value(name)
-        assert value is not None
-        return value
+    gauge = _gauge(first)
 
     async def main() -> None:
         first.submit("a", [30, 31, 29], SamplingParams(temperature=0, max_tokens=8))
