@@ -197,3 +197,19 @@ def test_interrupt_from_another_thread_stops_a_long_decode(default_model_path: P
         assert rows.shape == (1, runner.n_vocab)
     finally:
         runner.close()
+
+
+def test_step_costs_are_measured_in_one_token_steps(default_model_path: Path) -> None:
+    runner = LlamaRunner(RunnerConfig(default_model_path, n_seq_max=2, n_ctx=512, n_batch=64,
+                                      threads=2))
+    try:
+        costs = runner.measure_step_costs(sizes=(1, 2, 8), repeats=1)
+        assert [n for n, _ in costs] == [1, 2, 8]
+        assert costs[0][1] == 1.0 and all(cost > 0 for _, cost in costs)
+        assert costs[2][1] > 1.0   # eight tokens take longer than one on any backend here
+        prompt = runner.tokenize("<|im_start|>user\nhi<|im_end|>\n")
+        assert runner.decode([BatchItem(0, 0, prompt, True)]).shape[0] == 1  # slot 0 empty
+        big = runner.measure_step_costs(sizes=(1, 32, 128), repeats=1)
+        assert [n for n, _ in big] == [1, 32]   # a step past n_batch is not measured
+    finally:
+        runner.close()

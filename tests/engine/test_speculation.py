@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from modelyard.engine.engine import Engine, EngineOutput
 from modelyard.engine.scheduler import Scheduler, SchedulerConfig
 from modelyard.engine.sequence import FinishReason, SamplingParams, Sequence
-from modelyard.engine.speculation import PromptLookup, SpeculationConfig, plan_drafts
+from modelyard.engine.speculation import (
+    PromptLookup,
+    SpeculationConfig,
+    StepCost,
+    plan_drafts,
+)
 from tests.engine.fakes import EOG, ScriptedRunner, spell
 
 SPEC = SpeculationConfig(max_draft=4, token_cost=0.1, first_rate=0.9, next_rate=0.9)
@@ -90,6 +97,31 @@ def test_the_plan_keeps_to_the_budget() -> None:
     drafters = [(_drafter(0.99, 0.99), [1] * 8) for _ in range(4)]
     assert sum(plan_drafts(drafters, 4, 5, 0.01)) == 5
     assert plan_drafts(drafters, 4, 0, 0.01) == [0, 0, 0, 0]
+
+
+STEEP = StepCost(((1, 1.0), (2, 1.78), (3, 2.22), (5, 3.45), (9, 5.07), (17, 7.19)))
+"""A step's time by tokens as measured on a 2-core AMD EPYC: a second token costs 0.78."""
+
+
+def test_a_measured_cost_curve_is_followed_between_and_past_its_points() -> None:
+    assert [STEEP(n) for n in (1, 2, 3)] == [1.0, 1.78, 2.22]
+    assert STEEP(4) == pytest.approx((2.22 + 3.45) / 2)
+    assert STEEP(21) == pytest.approx(7.19 + 4 * (7.19 - 5.07) / 8)
+    assert StepCost((), 0.25)(5) == 2.0   # no points: linear
+    assert StepCost(((1, 1.0),), 0.5)(3) == 2.0
+
+
+def test_where_a_second_token_costs_most_of_a_step_only_sure_drafts_pay() -> None:
+    doubtful, sure = _drafter(0.6, 0.9), _drafter(0.95, 0.95)
+    assert plan_drafts([(doubtful, [1] * 8)], 1, 64, 0.25)[0] > 0   # the linear model's
+    assert plan_drafts([(doubtful, [1] * 8)], 1, 64, STEEP) == [0]
+    assert plan_drafts([(sure, [1] * 8)], 1, 64, STEEP)[0] > 0
+
+
+def test_the_configured_costs_reach_the_plan() -> None:
+    config = SpeculationConfig(step_costs=STEEP.points)
+    assert config.cost() == STEEP
+    assert SpeculationConfig().cost() == StepCost((), 0.25)
 
 
 # -- the scheduler --------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def add_drafts(output: SchedulerOutput, budget: int, config: SchedulerConfig) ->
         if draft:
             proposals.append((i, seq.drafter, draft))
     counts = plan_drafts([(drafter, draft) for _, drafter, draft in proposals],
-                         len(output.chunks), budget, spec.token_cost)
+                         len(output.chunks), budget, spec.cost())
     added = 0
     for (i, drafter, draft), count in zip(proposals, counts, strict=True):
         drafter.shadow = None if count else draft[0]

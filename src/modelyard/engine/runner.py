@@ -11,6 +11,7 @@ import ctypes
 import os
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Sequence as Seq
 from contextlib import AbstractContextManager, nullcontext
@@ -329,6 +330,32 @@ class LlamaRunner:
             return np.empty((0, self.n_vocab), dtype=np.float32)
         pointer = llama_cpp.llama_get_logits(self._ctx)
         return np.ctypeslib.as_array(pointer, shape=(n_outputs, self.n_vocab))
+
+    def measure_step_costs(self, sizes: Seq[int] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
+                           repeats: int = 3, context: int = 64
+                           ) -> tuple[tuple[int, float], ...]:
+        """Time decode steps of one sequence carrying `sizes` tokens (with logits for each,
+        as a step verifying drafts has) after `context` tokens of cache: (tokens, median
+        time in steps of one token), for the speculation's cost model. Uses slot 0 and
+        clears it: call it before anything else decodes."""
+        limit = min(self.config.n_batch, self.config.n_ctx // 2)
+        sizes = [size for size in sizes if size <= limit] or [1]
+        context = min(context, limit)
+        filler = [self.bos_id if self.bos_id >= 0 else 0] * (context + max(sizes))
+        self.clear_slot(0)
+        self.decode([BatchItem(0, 0, filler[:context], False)])
+        times: dict[int, float] = {}
+        for size in (sizes[0], *sizes):   # the first size twice: a warm-up
+            runs = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                self.decode([BatchItem(0, context, filler[:size], True, size)])
+                runs.append(time.perf_counter() - started)
+                self.truncate_slot(0, context)
+            times[size] = sorted(runs)[len(runs) // 2]
+        self.clear_slot(0)
+        unit = times[sizes[0]]   # sizes start at 1
+        return tuple((size, times[size] / unit) for size in sizes)
 
     def close(self) -> None:
         if getattr(self, "_ctx", None):

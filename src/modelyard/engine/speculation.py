@@ -16,7 +16,9 @@ step wait for. `plan_drafts` gives draft tokens out by their chance of being kep
 estimated per sequence (`PromptLookup.first_rate`, `next_rate`, updated after every
 verification and, while a sequence does not draft, from the drafts it would have made), and
 takes a token only while it raises the step's expected output tokens per unit of time under
-a linear cost model of a step (`SpeculationConfig.token_cost`). A sequence whose drafts
+a cost model of a step: measured on the machine when the engine starts
+(`SpeculationConfig.step_costs`; one more token in a step costs 0.2-0.3 of a one-token step
+on one 2-core CPU and up to 0.95 on another), else linear (`token_cost`). A sequence whose drafts
 keep failing stops drafting; its estimate is still kept up to date at no cost, so it drafts
 again when its text starts repeating.
 
@@ -25,6 +27,7 @@ Nothing is looked up across sequences: each index holds one sequence's tokens.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -44,12 +47,49 @@ class SpeculationConfig:
     max_step_drafts: int = 64
     """Most draft tokens in one step, all sequences together."""
     token_cost: float = 0.25
-    """The cost of one more token in a decode step, as a fraction of a step of one token
-    (0.2-0.3 measured on a 2-core CPU with the 0.5B default model; a GPU's is far lower)."""
+    """The cost of one more token in a decode step, as a fraction of a step of one token,
+    where `step_costs` says nothing (0.2-0.3 measured on a 2-core Intel Xeon with the 0.5B
+    default model, 0.4-0.95 on a 2-core AMD EPYC; a GPU's is far lower)."""
+    step_costs: tuple[tuple[int, float], ...] = ()
+    """Measured (tokens in a step, its time in steps of one token), by tokens
+    (`LlamaRunner.measure_step_costs`): the cost model `plan_drafts` uses; empty: the
+    linear one of `token_cost`."""
+
+    def cost(self) -> StepCost:
+        return StepCost(self.step_costs, self.token_cost)
     first_rate: float = 0.3
     """The starting estimate of the chance that a sequence's first draft token is kept."""
     next_rate: float = 0.8
     """The starting estimate of the chance that a draft token after a kept one is kept."""
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """The time of a decode step of n tokens in steps of one token: straight lines between
+    the measured `points` (n, cost), sorted by n and starting at (1, 1.0); past the last,
+    the slope of the last two; with no points, 1 + token_cost x (n - 1)."""
+
+    points: tuple[tuple[int, float], ...] = ()
+    token_cost: float = 0.25
+
+    def __call__(self, n: int) -> float:
+        points = self.points
+        if not points:
+            return 1.0 + self.token_cost * (n - 1)
+        index = bisect.bisect_left(points, n, key=lambda point: point[0])
+        if index < len(points) and points[index][0] == n:
+            return points[index][1]
+        if index == 0:
+            return points[0][1]
+        if index == len(points):
+            n1, c1 = points[-1]
+            slope = self.token_cost
+            if len(points) > 1:
+                n0, c0 = points[-2]
+                slope = max((c1 - c0) / (n1 - n0), 0.0)
+            return c1 + slope * (n - n1)
+        (n0, c0), (n1, c1) = points[index - 1], points[index]
+        return c0 + (c1 - c0) * (n - n0) / (n1 - n0)
 
 
 class PromptLookup:
@@ -145,31 +185,36 @@ class PromptLookup:
 
 
 def plan_drafts(proposals: list[tuple[PromptLookup, list[int]]], decode_tokens: int,
-                budget: int, token_cost: float) -> list[int]:
+                budget: int, cost: float | StepCost) -> list[int]:
     """How many of its proposed tokens each sequence drafts this step (in `proposals`'
     order), at most `budget` in all.
 
-    A step of n tokens is modelled as costing 1 + token_cost * (n - 1) steps of one token.
-    Draft tokens are taken best chance first while the chance of the next one exceeds the
-    step's expected output tokens per unit of cost times `token_cost`: each token taken
-    raises the throughput of the step, and no other token would raise it more.
+    `cost` gives the time of a step of n tokens (a `StepCost`; a number is the linear
+    model's `token_cost`: 1 + token_cost x (n - 1) steps of one token). Draft tokens are
+    taken best chance first while the chance of the next one exceeds what it adds to the
+    step's time times the step's expected output tokens per unit of time: each token
+    taken raises the throughput of the step, and no other token would raise it more.
     """
+    step_cost = cost if isinstance(cost, StepCost) else StepCost((), cost)
     counts = [0] * len(proposals)
     if budget <= 0 or not proposals:
         return counts
     expected = float(decode_tokens)
-    cost = 1.0 + token_cost * max(decode_tokens - 1, 0)
+    tokens = max(decode_tokens, 1)
+    time = step_cost(tokens)
     heap = [(-drafter.value(1), i) for i, (drafter, draft) in enumerate(proposals) if draft]
     heapq.heapify(heap)
     while heap and budget > 0:
         negative, i = heapq.heappop(heap)
         chance = -negative
-        if chance <= token_cost * expected / cost:
+        longer = step_cost(tokens + 1)
+        if chance <= (longer - time) * expected / time:
             break
         counts[i] += 1
         budget -= 1
         expected += chance
-        cost += token_cost
+        tokens += 1
+        time = longer
         drafter, draft = proposals[i]
         if counts[i] < len(draft):
             heapq.heappush(heap, (-drafter.value(counts[i] + 1), i))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from modelyard.chat.reasoning import reasoning_tags
 from modelyard.chat.shield import Prompt, SpecialTextShield
 from modelyard.chat.template import ChatTemplate, TemplateError
 from modelyard.chat.tool_parsers import TOOL_PARSERS, TaggedJsonToolParser, tool_family
-from modelyard.config import Config
+from modelyard.config import Config, EngineConfig
 from modelyard.engine.decode_gate import DecodeGate
 from modelyard.engine.engine import Engine, EngineOutput, ReasoningTags
 from modelyard.engine.grammar import GrammarCompiler
@@ -40,6 +41,8 @@ from modelyard.providers.local_tokens import LocalTokenizer
 from modelyard.providers.output import ChoiceOutput
 from modelyard.sampling import Sampling
 from modelyard.usage import Usage
+
+logger = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 2
 
@@ -96,13 +99,23 @@ class LocalProvider(Provider[_LocalWork]):
             max_cached_cells=2 * engine_config.context_per_sequence,
             fair_share=engine_config.fair_share,
             reserved_slots=engine_config.reserved_slots,
-            speculation=(SpeculationConfig(max_draft=engine_config.speculation_max_draft)
-                         if engine_config.speculation else None),
+            speculation=self._speculation(engine_config),
             heavy_prefill_per_step=engine_config.heavy_prefill_per_step,
             pause_heavy_every=engine_config.pause_heavy_every,
             interrupt_heavy_steps=engine_config.interrupt_heavy_steps,
         ), metrics, self.grammar)
         self.engine.start()
+
+    def _speculation(self, engine_config: EngineConfig) -> SpeculationConfig | None:
+        """Speculation's settings, with what a step of n tokens costs on this machine
+        measured now (a second or two on a CPU), before the engine decodes anything."""
+        if not engine_config.speculation:
+            return None
+        costs = self.runner.measure_step_costs()
+        logger.info("%s: decode step cost by tokens (in one-token steps): %s", self.model_id,
+                    ", ".join(f"{n}: {cost:.2f}" for n, cost in costs))
+        return SpeculationConfig(max_draft=engine_config.speculation_max_draft,
+                                 step_costs=costs)
 
     def describe(self) -> dict[str, Any]:
         return {
