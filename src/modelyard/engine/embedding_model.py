@@ -19,6 +19,7 @@ import llama_cpp
 import numpy as np
 import numpy.typing as npt
 
+from modelyard.engine.compute_thread import on_compute_thread
 from modelyard.engine.runner import RunnerError, _init_backend, model_params
 
 MAX_SEQUENCES = 256
@@ -108,7 +109,7 @@ class LlamaEmbeddingModel:
             n = end
         batch = self._batch
         batch.n_tokens = n
-        status = llama_cpp.llama_encode(self._ctx, batch)
+        status = on_compute_thread(llama_cpp.llama_encode, self._ctx, batch)
         if status != 0:
             raise RunnerError(f"llama_encode failed with status {status}")
         vectors = np.empty((len(inputs), self.dimensions), dtype=np.float32)

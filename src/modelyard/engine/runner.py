@@ -24,6 +24,7 @@ import llguidance.llamacpp
 import numpy as np
 import numpy.typing as npt
 
+from modelyard.engine.compute_thread import on_compute_thread
 from modelyard.errors import ModelyardError
 
 _backend_lock = threading.Lock()
@@ -318,7 +319,7 @@ class LlamaRunner:
             raise RunnerError(f"batch of {n} tokens exceeds n_batch {self.config.n_batch}")
         self._batch.n_tokens = n
         with self.config.decode_gate or nullcontext():
-            status = llama_cpp.llama_decode(self._ctx, self._batch)
+            status = on_compute_thread(llama_cpp.llama_decode, self._ctx, self._batch)
         if status == 2:  # interrupted: llama.cpp dropped the cells of the ubatch it was in
             for item in items:  # and of any it had finished before
                 llama_cpp.llama_memory_seq_rm(self._memory, item.slot, item.start, -1)
@@ -337,11 +338,18 @@ class LlamaRunner:
         """Time decode steps of one sequence carrying `sizes` tokens (with logits for each,
         as a step verifying drafts has) after `context` tokens of cache: (tokens, median
         time in steps of one token), for the speculation's cost model. Uses slot 0 and
-        clears it: call it before anything else decodes."""
+        clears it: call it before anything else decodes.
+
+        Like every decode it runs on the process's llama.cpp thread (compute_thread.py):
+        timed on another thread, it would leave a second OpenMP team alive.
+        """
         limit = min(self.config.n_batch, self.config.n_ctx // 2)
         sizes = [size for size in sizes if size <= limit] or [1]
         context = min(context, limit)
-        filler = [self.bos_id if self.bos_id >= 0 else 0] * (context + max(sizes))
+        text = self.tokenize("The river runs past the old mill and the bridge. ",
+                             add_special=False)
+        filler = (text * (1 + (context + max(sizes)) // max(len(text), 1)))[
+            :context + max(sizes)]
         self.clear_slot(0)
         self.decode([BatchItem(0, 0, filler[:context], False)])
         times: dict[int, float] = {}
