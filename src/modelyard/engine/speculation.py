@@ -191,9 +191,11 @@ def plan_drafts(proposals: list[tuple[PromptLookup, list[int]]], decode_tokens: 
 
     `cost` gives the time of a step of n tokens (a `StepCost`; a number is the linear
     model's `token_cost`: 1 + token_cost x (n - 1) steps of one token). Draft tokens are
-    taken best chance first while the chance of the next one exceeds what it adds to the
-    step's time times the step's expected output tokens per unit of time: each token
-    taken raises the throughput of the step, and no other token would raise it more.
+    taken best chance first (a sequence's next token after its earlier ones), and the plan
+    is the prefix of that order with the most expected output tokens per unit of step
+    time. Under a linear cost that is where the next token's chance no longer pays for
+    it; where a second token in a step costs most of a step and later ones less (a CPU's
+    curve), a long draft can pay although its first token alone would not.
     """
     step_cost = cost if isinstance(cost, StepCost) else StepCost((), cost)
     counts = [0] * len(proposals)
@@ -201,21 +203,23 @@ def plan_drafts(proposals: list[tuple[PromptLookup, list[int]]], decode_tokens: 
         return counts
     expected = float(decode_tokens)
     tokens = max(decode_tokens, 1)
-    time = step_cost(tokens)
+    best_rate, best_length = expected / step_cost(tokens), 0
+    taken: list[int] = []
     heap = [(-drafter.value(1), i) for i, (drafter, draft) in enumerate(proposals) if draft]
     heapq.heapify(heap)
-    while heap and budget > 0:
+    while heap and len(taken) < budget:
         negative, i = heapq.heappop(heap)
-        chance = -negative
-        longer = step_cost(tokens + 1)
-        if chance <= (longer - time) * expected / time:
-            break
+        taken.append(i)
         counts[i] += 1
-        budget -= 1
-        expected += chance
+        expected -= negative
         tokens += 1
-        time = longer
+        rate = expected / step_cost(tokens)
+        if rate > best_rate:
+            best_rate, best_length = rate, len(taken)
         drafter, draft = proposals[i]
         if counts[i] < len(draft):
             heapq.heappush(heap, (-drafter.value(counts[i] + 1), i))
+    counts = [0] * len(proposals)
+    for i in taken[:best_length]:
+        counts[i] += 1
     return counts
