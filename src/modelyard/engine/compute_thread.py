@@ -4,8 +4,9 @@ llama.cpp's CPU backend (built with OpenMP) runs each decode on a thread team th
 to the calling thread, and the team lives as long as that thread. While two teams live in
 one process (two living threads that have each run a multi-threaded decode: an engine and
 the embedding worker, two local models' engines, or the main thread before an engine),
-there are more OpenMP threads than cores, and libgomp then stops its workers spinning
-between parallel regions: each step's workers sleep and are woken again. Measured on 2
+there are more OpenMP threads than cores, and libgomp then throttles its workers'
+spinning between parallel regions, so they sleep and are woken again (the likely cause:
+with OMP_WAIT_POLICY=PASSIVE one team was as slow as two). Measured on 2
 cores: an engine's steps took 28% longer for the rest of the process once another living
 thread had run one 2-thread decode, and none longer when that thread had ended. So the
 engines and the embedding model hand their `llama_decode` and `llama_encode` calls to this
