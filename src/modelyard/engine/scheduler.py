@@ -176,7 +176,8 @@ class Scheduler:
         output = SchedulerOutput()
         budget = self.config.step_token_budget
         fair = self.waiting
-        self._service_before = dict(fair.service)
+        if self.config.interrupt_heavy_steps:   # for `interrupted`
+            self._service_before = dict(fair.service)
         self._step_paused = False
         fair.tick()
         prefilling: dict[Flow, deque[Sequence]] = {}

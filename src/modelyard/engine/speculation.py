@@ -14,13 +14,13 @@ sampled outputs keep their distribution and draw the same random numbers).
 Drafts cost: every draft token is one more token in the step, which all sequences in the
 step wait for. `plan_drafts` gives draft tokens out by their chance of being kept,
 estimated per sequence (`PromptLookup.first_rate`, `next_rate`, updated after every
-verification and, while a sequence does not draft, from the drafts it would have made), and
-takes a token only while it raises the step's expected output tokens per unit of time under
-a cost model of a step: measured on the machine when the engine starts
-(`SpeculationConfig.step_costs`; one more token in a step costs 0.2-0.3 of a one-token step
-on one 2-core CPU and up to 0.95 on another), else linear (`token_cost`). A sequence whose drafts
-keep failing stops drafting; its estimate is still kept up to date at no cost, so it drafts
-again when its text starts repeating.
+verification and, while a sequence does not draft, from the drafts it would have made),
+best chance first, and keeps the prefix of that order with the most expected output tokens
+per unit of step time under a cost model of a step: measured on the machine when the
+engine starts (`SpeculationConfig.step_costs`; one more token in a step costs 0.2-0.3 of a
+one-token step on one 2-core CPU and up to 0.95 on another), else linear (`token_cost`).
+A sequence whose drafts keep failing stops drafting; its estimate is still kept up to
+date at no cost, so it drafts again when its text starts repeating.
 
 Nothing is looked up across sequences: each index holds one sequence's tokens.
 """
@@ -54,13 +54,13 @@ class SpeculationConfig:
     """Measured (tokens in a step, its time in steps of one token), by tokens
     (`LlamaRunner.measure_step_costs`): the cost model `plan_drafts` uses; empty: the
     linear one of `token_cost`."""
-
-    def cost(self) -> StepCost:
-        return StepCost(self.step_costs, self.token_cost)
     first_rate: float = 0.3
     """The starting estimate of the chance that a sequence's first draft token is kept."""
     next_rate: float = 0.8
     """The starting estimate of the chance that a draft token after a kept one is kept."""
+
+    def cost(self) -> StepCost:
+        return StepCost(self.step_costs, self.token_cost)
 
 
 @dataclass(frozen=True)
