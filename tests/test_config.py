@@ -18,6 +18,7 @@ from modelyard.config import (
     load_config,
     with_overrides,
 )
+from modelyard.providers.local_models import engine_config, pooled_deployment
 
 
 def write_config(tmp_path: Path, text: str) -> Path:
@@ -73,6 +74,38 @@ def test_a_partial_section_keeps_the_other_defaults(tmp_path: Path) -> None:
     assert config.engine.context_per_sequence == EngineConfig().context_per_sequence
 
 
+def test_interrupting_heavy_steps_is_on_unless_the_file_turns_it_off(tmp_path: Path) -> None:
+    assert EngineConfig().interrupt_heavy_steps is True
+    assert load_config(None, environ={}).engine.interrupt_heavy_steps is True
+    path = write_config(tmp_path, "[engine]\ninterrupt_heavy_steps = false\n")
+    engine = load_config(path, environ={}).engine
+    assert engine.interrupt_heavy_steps is False
+    assert engine.pause_heavy_every == EngineConfig().pause_heavy_every   # only the switch
+
+
+def test_every_local_models_engine_gets_the_interrupt_switch(tmp_path: Path) -> None:
+    """A pooled local model's engine runs under `engine_config`'s config: [engine]'s
+    interrupt_heavy_steps with or without its deployment's own speculation switch."""
+    loaded = load_config(write_config(tmp_path, """
+[engine]
+interrupt_heavy_steps = false
+
+[[models]]
+id = "editor"
+deployments = [{kind = "local", source = "/models/coder.gguf", speculation = true}]
+
+[[models]]
+id = "chat"
+deployments = [{kind = "local", source = "/models/gemma.gguf"}]
+"""), environ={})
+    switches = {}
+    for model in loaded.models:
+        pooled = pooled_deployment(model)
+        assert pooled is not None
+        switches[model.id] = engine_config(loaded, model, pooled).engine.interrupt_heavy_steps
+    assert switches == {"editor": False, "chat": False}
+
+
 def test_data_dir_expands_the_home_directory(tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -117,6 +150,9 @@ def test_empty_env_data_dir_is_ignored(tmp_path: Path) -> None:
         ("[engine]\nmax_sequences = 2.0\n", ["engine.max_sequences"]),
         ("[engine]\nthreads = true\n", ["engine.threads"]),
         ("[engine]\nflash_attention = 1\n", ["engine.flash_attention"]),
+        ("[engine]\ninterrupt_heavy_steps = 'yes'\n", ["engine.interrupt_heavy_steps"]),
+        ("[engine]\ninterrupt_heavy_steps = 1\n", ["engine.interrupt_heavy_steps"]),
+        ("[engine]\ninterrupt_heavy_steps = 0\n", ["engine.interrupt_heavy_steps"]),
         ("[engine]\nkv_cache_type = 8\n", ["engine.kv_cache_type"]),
         ("[engine]\nkv_cache_type = 'q4_0'\n", ["engine.kv_cache_type"]),
         ("[engine]\nkv_cache_type = 'Q8_0'\n", ["engine.kv_cache_type"]),
