@@ -1,17 +1,20 @@
 """Speculative decoding on the real default model: the same greedy texts, seeded texts,
 logprobs, stop strings and max_tokens with speculation on as off, on prompts whose answers
-repeat the prompt (editing code, repeating a list) and one whose answer does not."""
+repeat the prompt (editing code, repeating a list) and one whose answer does not, and under
+a JSON schema whose answer copies a record from the prompt."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from modelyard.engine.engine import Engine, EngineOutput
+from modelyard.engine.grammar import Constraint, GrammarCompiler
 from modelyard.engine.runner import LlamaRunner, RunnerConfig
 from modelyard.engine.scheduler import SchedulerConfig
 from modelyard.engine.sequence import SamplingParams
@@ -63,21 +66,24 @@ def _prompt(runner: LlamaRunner, user: str) -> list[int]:
 
 
 def _generate(runner: LlamaRunner, speculation: SpeculationConfig | None,
-              requests: list[tuple[list[int], SamplingParams]]
+              requests: list[tuple[list[int], SamplingParams]],
+              constraint: Constraint | None = None
               ) -> tuple[list[list[EngineOutput]], float]:
     """Run `requests` one after another on a fresh engine over `runner`, each on an empty
     KV cache (where earlier requests' cells lie in the cache moves the attention's sums in
-    the last digits, which is not what is compared here); their outputs and the share of
-    draft tokens kept."""
+    the last digits, which is not what is compared here) and under `constraint`; their
+    outputs and the share of draft tokens kept."""
     runner.clear_all()
     engine = Engine(runner, SchedulerConfig(
         max_sequences=SLOTS, step_token_budget=256, kv_capacity=SLOTS * CONTEXT,
-        context_per_sequence=CONTEXT, max_waiting=8, speculation=speculation))
+        context_per_sequence=CONTEXT, max_waiting=8, speculation=speculation),
+        grammar=GrammarCompiler(runner.grammar_tokenizer(), runner.n_vocab))
     engine.start()
 
     async def one(prompt: list[int], params: SamplingParams) -> list[EngineOutput]:
         engine.clear_prefix_cache()   # applied before the submit: the inbox keeps order
-        queue = engine.submit(f"spec-{next(_unique)}", prompt, params)
+        queue = engine.submit(f"spec-{next(_unique)}", prompt, params,
+                              constraint=constraint)
         outputs = []
         while True:
             output = await asyncio.wait_for(queue.get(), timeout=300)
@@ -147,3 +153,34 @@ def test_stop_strings_and_max_tokens_cut_where_they_do_without_drafts(
     assert stopped[-1].num_output_tokens == plain[0][-1].num_output_tokens
     assert _text(cut) == _text(plain[1])
     assert cut[-1].num_output_tokens == 37 and cut[-1].finish_reason == "length"
+
+
+RECORD = {"name": "Ada Lovelace", "born": 1815, "languages": ["English", "French", "Italian"],
+          "field": "mathematics", "known_for": "notes on the Analytical Engine"}
+SCHEMA = {"type": "object", "additionalProperties": False,
+          "required": ["name", "born", "languages", "field", "known_for"],
+          "properties": {"name": {"type": "string"}, "born": {"type": "integer"},
+                         "languages": {"type": "array", "items": {"type": "string"}},
+                         "field": {"type": "string"}, "known_for": {"type": "string"}}}
+
+
+def test_drafts_under_a_json_schema_are_masked_at_every_position(runner: LlamaRunner) -> None:
+    # The record in the prompt is written as the grammar writes JSON (no spaces) and is
+    # followed by more text: drafts copied from it run past the closing brace, where the
+    # grammar is complete and the walk must end.
+    record = json.dumps(RECORD, separators=(",", ":"))
+    prompt = _prompt(runner, "Here is a record: " + record + " That was the "
+                     "record. Reply with the record as JSON, unchanged.")
+    compiler = GrammarCompiler(runner.grammar_tokenizer(), runner.n_vocab)
+    constraint = compiler.json_schema(SCHEMA, strict=True)
+    requests = [(prompt, SamplingParams(temperature=0.0, max_tokens=120, logprobs=True)),
+                (prompt, SamplingParams(temperature=0.8, seed=7, max_tokens=120))]
+    plain, _ = _generate(runner, None, requests, constraint)
+    fast, kept = _generate(runner, SpeculationConfig(), requests, constraint)
+    for without, with_drafts in zip(plain, fast, strict=True):
+        assert _text(with_drafts) == _text(without)
+        assert with_drafts[-1].num_output_tokens == without[-1].num_output_tokens
+        assert with_drafts[-1].finish_reason == without[-1].finish_reason == "stop"
+        assert set(json.loads(_text(with_drafts))) == set(RECORD)
+    assert [t for t, _ in _logprobs(fast[0])] == [t for t, _ in _logprobs(plain[0])]
+    assert kept > 0.5  # the record is copied: drafts were verified under the mask and kept

@@ -135,7 +135,7 @@ class Engine:
         ids = [request_id] if n == 1 else [f"{request_id}:{i}" for i in range(n)]
         seqs = [Sequence(seq_id, prompt_ids, params, eog_ids=self.runner.eog_ids,
                          cache_scope=cache_scope, share=share,
-                         drafter=self._drafter(constraint, reasoning, params))
+                         drafter=self._drafter(reasoning, params))
                 for seq_id in ids]
         try:
             self.scheduler.check_fits(seqs)
@@ -173,14 +173,14 @@ class Engine:
                 self._interrupt_rule = None
                 self.runner.interrupt()
 
-    def _drafter(self, constraint: Constraint | None, reasoning: ReasoningTags | None,
+    def _drafter(self, reasoning: ReasoningTags | None,
                  params: SamplingParams) -> PromptLookup | None:
         """A sequence's drafter, when speculation is on and every draft can be verified
-        exactly: not under a grammar (its mask would have to follow every draft position)
-        nor a thinking budget (which forces tokens in the middle of a draft)."""
+        exactly: not under a thinking budget (which forces tokens in the middle of a
+        draft). Under a grammar each draft position is sampled under the mask of the
+        grammar advanced past the drafts before it (`_verify`)."""
         spec = self.scheduler.config.speculation
-        if spec is None or constraint is not None or (
-                reasoning is not None and params.thinking_budget is not None):
+        if spec is None or (reasoning is not None and params.thinking_budget is not None):
             return None
         return PromptLookup(spec)
 
@@ -340,12 +340,18 @@ class Engine:
         tokens decoding one at a time would give; sampled, each token is drawn from the
         distribution and with the random numbers it would have without drafts (accepting a
         point-mass draft with probability p(draft) and otherwise drawing from p without it
-        is the speculative sampling rule), so a seed gives the same text either way."""
+        is the speculative sampling rule), so a seed gives the same text either way.
+
+        Under a grammar, `_sample` consumes each drawn token into the sequence's matcher
+        before the next row is sampled, so every position is masked by the grammar as it
+        stands after the drafts before it, and only tokens drawn (never a draft that was not
+        kept) advance the grammar; a grammar that completes ends the walk."""
         drawn: list[Sample] = []
         for i in range(rows.shape[0]):
             sample = self._sample(state, rows[i])
             drawn.append(sample)
-            if i >= len(draft) or sample.token != draft[i] or sample.token in state.seq.eog_ids:
+            if (i >= len(draft) or sample.token != draft[i]
+                    or sample.token in state.seq.eog_ids or state.grammar_done):
                 break
         if draft:
             kept = next((i for i, (s, d) in enumerate(zip(drawn, draft, strict=False))
@@ -428,8 +434,10 @@ class Engine:
                     state.reasoning = None  # the model closed its reasoning block itself
             piece, stopped = state.stops.feed(piece)
             text += piece
-            if stopped or state.grammar_done:
+            if stopped:
                 break
+            # (`grammar_done` is the grammar's state after the last token drawn: the walk
+            # of `_verify` ends where the grammar completes.)
         self.metrics.generated_tokens.inc(used)
         if used < len(drawn):
             self._drop_tail(seq, len(drawn) - used)
