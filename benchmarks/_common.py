@@ -14,8 +14,11 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import subprocess
+import sys
 import time
+from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -172,11 +175,31 @@ async def open_loop(pool: Pool, payload: bytes, rate: float,
     return latencies, count - len(latencies), count / wall
 
 
+# -- the servers a benchmark starts -------------------------------------------------------
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM raise SystemExit(143), as Ctrl-C raises KeyboardInterrupt, so a benchmark
+    stopped from outside still runs its `finally` blocks and `with` exits: those stop the
+    servers it started, which would otherwise keep running. Call it first in `main`."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
+def stop_processes(processes: Iterable[subprocess.Popen[bytes]], timeout: float = 30) -> None:
+    """Stop the servers a benchmark started: each still running is sent SIGTERM first, so
+    they all stop at once; one still running `timeout` seconds later is killed."""
+    running = [process for process in processes if process.poll() is None]
+    for process in running:
+        process.terminate()
+    deadline = time.monotonic() + timeout
+    for process in running:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def stop_process(proc: subprocess.Popen[bytes]) -> None:
     """Stop a server the benchmark started: terminate, then kill after 30 s."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_processes([proc])

@@ -52,7 +52,13 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _common import machine, resolve_default_model, save_results  # noqa: E402
+from _common import (  # noqa: E402
+    exit_on_sigterm,
+    machine,
+    resolve_default_model,
+    save_results,
+    stop_processes,
+)
 from bench_gateway import _wait  # noqa: E402
 
 from tests.e2e.server import free_port, metric_value, modelyard_command  # noqa: E402
@@ -236,6 +242,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--model-path", type=Path, default=None)
     args = parser.parse_args()
+    exit_on_sigterm()   # killed, it still stops the three servers (the `finally` below)
     resolve_default_model(args)
     work = Path(tempfile.mkdtemp(prefix="bench-affinity-"))
     processes: list[subprocess.Popen[bytes]] = []
@@ -243,8 +250,10 @@ def main() -> None:
                       f"[engine]\nmax_sequences = {args.slots}\ncontext_per_sequence = 1024\n"
                       "threads = 1\n")
     try:
-        started = [_start(work, f"replica-{i}", replica_config, args.data_dir) for i in range(2)]
-        processes += [p for p, _, _ in started]
+        started: list[tuple[subprocess.Popen[bytes], str, str]] = []
+        for i in range(2):   # each process is listed as soon as it runs, to be stopped
+            started.append(_start(work, f"replica-{i}", replica_config, args.data_dir))
+            processes.append(started[-1][0])
         keys = [_key(url, log, p) for p, url, log in started]
         urls = [url for _, url, _ in started]
         gateway, gateway_url, gateway_log = _start(
@@ -266,13 +275,7 @@ def main() -> None:
                   f"{phase.cached_share():.1%}, TTFT p50 {phase.ttft_ms(0.5):.0f} ms",
                   flush=True)
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(processes)
     report(phases, args)
 
 

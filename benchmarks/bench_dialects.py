@@ -40,7 +40,7 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _common import Pool, open_loop  # noqa: E402
+from _common import Pool, exit_on_sigterm, open_loop, stop_processes  # noqa: E402
 from bench_gateway import Target, _pct, _wait  # noqa: E402
 
 from tests.e2e.server import free_port, modelyard_command  # noqa: E402
@@ -179,6 +179,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    exit_on_sigterm()   # killed, it still stops its servers (the `finally` below)
     work = Path(tempfile.mkdtemp(prefix="bench-dialects-"))
     processes: list[subprocess.Popen[bytes]] = []
     log = open(work / "log.txt", "wb")  # noqa: SIM115
@@ -226,9 +227,7 @@ def main() -> None:
             print(f"| {path} | {whole:.1f} | {whole - chat_costs[0]:+.1f} | {streamed:.1f} | "
                   f"{streamed - chat_costs[1]:+.1f} |")
     finally:
-        for process in processes:
-            process.terminate()
-            process.wait(timeout=20)
+        stop_processes(processes)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _common import Pool, machine, save_results  # noqa: E402
+from _common import Pool, exit_on_sigterm, machine, save_results, stop_processes  # noqa: E402
 
 from tests.e2e.server import free_port, modelyard_command  # noqa: E402
 
@@ -183,6 +183,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--data-dir", type=Path, default=None)
     args = parser.parse_args()
+    exit_on_sigterm()   # so the servers are still stopped (the `finally` below)
     if args.llama_server is None:
         raise SystemExit("pass --llama-server PATH (or set LLAMA_SERVER)")
     from modelyard.config import load_config
@@ -222,9 +223,7 @@ def main() -> None:
                               f"p50 {measured[1]:.1f} ms, p99 {measured[2]:.1f} ms, "
                               f"{measured[3]} failed", flush=True)
         finally:
-            for target in targets:
-                target.process.terminate()
-                target.process.wait(30)
+            stop_processes(target.process for target in targets)
     print("\n| concurrency | modelyard req/s | p50 / p99 | llama-server req/s | p50 / p99 |")
     print("|---:|---:|---:|---:|---:|")
     summary: dict[str, dict[str, dict[str, float]]] = {}

@@ -35,7 +35,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import socket
 import statistics
 import subprocess
@@ -46,7 +45,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-from _common import machine, result_row, save_results
+from _common import exit_on_sigterm, machine, result_row, save_results, stop_process
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
 GENERATED = "modelyard_generated_tokens_total"
@@ -123,11 +122,7 @@ def server(workdir: Path, engine: Engine, threads: int) -> Iterator[tuple[str, s
             raise RuntimeError("the server printed no admin key")
         yield base, found.group(1)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process)
 
 
 def account_key(base: str, admin_key: str, account: str) -> str:
@@ -252,7 +247,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     # Stopped from outside: still stop the server it started (the `with` blocks' exits).
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    exit_on_sigterm()
     if args.quick:
         args.flood, args.light_requests, args.warmup = 24, 4, 6.0
     print(f"# fairness benchmark: {machine('llama-cpp-python')}", flush=True)

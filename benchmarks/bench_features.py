@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,14 @@ from typing import Any
 import httpx
 import numpy as np
 import numpy.typing as npt
-from _common import RESULT_TABLE_HEAD, machine, resolve_default_model, save_results, stop_process
+from _common import (
+    RESULT_TABLE_HEAD,
+    exit_on_sigterm,
+    machine,
+    resolve_default_model,
+    save_results,
+    stop_process,
+)
 from _common import result_row as row
 from bench_serving import PROMPTS, free_port, wait_healthy
 
@@ -375,7 +381,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the servers are still stopped
+    exit_on_sigterm()   # so the servers are still stopped
     info = {**machine("llama-cpp-python"), "threads": args.threads,
             "model": str(args.model_path)}
     benches = {"prefix": bench_prefix, "logprobs": bench_logprobs, "sampling": bench_sampling}

@@ -16,7 +16,6 @@ import asyncio
 import ctypes
 import json
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ import llguidance.llamacpp
 import llguidance.numpy as llg_numpy
 import numpy as np
 import numpy.typing as npt
-from _common import RESULT_TABLE_HEAD, machine, resolve_default_model, save_results
+from _common import RESULT_TABLE_HEAD, exit_on_sigterm, machine, resolve_default_model, save_results
 from _common import result_row as row
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
@@ -469,7 +468,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the server is still stopped
+    exit_on_sigterm()   # so the server is still stopped
     info = {**machine("llguidance", "xgrammar", "llama-cpp-python"), "threads": args.threads,
             "model": str(args.model_path)}
     benches = {"mask": bench_masks, "throughput": bench_throughput}

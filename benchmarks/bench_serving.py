@@ -13,7 +13,6 @@ import ctypes
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from typing import Any, cast
 import httpx
 import llama_cpp
 import numpy as np
-from _common import machine, resolve_default_model, save_results, stop_process
+from _common import exit_on_sigterm, machine, resolve_default_model, save_results, stop_process
 
 PROMPTS = [f"Write a short story about {topic}." for topic in (
     "a lighthouse keeper", "a lost robot", "a dragon who bakes bread", "a time-travelling cat",
@@ -406,7 +405,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the server is still stopped
+    exit_on_sigterm()   # so the server is still stopped
     info = {**machine("llama-cpp-python"), "threads": args.threads,
             "model": str(args.model_path)}
     serving, raw = bench_modelyard(args, args.model_path)

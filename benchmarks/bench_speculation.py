@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _common import cpu_name, resolve_default_model, save_results, stop_process
+from _common import cpu_name, exit_on_sigterm, resolve_default_model, save_results, stop_process
 from bench_serving import free_port, stream_one, wait_healthy
 
 FUNCTIONS = 15
@@ -236,6 +236,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    exit_on_sigterm()   # so the servers are still stopped (the `with` exits)
     resolve_default_model(args)
     model_path: Path = args.model_path
     print(f"{cpu_name()}, {args.threads} threads, load average {os.getloadavg()[0]:.2f}; "

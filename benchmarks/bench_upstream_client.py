@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "src"))
 
-from _common import machine, save_results  # noqa: E402
+from _common import exit_on_sigterm, machine, save_results, stop_process  # noqa: E402
 
 from modelyard.providers.http1 import Pool  # noqa: E402
 
@@ -159,6 +159,7 @@ def main() -> None:
     parser.add_argument("--gateway-cpu-ms", type=float, default=2.2,
                         help="the gateway's CPU per request, for the last column")
     args = parser.parse_args()
+    exit_on_sigterm()   # so the upstream is still stopped (the `finally` below)
     port = free_port()
     upstream = subprocess.Popen([sys.executable, "-m", "tests.router.fault_server", str(port)],
                                 cwd=ROOT, stdin=subprocess.DEVNULL)
@@ -170,8 +171,7 @@ def main() -> None:
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
         rounds = asyncio.run(measure(base, args))
     finally:
-        upstream.terminate()
-        upstream.wait(timeout=10)
+        stop_process(upstream)
     info = machine("httptools", "aiohttp", "httpx", "uvloop")
     print(f"\n{info['cpu']}, {info['cores']} cores, load {info['load_average_at_start']:.2f};"
           f" {args.rounds} rounds of {args.requests} streamed requests, concurrency "
