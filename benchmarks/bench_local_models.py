@@ -1,15 +1,14 @@
-"""Two local models' engines on one machine's cores: how to split the threads.
+"""Two local models' engines on one machine's cores: how many threads each decode gets.
 
 Two engines (the default Qwen2.5-Coder-0.5B and Gemma 3 270M when `modelyard[gemma]` is
 installed, else the default model twice) run in this process, each its own llama.cpp
-context and loop thread, as the server runs them. Three ways to share the cores:
+context and loop thread, as the server runs them. Every decode of the process runs on its
+one llama.cpp thread (engine/compute_thread.py), one at a time in arrival order, so the
+engines' decodes never overlap whatever their threads; the modes differ only in those:
 
-- `gate`: each engine decodes with every core, and a decode gate (engine/decode_gate.py)
-  lets one `llama_decode` run at a time, handed over in arrival order (what the server
-  does);
-- `split`: each engine gets cores / 2 threads, no gate (the threads never exceed the cores,
-  but an idle engine's share idles too);
-- `oversubscribed`: each engine decodes with every core, no gate.
+- `every_core`: each engine decodes with every core (what the server does);
+- `half_cores`: each engine decodes with cores / 2 threads (a fixed split of the cores
+  between the two; as the decodes take turns, each leaves the other half idle).
 
 Two loads each: `both busy` (`--concurrency` streams on each model at once) and `one busy`
 (the same on the first model only, the second loaded and idle). Prints completion tokens
@@ -34,7 +33,6 @@ from typing import Any
 from _common import machine, resolve_default_model, save_results
 
 from modelyard.config import EngineConfig, ModelConfig, load_config
-from modelyard.engine.decode_gate import DecodeGate
 from modelyard.models import resolve_model_source
 from modelyard.providers.base import ChatRequest, RawPrompt
 from modelyard.providers.local import LocalProvider
@@ -43,8 +41,7 @@ from modelyard.sampling import Sampling
 PROMPT = "Write a long story about a lighthouse keeper and the ships that pass by at night."
 
 
-def engines(args: argparse.Namespace, paths: list[Path], threads: int,
-            gate: DecodeGate | None) -> list[LocalProvider]:
+def engines(args: argparse.Namespace, paths: list[Path], threads: int) -> list[LocalProvider]:
     base = load_config()
     built = []
     for index, path in enumerate(paths):
@@ -52,7 +49,7 @@ def engines(args: argparse.Namespace, paths: list[Path], threads: int,
             base, model=ModelConfig(id=f"m{index}", source=str(path)),
             engine=EngineConfig(max_sequences=args.concurrency, context_per_sequence=512,
                                 step_token_budget=max(64, args.concurrency), threads=threads))
-        built.append(LocalProvider(config, path, None, gate))
+        built.append(LocalProvider(config, path))
     return built
 
 
@@ -70,8 +67,8 @@ async def one_stream(provider: LocalProvider, tokens: int, seed: int) -> int:
 
 async def load(busy: list[LocalProvider], args: argparse.Namespace) -> tuple[float, float]:
     """Completion tokens per second of `--concurrency` streams on each busy engine, and per
-    CPU second of this process (threads that spin while they wait for a core burn CPU
-    without output; this stays fair when other work loads the machine)."""
+    CPU second of this process (decode threads that spin between decodes burn CPU without
+    output; this stays fair when other work loads the machine)."""
     started, cpu = time.perf_counter(), time.process_time()
     counts = await asyncio.gather(*(one_stream(p, args.tokens, i * 100 + j)
                                     for i, p in enumerate(busy)
@@ -84,14 +81,12 @@ async def measure(args: argparse.Namespace, paths: list[Path]) -> dict[str, dict
     """Every mode's engines loaded at once (idle ones cost no CPU); the modes take turns
     within each round, so a change of the machine's load falls on all of them alike."""
     cores = os.cpu_count() or 1
-    modes = {"gate": (cores, DecodeGate()), "split": (max(1, cores // 2), None),
-             "oversubscribed": (cores, None)}
-    built = {name: engines(args, paths, threads, gate)
-             for name, (threads, gate) in modes.items()}
+    modes = {"every_core": cores, "half_cores": max(1, cores // 2)}
+    built = {name: engines(args, paths, threads) for name, threads in modes.items()}
     results: dict[str, dict[str, Any]] = {
         name: {"threads_per_engine": threads, "both_busy": [], "one_busy": [],
                "both_busy_per_cpu_s": [], "one_busy_per_cpu_s": []}
-        for name, (threads, _) in modes.items()}
+        for name, threads in modes.items()}
     for providers in built.values():
         await load(providers, args)  # warm-up
     for round_index in range(args.rounds):
@@ -125,7 +120,7 @@ def main() -> None:
     print(f"engines: {paths[0].name} and {paths[1].name}, {os.cpu_count()} cores", flush=True)
     results = asyncio.run(measure(args, paths))
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
-    print("\n| cores shared by | threads per engine | both busy: tok/s | tok per CPU s "
+    print("\n| mode | threads per engine | both busy: tok/s | tok per CPU s "
           "| one busy: tok/s | tok per CPU s |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, row in results.items():

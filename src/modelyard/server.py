@@ -16,7 +16,6 @@ from modelyard.api.app import create_app
 from modelyard.api.preparation import Preparation
 from modelyard.api.state import AppState
 from modelyard.config import Config
-from modelyard.engine.decode_gate import DecodeGate
 from modelyard.engine.metrics import EngineMetrics
 from modelyard.models import resolve_model_source
 from modelyard.platform import service
@@ -47,19 +46,17 @@ def build_app(config: Config, *, progress: bool = True) -> ASGIApp:
     fingerprint_source = "catalog"
     pooled = any(pooled_deployment(model) for model in config.models)
     engine_metrics = EngineMetrics(registry) if config.local_model or pooled else None
-    decode_gate = DecodeGate() if pooled else None  # engines take turns on the cores
     reserved = 0
     if config.local_model:
         model_path = resolve_model_source(config.model.source, config.models_dir,
                                           progress=progress)
-        local = LocalProvider(config, model_path, engine_metrics, decode_gate)
+        local = LocalProvider(config, model_path, engine_metrics)
         reserved = engine_memory(config, model_path)
         if config.engine_model_listed:
             providers[local.model_id] = local
         fingerprint_source = model_path.name
         logger.info("serving %s from %s", local.model_id, model_path)
     pool, engines = build_local_models(config, registry, metrics=engine_metrics,
-                                       decode_gate=decode_gate or DecodeGate(),
                                        reserved_bytes=reserved, progress=progress)
     if pool is not None:
         pool.preload()

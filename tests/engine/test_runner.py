@@ -14,6 +14,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
+from modelyard.engine.compute_thread import on_compute_thread
 from modelyard.engine.engine import Engine, EngineOutput
 from modelyard.engine.runner import (
     BatchItem,
@@ -211,5 +212,35 @@ def test_step_costs_are_measured_in_one_token_steps(default_model_path: Path) ->
         assert runner.decode([BatchItem(0, 0, prompt, True)]).shape[0] == 1  # slot 0 empty
         big = runner.measure_step_costs(sizes=(1, 32, 128), repeats=1)
         assert [n for n, _ in big] == [1, 32]   # a step past n_batch is not measured
+    finally:
+        runner.close()
+
+
+def test_step_costs_are_timed_in_one_job_on_the_compute_thread(
+        default_model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every timed decode runs on the compute thread itself, and another engine's decode
+    asked for meanwhile waits until the measurement ends instead of falling between."""
+    runner = LlamaRunner(RunnerConfig(default_model_path, n_seq_max=2, n_ctx=512, n_batch=64,
+                                      threads=2))
+    compute_thread = on_compute_thread(threading.get_ident)
+    events: list[str] = []
+    other: list[threading.Thread] = []
+    decode = runner.decode
+
+    def recording_decode(items: list[BatchItem]) -> np.ndarray:
+        events.append("measure" if threading.get_ident() == compute_thread else "elsewhere")
+        if not other:
+            other.append(threading.Thread(target=on_compute_thread,
+                                          args=(events.append, "other")))
+            other[0].start()
+            time.sleep(0.05)  # the other job is queued on the compute thread by now
+        return decode(items)
+
+    monkeypatch.setattr(runner, "decode", recording_decode)
+    try:
+        runner.measure_step_costs(sizes=(1, 2), repeats=2)
+        other[0].join()
+        assert events[-1] == "other"
+        assert events[:-1] == ["measure"] * (1 + 3 * 2)   # the context, then 3 sizes x 2
     finally:
         runner.close()

@@ -97,7 +97,6 @@ def test_mistakes_name_their_key(tmp_path: Path, text: str, message: str) -> Non
 def test_the_pool_a_config_names(tmp_path: Path) -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from modelyard.engine.decode_gate import DecodeGate
     from modelyard.providers.local_models import build_local_models
     from tests.models.test_gguf_memory import write_model
 
@@ -114,8 +113,7 @@ capabilities = ["json_schema"]
 deployments = [{{kind = "local", source = "{tmp_path / 'tiny.gguf'}"}}]
 """))
     registry = CollectorRegistry()
-    pool, models = build_local_models(loaded, registry, metrics=None,
-                                      decode_gate=DecodeGate(), progress=False)
+    pool, models = build_local_models(loaded, registry, metrics=None, progress=False)
     assert pool is not None and list(models) == ["tiny"]
     described = models["tiny"].describe()
     assert described["state"] == "unloaded" and described["context_length"] == 256

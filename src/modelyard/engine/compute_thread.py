@@ -11,8 +11,10 @@ cores: an engine's steps took 28% longer for the rest of the process once anothe
 thread had run one 2-thread decode, and none longer when that thread had ended. So the
 engines and the embedding model hand their `llama_decode` and `llama_encode` calls to this
 one thread, and the process has one team. A call costs a thread handoff (tens of
-microseconds) against steps of milliseconds; calls from several engines run one at a
-time, which they did anyway (decode_gate.py).
+microseconds) against steps of milliseconds. Calls from several engines run one at a
+time, in the order they arrive (the executor's queue): the engines take turns on the
+cores, and an engine waiting for its decode goes before the one that just decoded, whose
+next call queues behind it.
 """
 
 from __future__ import annotations

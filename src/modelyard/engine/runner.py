@@ -14,7 +14,6 @@ import threading
 import time
 import warnings
 from collections.abc import Sequence as Seq
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,8 +65,6 @@ class RunnerConfig:
     flash_attention: bool = True
     kv_cache_type: str = "f16"
     """The KV cache's number format, a key of `KV_CACHE_TYPES` ("q8_0" needs flash attention)."""
-    decode_gate: AbstractContextManager[None] | None = None
-    """Held across each `llama_decode` (engine/decode_gate.py: engines taking turns)."""
 
 
 @dataclass(frozen=True)
@@ -318,8 +315,7 @@ class LlamaRunner:
         if n > self.config.n_batch:
             raise RunnerError(f"batch of {n} tokens exceeds n_batch {self.config.n_batch}")
         self._batch.n_tokens = n
-        with self.config.decode_gate or nullcontext():
-            status = on_compute_thread(llama_cpp.llama_decode, self._ctx, self._batch)
+        status = on_compute_thread(llama_cpp.llama_decode, self._ctx, self._batch)
         if status == 2:  # interrupted: llama.cpp dropped the cells of the ubatch it was in
             for item in items:  # and of any it had finished before
                 llama_cpp.llama_memory_seq_rm(self._memory, item.slot, item.start, -1)
@@ -340,9 +336,15 @@ class LlamaRunner:
         time in steps of one token), for the speculation's cost model. Uses slot 0 and
         clears it: call it before anything else decodes.
 
-        Like every decode it runs on the process's llama.cpp thread (compute_thread.py):
-        timed on another thread, it would leave a second OpenMP team alive.
+        The whole measurement runs as one job on the process's llama.cpp thread
+        (compute_thread.py), where its decodes run directly: another engine's decode cannot
+        fall between them, and the times hold no wait for that thread and no handoff. Other
+        engines' decodes wait for the whole measurement (a second or two on a CPU).
         """
+        return on_compute_thread(self._measure_step_costs, sizes, repeats, context)
+
+    def _measure_step_costs(self, sizes: Seq[int], repeats: int, context: int
+                            ) -> tuple[tuple[int, float], ...]:
         limit = min(self.config.n_batch, self.config.n_ctx // 2)
         sizes = [size for size in sizes if size <= limit] or [1]
         context = min(context, limit)

@@ -16,7 +16,6 @@ from modelyard.chat.shield import Prompt, SpecialTextShield
 from modelyard.chat.template import ChatTemplate, TemplateError
 from modelyard.chat.tool_parsers import TOOL_PARSERS, TaggedJsonToolParser, tool_family
 from modelyard.config import Config, EngineConfig
-from modelyard.engine.decode_gate import DecodeGate
 from modelyard.engine.engine import Engine, EngineOutput, ReasoningTags
 from modelyard.engine.grammar import GrammarCompiler
 from modelyard.engine.metrics import EngineMetrics
@@ -57,8 +56,7 @@ class _LocalWork:
 
 class LocalProvider(Provider[_LocalWork]):
     def __init__(self, config: Config, model_path: Path,
-                 metrics: EngineMetrics | None = None,
-                 decode_gate: DecodeGate | None = None) -> None:
+                 metrics: EngineMetrics | None = None) -> None:
         self.defaults: Sampling = config.model.defaults
         engine_config = config.engine
         self.model_id = config.model.id
@@ -75,7 +73,6 @@ class LocalProvider(Provider[_LocalWork]):
             gpu_layers=engine_config.gpu_layers,
             flash_attention=engine_config.flash_attention,
             kv_cache_type=engine_config.kv_cache_type,
-            decode_gate=decode_gate,
         ))
         template_source = (Path(config.model.chat_template).read_text(encoding="utf-8")
                            if config.model.chat_template else self.runner.chat_template())

@@ -4,8 +4,9 @@ has a `source` becomes a `ManagedModel` whose engine `LocalPool` loads when aske
 Every engine is a `LocalProvider` of its own (llama.cpp model, context, scheduler and loop
 thread), built from the server's config with the catalog entry's id, sampling defaults
 and completion cap; `[engine]` (slots, context per sequence, threads) applies to each.
-The engines share one `DecodeGate`: a decode of any of them uses every core
-(`engine.threads`), and they take turns.
+A decode of any of them uses every core (`engine.threads`), and the engines' decodes
+run one at a time, in arrival order, on the process's one llama.cpp thread
+(engine/compute_thread.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from modelyard.config import CatalogModelConfig, Config, DeploymentConfig, ModelConfig
-from modelyard.engine.decode_gate import DecodeGate
 from modelyard.engine.metrics import EngineMetrics
 from modelyard.models import resolve_model_source
 from modelyard.models.gguf_memory import read_shape
@@ -52,7 +52,7 @@ def engine_config(config: Config, model: CatalogModelConfig,
 
 
 def build_local_models(config: Config, registry: CollectorRegistry, *,
-                       metrics: EngineMetrics | None, decode_gate: DecodeGate,
+                       metrics: EngineMetrics | None,
                        reserved_bytes: int = 0, progress: bool = True,
                        ) -> tuple[LocalPool | None, dict[str, ManagedModel]]:
     """The pool and its models by catalog id (none: no pool). Sources are resolved now
@@ -78,8 +78,7 @@ def build_local_models(config: Config, registry: CollectorRegistry, *,
                                           ("tools", "json_schema", "reasoning", "vision")}}))
 
     def load(spec: ModelSpec) -> ChatModel:
-        return LocalProvider(configs[spec.model_id], paths[spec.model_id], metrics,
-                             decode_gate)
+        return LocalProvider(configs[spec.model_id], paths[spec.model_id], metrics)
 
     engine = config.engine
     pool = LocalPool(specs, load, memory_budget=engine.memory_budget,
