@@ -54,6 +54,27 @@ class _LocalWork:
     inside_reasoning: bool
     """The template opened a reasoning block: the output starts inside it."""
 
+def scheduler_config(engine_config: EngineConfig,
+                     speculation: SpeculationConfig | None) -> SchedulerConfig:
+    """The scheduler's settings from the `[engine]` section (and speculation's, measured
+    on the model when it is on): one slot of `context_per_sequence` cells per sequence."""
+    return SchedulerConfig(
+        max_sequences=engine_config.max_sequences,
+        step_token_budget=engine_config.step_token_budget,
+        kv_capacity=engine_config.max_sequences * engine_config.context_per_sequence,
+        context_per_sequence=engine_config.context_per_sequence,
+        max_waiting=engine_config.max_waiting,
+        prefix_caching=engine_config.prefix_caching,
+        max_cached_cells=2 * engine_config.context_per_sequence,
+        fair_share=engine_config.fair_share,
+        reserved_slots=engine_config.reserved_slots,
+        speculation=speculation,
+        heavy_prefill_per_step=engine_config.heavy_prefill_per_step,
+        pause_heavy_every=engine_config.pause_heavy_every,
+        interrupt_heavy_steps=engine_config.interrupt_heavy_steps,
+    )
+
+
 class LocalProvider(Provider[_LocalWork]):
     def __init__(self, config: Config, model_path: Path,
                  metrics: EngineMetrics | None = None) -> None:
@@ -86,21 +107,9 @@ class LocalProvider(Provider[_LocalWork]):
         self.tool_family = tool_family(self.template.source)
         self.tool_tokens = self._tool_tokens()
         self.think_tags = reasoning_tags(self.template.source)
-        self.engine = Engine(self.runner, SchedulerConfig(
-            max_sequences=engine_config.max_sequences,
-            step_token_budget=engine_config.step_token_budget,
-            kv_capacity=n_ctx,
-            context_per_sequence=engine_config.context_per_sequence,
-            max_waiting=engine_config.max_waiting,
-            prefix_caching=engine_config.prefix_caching,
-            max_cached_cells=2 * engine_config.context_per_sequence,
-            fair_share=engine_config.fair_share,
-            reserved_slots=engine_config.reserved_slots,
-            speculation=self._speculation(engine_config),
-            heavy_prefill_per_step=engine_config.heavy_prefill_per_step,
-            pause_heavy_every=engine_config.pause_heavy_every,
-            interrupt_heavy_steps=engine_config.interrupt_heavy_steps,
-        ), metrics, self.grammar)
+        self.engine = Engine(
+            self.runner, scheduler_config(engine_config, self._speculation(engine_config)),
+            metrics, self.grammar)
         self.engine.start()
 
     def _speculation(self, engine_config: EngineConfig) -> SpeculationConfig | None:
