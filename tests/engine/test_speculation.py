@@ -64,9 +64,28 @@ def test_acceptance_estimates_follow_the_outcomes() -> None:
         drafter.record([1, 2], [7])
     assert drafter.first_rate < 0.01
     assert drafter.value(2) < drafter.value(1)
-    drafter.shadow = 4
+    drafter.shadow_draft([4])
     drafter.record_shadow(4)
     assert drafter.first_rate > 0.2
+    assert drafter.shadow is None
+
+
+def test_a_draft_not_made_is_followed_over_the_next_steps() -> None:
+    drafter = PromptLookup(SpeculationConfig(first_rate=0.5, next_rate=0.5))
+    drafter.shadow_draft([4, 5, 6])
+    drafter.shadow_draft([9, 9])   # one shadow at a time: this one is not followed
+    drafter.record_shadow(4)       # step 1: the first token would have been kept
+    assert drafter.first_rate > 0.5 and drafter.next_rate == 0.5
+    drafter.record_shadow(5)       # step 2: and the second
+    assert drafter.next_rate > 0.5
+    following = drafter.next_rate
+    drafter.record_shadow(7)       # step 3: the third would have failed; the shadow ends
+    assert drafter.next_rate < following and drafter.shadow is None
+    first = drafter.first_rate
+    drafter.record_shadow(7)       # nothing followed: nothing changes
+    assert drafter.first_rate == first
+    drafter.shadow_draft([1, 2])
+    drafter.drop_shadow()          # the sequence drafts for real: no shadow
     assert drafter.shadow is None
 
 

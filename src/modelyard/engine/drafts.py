@@ -30,7 +30,10 @@ def add_drafts(output: SchedulerOutput, budget: int, config: SchedulerConfig) ->
                          len(output.chunks), budget, spec.cost())
     added = 0
     for (i, drafter, draft), count in zip(proposals, counts, strict=True):
-        drafter.shadow = None if count else draft[0]
+        if count:
+            drafter.drop_shadow()
+        else:
+            drafter.shadow_draft(draft)
         if count:
             chunk = output.chunks[i]
             output.chunks[i] = ScheduledChunk(chunk.seq, chunk.start,
