@@ -58,6 +58,9 @@ class EngineConfig:
     text is the same as without it (greedy) or drawn from the same distribution."""
     speculation_max_draft: Annotated[int, Strict(), Field(ge=1, le=64)] = 16
     """Most draft tokens one sequence verifies in a step (fewer while its drafts fail)."""
+    speculation_history: Flag = True
+    """With speculation: also draft from the recent outputs of the request's own account
+    (engine/account_history.py), never another's."""
     share_prefix_cache: Flag = False
     """Reuse cached prompt prefixes across accounts (one-tenant deployments). Off, each
     account reuses only its own, so no account can probe another's prompts."""

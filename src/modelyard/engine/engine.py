@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from modelyard.engine.account_history import AccountHistories
 from modelyard.engine.detokenize import IncrementalDetokenizer, StopStringMatcher
 from modelyard.engine.fair_share import InterruptRule
 from modelyard.engine.grammar import Constraint, GrammarCompiler, GrammarMatcher
@@ -94,6 +95,10 @@ class Engine:
         self._interrupt_lock = threading.Lock()
         self._interrupt_rule: InterruptRule | None = None
         """Whose request may interrupt the step in flight (fair share); guarded by the lock."""
+        spec = config.speculation
+        self._histories = (AccountHistories() if spec is not None and spec.account_history
+                           else None)
+        """Each account's recent outputs, drafted from (account_history.py)."""
         self._thread = threading.Thread(target=self._run, name="modelyard-engine", daemon=True)
 
     def start(self) -> None:
@@ -135,7 +140,7 @@ class Engine:
         ids = [request_id] if n == 1 else [f"{request_id}:{i}" for i in range(n)]
         seqs = [Sequence(seq_id, prompt_ids, params, eog_ids=self.runner.eog_ids,
                          cache_scope=cache_scope, share=share,
-                         drafter=self._drafter(reasoning, params))
+                         drafter=self._drafter(reasoning, params, share))
                 for seq_id in ids]
         try:
             self.scheduler.check_fits(seqs)
@@ -173,16 +178,19 @@ class Engine:
                 self._interrupt_rule = None
                 self.runner.interrupt()
 
-    def _drafter(self, reasoning: ReasoningTags | None,
-                 params: SamplingParams) -> PromptLookup | None:
+    def _drafter(self, reasoning: ReasoningTags | None, params: SamplingParams,
+                 share: Share) -> PromptLookup | None:
         """A sequence's drafter, when speculation is on and every draft can be verified
         exactly: not under a thinking budget (which forces tokens in the middle of a
         draft). Under a grammar each draft position is sampled under the mask of the
-        grammar advanced past the drafts before it (`_verify`)."""
+        grammar advanced past the drafts before it (`_verify`). It also drafts from the
+        outputs of the request's account, if any, and of no other."""
         spec = self.scheduler.config.speculation
         if spec is None or (reasoning is not None and params.thinking_budget is not None):
             return None
-        return PromptLookup(spec)
+        history = (self._histories.for_account(share.key) if self._histories is not None
+                   else None)
+        return PromptLookup(spec, history)
 
     def _check_room(self, n: int) -> None:
         if self._closing:
@@ -446,6 +454,8 @@ class Engine:
         if stopped and seq.params.include_stop_str_in_output:
             text += state.stops.matched or ""
         if seq.finish_reason is not None:
+            if seq.drafter is not None and seq.drafter.history is not None:
+                seq.drafter.history.add(seq.output_ids)  # an output that ended whole
             if not stopped:
                 text += state.stops.feed(state.detokenizer.flush())[0]
                 text += state.stops.flush()

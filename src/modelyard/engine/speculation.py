@@ -14,7 +14,8 @@ sampled outputs keep their distribution and draw the same random numbers).
 Drafts cost: every draft token is one more token in the step, which all sequences in the
 step wait for. `plan_drafts` gives draft tokens out by their chance of being kept,
 estimated per sequence (`PromptLookup.first_rate`, `next_rate`, updated after every
-verification and, while a sequence does not draft, from the drafts it would have made),
+verification and, while a sequence does not draft, from the draft it would have made,
+followed token by token over the next steps),
 best chance first, and keeps the prefix of that order with the most expected output tokens
 per unit of step time under a cost model of a step: measured on the machine when the
 engine starts (`SpeculationConfig.step_costs`; one more token in a step costs 0.2-0.3 of a
@@ -22,7 +23,9 @@ one-token step on one 2-core CPU and up to 0.95 on another), else linear (`token
 A sequence whose drafts keep failing stops drafting; its estimate is still kept up to
 date at no cost, so it drafts again when its text starts repeating.
 
-Nothing is looked up across sequences: each index holds one sequence's tokens.
+Where the sequence's own text has no match as long as `HistoryConfig.ngram`, the drafts
+come from its account's recent outputs (account_history.py); nothing is ever looked up in
+another account's text.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import bisect
 import heapq
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+
+from modelyard.engine.account_history import OutputHistory
 
 RATE_WEIGHT = 0.25
 """Weight of the newest outcome in the running acceptance estimates."""
@@ -58,6 +63,9 @@ class SpeculationConfig:
     """The starting estimate of the chance that a sequence's first draft token is kept."""
     next_rate: float = 0.8
     """The starting estimate of the chance that a draft token after a kept one is kept."""
+    account_history: bool = True
+    """Where a sequence's own text has no match as long as the history's n-gram, draft
+    from its account's recent outputs (account_history.py)."""
 
     def cost(self) -> StepCost:
         return StepCost(self.step_costs, self.token_cost)
@@ -99,8 +107,12 @@ class PromptLookup:
     the position after its most recent occurrence; it is brought up to date lazily, a few
     dictionary writes per new token."""
 
-    def __init__(self, config: SpeculationConfig) -> None:
+    def __init__(self, config: SpeculationConfig, history: OutputHistory | None = None
+                 ) -> None:
         self.config = config
+        self.history = history
+        """The account's recent outputs, drafted from where the sequence's own text has no
+        long enough match; None: no account, or `account_history` off."""
         self._index: dict[tuple[int, ...], int] = {}
         self._indexed = 0
         self.first_rate = config.first_rate
@@ -109,9 +121,11 @@ class PromptLookup:
         """(source position, text length) of the last proposal: while the text goes on
         copying from there, the next proposal continues the copy (an edited file is copied
         in order, even where its lines repeat each other)."""
-        self.shadow: int | None = None
-        """The first token this sequence would have drafted in a step it did not draft;
-        compared with the token sampled instead, to keep `first_rate` current."""
+        self.shadow: list[int] | None = None
+        """The draft this sequence would have made in a step it did not draft, compared
+        token by token with the tokens sampled in that step and the next ones (one a step)
+        until one differs, to keep `first_rate` and `next_rate` current at no cost."""
+        self._shadow_depth = 0
 
     def _sync(self, tokens: Seq[int]) -> None:
         lo, hi = self.config.min_ngram, self.config.max_ngram
@@ -130,12 +144,19 @@ class PromptLookup:
         self._sync(tokens)
         length = len(tokens)
         at = self._continued(tokens)
+        matched = length
         if at is None:
-            for n in range(min(self.config.max_ngram, length - 1),
-                           self.config.min_ngram - 1, -1):
-                at = self._index.get(tuple(tokens[length - n:]))
+            for matched in range(min(self.config.max_ngram, length - 1),
+                                 self.config.min_ngram - 1, -1):
+                at = self._index.get(tuple(tokens[length - matched:]))
                 if at is not None:
                     break
+        if self.history is not None and (at is None
+                                         or matched < self.history.config.ngram):
+            earlier = self.history.propose(tokens, limit)
+            if earlier:
+                self._copying = None
+                return earlier
         if at is None:
             self._copying = None
             return []
@@ -177,10 +198,30 @@ class PromptLookup:
             kept += 1
         return kept
 
+    def shadow_draft(self, draft: list[int]) -> None:
+        """This step drafts nothing of `draft`: follow it as a shadow, unless one is being
+        followed already (a shadow goes on across steps until it fails or ends)."""
+        if self.shadow is None and draft:
+            self.shadow, self._shadow_depth = draft, 0
+
+    def drop_shadow(self) -> None:
+        """The sequence drafts this step: its real drafts update the estimates."""
+        self.shadow = None
+
     def record_shadow(self, token: int) -> None:
-        """The token sampled in a step where this sequence did not draft."""
-        if self.shadow is not None:
-            self.first_rate += RATE_WEIGHT * ((self.shadow == token) - self.first_rate)
+        """The token sampled in a step where this sequence did not draft: compared with the
+        shadow's next token, as `record` compares a real draft's."""
+        if self.shadow is None:
+            return
+        depth = self._shadow_depth
+        hit = self.shadow[depth] == token
+        if depth == 0:
+            self.first_rate += RATE_WEIGHT * (hit - self.first_rate)
+        else:
+            self.next_rate += RATE_WEIGHT * (hit - self.next_rate)
+        if hit and depth + 1 < len(self.shadow):
+            self._shadow_depth = depth + 1
+        else:
             self.shadow = None
 
 

@@ -121,7 +121,8 @@ class LocalProvider(Provider[_LocalWork]):
         logger.info("%s: decode step cost by tokens (in one-token steps): %s", self.model_id,
                     ", ".join(f"{n}: {cost:.2f}" for n, cost in costs))
         return SpeculationConfig(max_draft=engine_config.speculation_max_draft,
-                                 step_costs=costs)
+                                 step_costs=costs,
+                                 account_history=engine_config.speculation_history)
 
     def describe(self) -> dict[str, Any]:
         return {
