@@ -74,6 +74,13 @@ def test_a_partial_section_keeps_the_other_defaults(tmp_path: Path) -> None:
     assert config.engine.context_per_sequence == EngineConfig().context_per_sequence
 
 
+def test_drafting_from_the_accounts_outputs_is_on_unless_turned_off(tmp_path: Path) -> None:
+    assert load_config(None, environ={}).engine.speculation_history is True
+    path = write_config(tmp_path, "[engine]\nspeculation = true\nspeculation_history = false\n")
+    engine = load_config(path, environ={}).engine
+    assert (engine.speculation, engine.speculation_history) == (True, False)
+
+
 def test_interrupting_heavy_steps_is_on_unless_the_file_turns_it_off(tmp_path: Path) -> None:
     assert EngineConfig().interrupt_heavy_steps is True
     assert load_config(None, environ={}).engine.interrupt_heavy_steps is True
@@ -153,6 +160,7 @@ def test_empty_env_data_dir_is_ignored(tmp_path: Path) -> None:
         ("[engine]\ninterrupt_heavy_steps = 'yes'\n", ["engine.interrupt_heavy_steps"]),
         ("[engine]\ninterrupt_heavy_steps = 1\n", ["engine.interrupt_heavy_steps"]),
         ("[engine]\ninterrupt_heavy_steps = 0\n", ["engine.interrupt_heavy_steps"]),
+        ("[engine]\nspeculation_history = 'no'\n", ["engine.speculation_history"]),
         ("[engine]\nkv_cache_type = 8\n", ["engine.kv_cache_type"]),
         ("[engine]\nkv_cache_type = 'q4_0'\n", ["engine.kv_cache_type"]),
         ("[engine]\nkv_cache_type = 'Q8_0'\n", ["engine.kv_cache_type"]),
