@@ -24,6 +24,7 @@ import numpy.typing as npt
 
 from modelyard.engine.account_history import AccountHistories
 from modelyard.engine.detokenize import IncrementalDetokenizer, StopStringMatcher
+from modelyard.engine.draw import verify
 from modelyard.engine.fair_share import InterruptRule
 from modelyard.engine.grammar import Constraint, GrammarCompiler, GrammarMatcher
 from modelyard.engine.metrics import EngineMetrics
@@ -341,59 +342,14 @@ class Engine:
 
     def _verify(self, state: SequenceState, rows: npt.NDArray[np.float32],
                 draft: list[int]) -> list[Sample]:
-        """Sample a chunk's rows in order with the sequence's own sampler: row i after the
-        tokens drawn from rows < i, which equal the drafts before it. A draft is kept when
-        the token drawn at its position is the draft itself; the first token that differs
-        (or the one after the last draft) ends the walk. Greedy, this keeps exactly the
-        tokens decoding one at a time would give; sampled, each token is drawn from the
-        distribution and with the random numbers it would have without drafts (accepting a
-        point-mass draft with probability p(draft) and otherwise drawing from p without it
-        is the speculative sampling rule), so a seed gives the same text either way.
-
-        Under a grammar, `_sample` consumes each drawn token into the sequence's matcher
-        before the next row is sampled, so every position is masked by the grammar as it
-        stands after the drafts before it, and only tokens drawn (never a draft that was not
-        kept) advance the grammar; a grammar that completes ends the walk."""
-        drawn: list[Sample] = []
-        for i in range(rows.shape[0]):
-            sample = self._sample(state, rows[i])
-            drawn.append(sample)
-            if (i >= len(draft) or sample.token != draft[i]
-                    or sample.token in state.seq.eog_ids or state.grammar_done):
-                break
+        """A chunk's tokens drawn and its drafts checked (draw.py), counted in the metrics."""
+        drawn = verify(state, rows, draft, self._mask_pool)
         if draft:
             kept = next((i for i, (s, d) in enumerate(zip(drawn, draft, strict=False))
                          if s.token != d), min(len(drawn), len(draft)))
             self.metrics.draft_tokens.inc(len(draft))
             self.metrics.accepted_draft_tokens.inc(kept)
         return drawn
-
-    def _sample(self, state: SequenceState, logits: np.ndarray[tuple[int], np.dtype[np.float32]]
-                ) -> Sample:
-        if state.forced:
-            token = state.forced.pop(0)
-            state.answer_due = not state.forced
-            return Sample(token)
-        matcher = state.matcher
-        allowed = matcher.allowed() if matcher is not None and matcher.active else None
-        if state.answer_due:  # right after a closed reasoning block, the answer must begin
-            state.answer_due = False
-            allowed = _without(allowed, state.seq.eog_ids, logits.shape[0])
-        sample = state.sampler.sample(logits, allowed)
-        if matcher is not None:
-            matcher.consume(sample.token)
-            # Read the grammar's state before the next mask starts computing on its thread.
-            state.grammar_done = matcher.done
-            if not state.grammar_done:
-                matcher.prefetch(self._mask_pool)
-        if state.reasoning is not None:
-            state.reasoning_tokens += 1  # the closing tag, forced or not, is not counted
-            budget = state.seq.params.thinking_budget
-            if budget is not None and state.reasoning_tokens >= budget:
-                # At the budget the engine closes the block itself; the answer follows.
-                state.forced = list(state.reasoning.close_ids)
-                state.reasoning = None
-        return sample
 
     def _record_schedule(self, output: SchedulerOutput) -> None:
         if output.chunks:
@@ -503,13 +459,6 @@ class Engine:
             deliveries.setdefault(state.request.loop, []).append((state.request, output))
         for loop, batch in deliveries.items():
             _send(loop, batch)
-
-
-def _without(allowed: npt.NDArray[np.bool_] | None, banned: frozenset[int],
-             n_vocab: int) -> npt.NDArray[np.bool_]:
-    mask = np.ones(n_vocab, dtype=np.bool_) if allowed is None else allowed.copy()
-    mask[list(banned)] = False
-    return mask
 
 
 def _send(loop: asyncio.AbstractEventLoop, batch: list[tuple[RequestState, EngineOutput]]) -> None:
