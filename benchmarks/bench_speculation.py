@@ -12,11 +12,15 @@ Each wave is sent first with max_tokens 1, untimed, so its prompts are in every 
 prompt cache when it is sent again, timed (`--rounds` times; the median is reported): the
 time is the decoding's. Servers, one after
 another on the same GGUF and thread count: modelyard with `[engine] speculation` off,
-modelyard with it on, and llama-server (built from the llama.cpp that llama-cpp-python
-vendors, path given by --llama-server) with `--spec-type ngram-simple` (and, with
---llama-server-plain, without).
+modelyard with it on (drafts from the request's own text only: `speculation_history` off,
+since the timed rounds repeat their requests), and llama-server (built from the llama.cpp
+that llama-cpp-python vendors, path given by --llama-server) with `--spec-type
+ngram-simple` (and, with --llama-server-plain, without). With --history, modelyard also runs
+with speculation and `speculation_history` on: its first timed wave of each cell has no
+earlier answers to draft from, and the waves after it repeat the first's requests from the
+same account, as a client's retry would; both are reported.
 
-    python benchmarks/bench_speculation.py --llama-server PATH [--quick]
+    python benchmarks/bench_speculation.py --llama-server PATH [--history] [--quick]
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import statistics
@@ -97,8 +102,8 @@ def server_process(command: list[str], env: dict[str, str], workdir: Path, name:
 
 
 @contextlib.contextmanager
-def modelyard(args: argparse.Namespace, model_path: Path, speculation: bool
-              ) -> Iterator[tuple[str, str, str]]:
+def modelyard(args: argparse.Namespace, model_path: Path, speculation: bool,
+              history: bool = False) -> Iterator[tuple[str, str, str]]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-spec-"))
     config = workdir / "config.toml"
     config.write_text(
@@ -108,6 +113,7 @@ def modelyard(args: argparse.Namespace, model_path: Path, speculation: bool
         f"context_per_sequence = {args.context}\n"
         f"threads = {args.threads}\n"
         f"speculation = {'true' if speculation else 'false'}\n"
+        f"speculation_history = {'true' if history else 'false'}\n"
         "\n[platform]\nmax_concurrent_per_key = 0\nmax_concurrent_per_account = 0\n",
         encoding="utf-8")
     port = free_port()
@@ -178,6 +184,9 @@ def measure(args: argparse.Namespace, target: tuple[str, str, str]) -> dict[str,
                 print(f"  {workload} c={level}: {tokens} tokens in {wall:.1f}s = "
                       f"{tokens / wall:.1f} tok/s", flush=True)
             rates[f"{workload}@{level}"] = statistics.median(measured)
+            rates[f"{workload}@{level} first"] = measured[0]
+            if len(measured) > 1:
+                rates[f"{workload}@{level} again"] = statistics.median(measured[1:])
     return rates
 
 
@@ -203,6 +212,17 @@ def table(results: dict[str, dict[str, float]], args: argparse.Namespace) -> str
                     target += f"{'; ' if target else ''}ahead of llama-server " + (
                         "PASS" if on > llama else "MISS")
             lines.append(row + f" {target} |")
+    if "on + history" in results:
+        history = results["on + history"]
+        lines += ["", "| workload | concurrency | off tok/s | on + history, first wave | "
+                  "on + history, repeated waves | repeated / off |", "|---|---|---|---|---|---|"]
+        for workload in ("edit", "chat"):
+            for level in args.concurrency:
+                key = f"{workload}@{level}"
+                again = history.get(f"{key} again", float("nan"))
+                lines.append(f"| {workload} | {level} | {results['off'][key]:.1f} | "
+                             f"{history[f'{key} first']:.1f} | {again:.1f} | "
+                             f"{again / results['off'][key]:.2f}x |")
     if "llama-server plain" in results:
         lines.append("")
         lines.append("llama-server without speculation: " + ", ".join(
@@ -223,6 +243,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="llama-server binary (skipped when not given)")
     parser.add_argument("--llama-server-plain", action="store_true",
                         help="also run llama-server without speculation")
+    parser.add_argument("--history", action="store_true",
+                        help="also run modelyard with drafts from the account's earlier "
+                             "outputs (speculation_history); its timed waves after the first "
+                             "repeat the first's requests, as a retry would")
     parser.add_argument("--quick", action="store_true",
                         help="concurrency 1 only, short answers (a smoke test)")
     parser.add_argument("--model-path", type=Path, default=None)
@@ -244,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results: dict[str, dict[str, float]] = {}
     runs: list[tuple[str, Any, bool]] = [("off", modelyard, False), ("on", modelyard, True)]
+    if args.history:
+        runs.append(("on + history", functools.partial(modelyard, history=True), True))
     if args.llama_server is not None:
         runs.append(("llama-server ngram", llama_server, True))
         if args.llama_server_plain:
