@@ -339,7 +339,7 @@ class LlamaRunner:
         The whole measurement runs as one job on the process's llama.cpp thread
         (compute_thread.py), where its decodes run directly: another engine's decode cannot
         fall between them, and the times hold no wait for that thread and no handoff. Other
-        engines' decodes wait for the whole measurement (a second or two on a CPU).
+        engines' decodes wait for the whole measurement (7-8 s on a 2-core CPU).
         """
         return on_compute_thread(self._measure_step_costs, sizes, repeats, context)
 

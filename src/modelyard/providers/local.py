@@ -114,7 +114,7 @@ class LocalProvider(Provider[_LocalWork]):
 
     def _speculation(self, engine_config: EngineConfig) -> SpeculationConfig | None:
         """Speculation's settings, with what a step of n tokens costs on this machine
-        measured now (a second or two on a CPU), before the engine decodes anything."""
+        measured now (7-8 s on a 2-core CPU), before the engine decodes anything."""
         if not engine_config.speculation:
             return None
         costs = self.runner.measure_step_costs()
