@@ -18,7 +18,6 @@ from modelyard.config import (
     load_config,
     with_overrides,
 )
-from modelyard.providers.local_models import engine_config, pooled_deployment
 
 
 def write_config(tmp_path: Path, text: str) -> Path:
@@ -88,29 +87,6 @@ def test_interrupting_heavy_steps_is_on_unless_the_file_turns_it_off(tmp_path: P
     engine = load_config(path, environ={}).engine
     assert engine.interrupt_heavy_steps is False
     assert engine.pause_heavy_every == EngineConfig().pause_heavy_every   # only the switch
-
-
-def test_every_local_models_engine_gets_the_interrupt_switch(tmp_path: Path) -> None:
-    """A pooled local model's engine runs under `engine_config`'s config: [engine]'s
-    interrupt_heavy_steps with or without its deployment's own speculation switch."""
-    loaded = load_config(write_config(tmp_path, """
-[engine]
-interrupt_heavy_steps = false
-
-[[models]]
-id = "editor"
-deployments = [{kind = "local", source = "/models/coder.gguf", speculation = true}]
-
-[[models]]
-id = "chat"
-deployments = [{kind = "local", source = "/models/gemma.gguf"}]
-"""), environ={})
-    switches = {}
-    for model in loaded.models:
-        pooled = pooled_deployment(model)
-        assert pooled is not None
-        switches[model.id] = engine_config(loaded, model, pooled).engine.interrupt_heavy_steps
-    assert switches == {"editor": False, "chat": False}
 
 
 def test_data_dir_expands_the_home_directory(tmp_path: Path,

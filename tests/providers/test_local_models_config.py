@@ -48,9 +48,12 @@ deployments = [{kind = "local"}]
 
 
 def test_speculation_is_switched_per_local_model(tmp_path: Path) -> None:
+    """Each pooled model's engine takes its deployment's speculation switch, and [engine]'s
+    other settings (interrupt_heavy_steps here) whether it has a switch or not."""
     loaded = load_config(config(tmp_path, """
 [engine]
 speculation = false
+interrupt_heavy_steps = false
 
 [[models]]
 id = "editor"
@@ -60,9 +63,11 @@ deployments = [{kind = "local", source = "/models/coder.gguf", speculation = tru
 id = "chat"
 deployments = [{kind = "local", source = "/models/gemma.gguf"}]
 """))
-    switched = {model.id: engine_config(loaded, model, pooled).engine.speculation
-                for model in loaded.models if (pooled := pooled_deployment(model))}
-    assert switched == {"editor": True, "chat": False}
+    engines = {model.id: engine_config(loaded, model, pooled).engine
+               for model in loaded.models if (pooled := pooled_deployment(model))}
+    assert {name: engine.speculation for name, engine in engines.items()} == {
+        "editor": True, "chat": False}
+    assert [engine.interrupt_heavy_steps for engine in engines.values()] == [False, False]
     editor = engine_config(loaded, loaded.models[0], loaded.models[0].deployments[0])
     assert editor.model.id == "editor" and editor.model.source == "/models/coder.gguf"
     assert not loaded.engine.speculation   # the [model] engine's own switch is unchanged
