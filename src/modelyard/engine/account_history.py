@@ -31,10 +31,12 @@ class HistoryConfig:
     ngram: int = 4
     """Tokens of the sequence's end that must match an earlier output's (longer than the
     shortest prompt-lookup match: another answer's text predicts less than one's own)."""
-    max_tokens: int = 16384
-    """Output tokens kept per account, the newest first; older outputs are dropped whole."""
-    max_accounts: int = 256
-    """Accounts kept per engine; the one used least recently is dropped first."""
+    max_tokens: int = 4096
+    """Output tokens kept per account, the newest first; older outputs are dropped whole
+    (about 2 MB with the index at most)."""
+    max_accounts: int = 64
+    """Accounts kept per engine, the one used least recently dropped first: at most about
+    128 MB per model in all."""
 
 
 class OutputHistory:
