@@ -96,7 +96,11 @@ def test_responses_answer_with_a_reasoning_item(thinking_client: openai.OpenAI) 
     reasoning, message = response.output[:2]
     assert reasoning.type == "reasoning" and reasoning.content and reasoning.content[0].text
     assert message.type == "message" and response.output_text
-    assert "</think>" not in reasoning.content[0].text + response.output_text
+    assert "</think>" not in reasoning.content[0].text
+    # The closing tag the engine writes at the budget is in neither item. The model may
+    # still write the tag's text itself later in its answer: on one 2-core AMD EPYC, after
+    # the other tests of this module, its greedy answer numbered a list "1 ... 2</think>".
+    assert not response.output_text.lstrip().startswith("</think>")
     assert response.usage is not None
     assert 0 < response.usage.output_tokens_details.reasoning_tokens <= 128
 
