@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -44,8 +44,8 @@ class OutputHistory:
 
     def __init__(self, config: HistoryConfig) -> None:
         self.config = config
-        self._outputs: deque[int] = deque()
         self._texts: dict[int, list[int]] = {}
+        """Kept outputs by serial, oldest first (a dict keeps insertion order)."""
         self._index: dict[tuple[int, ...], tuple[int, int]] = {}
         """n-gram -> (output serial, position after its latest occurrence in that output)."""
         self._serials = itertools.count()
@@ -58,14 +58,12 @@ class OutputHistory:
             return
         text = list(tokens[-self.config.max_tokens:])
         serial = next(self._serials)
-        self._outputs.append(serial)
         self._texts[serial] = text
         self.num_tokens += len(text)
         for end in range(n, len(text)):
             self._index[tuple(text[end - n:end])] = (serial, end)
         while self.num_tokens > self.config.max_tokens:
-            oldest = self._outputs.popleft()
-            self.num_tokens -= len(self._texts.pop(oldest))
+            self.num_tokens -= len(self._texts.pop(next(iter(self._texts))))
         if len(self._index) > 2 * self.config.max_tokens:
             self._reindex()
 

@@ -30,15 +30,14 @@ def add_drafts(output: SchedulerOutput, budget: int, config: SchedulerConfig) ->
                          len(output.chunks), budget, spec.cost())
     added = 0
     for (i, drafter, draft), count in zip(proposals, counts, strict=True):
-        if count:
-            drafter.drop_shadow()
-        else:
+        if not count:
             drafter.shadow_draft(draft)
-        if count:
-            chunk = output.chunks[i]
-            output.chunks[i] = ScheduledChunk(chunk.seq, chunk.start,
-                                              chunk.tokens + draft[:count], True, count)
-            added += count
+            continue
+        drafter.drop_shadow()
+        chunk = output.chunks[i]
+        output.chunks[i] = ScheduledChunk(chunk.seq, chunk.start,
+                                          chunk.tokens + draft[:count], True, count)
+        added += count
     return added
 
 

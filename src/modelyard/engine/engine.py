@@ -184,7 +184,7 @@ class Engine:
         """A sequence's drafter, when speculation is on and every draft can be verified
         exactly: not under a thinking budget (which forces tokens in the middle of a
         draft). Under a grammar each draft position is sampled under the mask of the
-        grammar advanced past the drafts before it (`_verify`). It also drafts from the
+        grammar advanced past the drafts before it (`draw.verify`). It also drafts from the
         outputs of the request's account, if any, and of no other."""
         spec = self.scheduler.config.speculation
         if spec is None or (reasoning is not None and params.thinking_budget is not None):
@@ -400,11 +400,11 @@ class Engine:
             text += piece
             if stopped:
                 break
-            # (`grammar_done` is the grammar's state after the last token drawn: the walk
-            # of `_verify` ends where the grammar completes.)
         self.metrics.generated_tokens.inc(used)
         if used < len(drawn):
             self._drop_tail(seq, len(drawn) - used)
+        # `grammar_done` is the grammar's state after the last token drawn (draw.verify
+        # ends the walk where the grammar completes), so it ends the sequence here.
         if (state.grammar_done or stopped) and seq.finish_reason is None:
             self.scheduler.finish(seq, FinishReason.STOP)
         if stopped and seq.params.include_stop_str_in_output:

@@ -15,11 +15,11 @@ Drafts cost: every draft token is one more token in the step, which all sequence
 step wait for. `plan_drafts` gives draft tokens out by their chance of being kept,
 estimated per sequence (`PromptLookup.first_rate`, `next_rate`, updated after every
 verification and, while a sequence does not draft, from the draft it would have made,
-followed token by token over the next steps),
-best chance first, and keeps the prefix of that order with the most expected output tokens
-per unit of step time under a cost model of a step: measured on the machine when the
-engine starts (`SpeculationConfig.step_costs`; one more token in a step costs 0.2-0.3 of a
-one-token step on one 2-core CPU and up to 0.95 on another), else linear (`token_cost`).
+followed token by token over the next steps), best chance first, and keeps the prefix of
+that order with the most expected output tokens per unit of step time under a cost model
+of a step: measured on the machine when the engine starts (`SpeculationConfig.step_costs`;
+one more token in a step costs 0.2-0.3 of a one-token step on one 2-core CPU and up to
+0.95 on another), else linear (`token_cost`).
 A sequence whose drafts keep failing stops drafting; its estimate is still kept up to
 date at no cost, so it drafts again when its text starts repeating.
 

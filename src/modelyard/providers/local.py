@@ -54,6 +54,7 @@ class _LocalWork:
     inside_reasoning: bool
     """The template opened a reasoning block: the output starts inside it."""
 
+
 def scheduler_config(engine_config: EngineConfig,
                      speculation: SpeculationConfig | None) -> SchedulerConfig:
     """The scheduler's settings from the `[engine]` section (and speculation's, measured
